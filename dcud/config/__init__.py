@@ -1,0 +1,1 @@
+"""dcud.toml model, WM-E parameter catalogue and parameter-file parser, loader."""

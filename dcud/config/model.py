@@ -1,0 +1,272 @@
+"""The ``dcud.toml`` model: frozen typed structs (msgspec), unknown keys rejected.
+
+Names here are the contract of design.md section 3: add fields, never rename. Every field has a
+default where a sensible one exists, so a minimal installation file stays short.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+Framing = Annotated[str, msgspec.Meta(pattern=r"^[5-8][NEOMS][12]$")]
+Baud = Literal[300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200]
+
+
+class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Common options of every section: immutable, unknown keys are errors."""
+
+
+class MqttConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The monitoring/steering MQTT uplink (design.md section 6)."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    topic_prefix: str = "dcu/{device_id}"
+    client_id: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 60
+    inflight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 32
+    status_interval_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 60.0
+    reconnect_max_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 60.0
+    clean_session: bool = False
+
+
+class OutboxConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Bounds of the crash-safe outbox (design.md section 7)."""
+
+    max_bytes: Annotated[int, msgspec.Meta(ge=65536)] = 64 * 1024 * 1024
+    max_age_s: Annotated[float, msgspec.Meta(gt=0)] = 30 * 86400.0
+    policy: Literal["drop_oldest", "reject_new"] = "drop_oldest"
+    high_water_ratio: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.8
+
+
+class LineConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One physical serial line; exactly one owner (the line service) talks on it."""
+
+    name: Name
+    device: Annotated[str, msgspec.Meta(min_length=1)]
+    kind: Literal["rs232", "rs485", "mbus"] = "rs485"
+    baud: Baud | None = None
+    framing: Framing | None = None
+    transparent: Literal["primary", "secondary"] | None = None
+    echo_filter: bool = False
+    rs485_rts_on_send: bool = True
+    reopen_max_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 60.0
+
+    @property
+    def effective_baud(self) -> int:
+        """Baud in force: M-Bus lines default to 2400, IEC 62056-21 sign-on to 300."""
+        if self.baud is not None:
+            return self.baud
+        return 2400 if self.kind == "mbus" else 300
+
+    @property
+    def effective_framing(self) -> str:
+        """Framing in force: 8E1 for M-Bus, 7E1 (IEC 62056-21) otherwise."""
+        if self.framing is not None:
+            return self.framing
+        return "8E1" if self.kind == "mbus" else "7E1"
+
+
+class MeterConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One meter on a line."""
+
+    name: Name
+    line: str
+    protocol: Literal["iec62056-21", "mbus"]
+    address: Annotated[str, msgspec.Meta(max_length=32)] = ""
+    interval_s: Annotated[int, msgspec.Meta(ge=10, le=86400)] | None = None
+    timeout_s: PositiveSeconds | None = None
+    retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
+    bcc: Literal["xor", "sum7", "none"] = "xor"
+    max_baud: Baud | None = None
+    enabled: bool = True
+
+
+class CanConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One CAN bus (python-can interface name and channel)."""
+
+    name: Name
+    interface: Annotated[str, msgspec.Meta(min_length=1)] = "socketcan"
+    channel: Annotated[str, msgspec.Meta(min_length=1)] = "can0"
+    bitrate: Annotated[int, msgspec.Meta(ge=10000, le=1000000)] = 500000
+    options: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
+
+
+class ModbusRegisters(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Holding-register map of a Modbus RTU drive (0-based register addresses)."""
+
+    status: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    position: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    velocity: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    fault: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    io: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    control: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    function: Literal["holding", "input"] = "holding"
+    """Which table the status/position/velocity/fault/io registers are read from (control is holding)."""
+    word_order: Literal["big", "little"] = "big"
+    """32-bit values: "big" = high word at the lower address."""
+    position_words: Literal[1, 2] = 2
+    velocity_words: Literal[1, 2] = 2
+
+
+class TpdoConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A TPDO of a CANopen drive as configured, instead of its mapping being read from the drive."""
+
+    number: Annotated[int, msgspec.Meta(ge=1, le=4)]
+    objects: list[
+        Annotated[str, msgspec.Meta(pattern=r"^(0x)?[0-9A-Fa-f]{4}(:(0x)?[0-9A-Fa-f]{1,2})?(/[0-9]{1,2})?$")]
+    ]
+    """Mapped objects in order: ``"6041"``, ``"6064:00"``, ``"2000:01/16"`` (length in bits after ``/``)."""
+    cob_id: Annotated[int, msgspec.Meta(ge=1, le=0x7FF)] | None = None
+    """Default: the predefined connection set (0x180 + 0x100 * (number - 1) + node_id)."""
+
+
+class DriveConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One servo drive on a CAN bus (CANopen) or a serial line (Modbus RTU)."""
+
+    name: Name
+    bus: str
+    protocol: Literal["canopen", "modbus-rtu"]
+    node_id: Annotated[int, msgspec.Meta(ge=1, le=247)]
+    commands: bool = False
+    poll_interval_s: Annotated[float, msgspec.Meta(ge=0.01, le=3600)] = 1.0
+    heartbeat_timeout_s: PositiveSeconds | None = None
+    history_interval_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 60.0
+    registers: ModbusRegisters = msgspec.field(default_factory=ModbusRegisters)
+    state_interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=3600)] = 1.0
+    """Least gap between two state messages caused by position/velocity alone (state changes go at once)."""
+    timeout_s: PositiveSeconds | None = None
+    """SDO (CANopen) or response (Modbus) timeout; default 1.0 s and 0.5 s."""
+    tpdo: list[TpdoConfig] = msgspec.field(default_factory=list)
+    """CANopen: TPDO mapping as configured; empty: read from the drive (1800+/1A00+)."""
+    baud: Baud | None = None
+    """Modbus RTU: rate for this drive's transactions (default: the line's)."""
+    framing: Framing | None = None
+    """Modbus RTU: framing for this drive's transactions (default: the line's)."""
+
+
+class PowerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The DC power-fail input."""
+
+    source: Literal["none", "file", "gpio"] = "none"
+    path: str = ""
+    chip: str = "/dev/gpiochip0"
+    gpio_line: Annotated[int, msgspec.Meta(ge=0)] = 0
+    active_low: bool = False
+    poll_interval_s: Annotated[float, msgspec.Meta(ge=0.005, le=10)] = 0.02
+    """How often the file (or, without edge events, the GPIO line) is read."""
+    debounce_s: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.05
+    """A new level counts once it has been stable this long (flapping faster than this is ignored)."""
+    budget_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    """Time budget of the last-gasp sequence after detection (commit, trap, MQTT, event push)."""
+
+
+class SnmpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """SNMP settings that the WM-E snmp_* parameters do not cover (dcud.service.snmp)."""
+
+    engine_id: Annotated[str, msgspec.Meta(pattern=r"^$|^(0[xX])?([0-9A-Fa-f]{2}:?){5,32}$")] = ""
+    """SNMPv3 engine ID as hex (``0x80007ed905...``); empty: derived from device_id, stable."""
+    enterprise_oid: Annotated[str, msgspec.Meta(pattern=r"^1\.3\.6\.1\.4\.1\.[0-9]+(\.[0-9]+)*$")] = (
+        "1.3.6.1.4.1.32473"
+    )
+    """DCUD-MIB's root; the default is the RFC 5612 documentation PEN, a placeholder."""
+
+
+class NtpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """NTP client policy; server, port, interval and timeout are WM-E parameters (dcud.service.ntp)."""
+
+    step_clock: bool = False
+    """Step the system clock when no time daemon owns it (needs CAP_SYS_TIME, see systemd drop-in)."""
+    step_threshold_s: Annotated[float, msgspec.Meta(ge=0.001, le=86400)] = 0.5
+    max_delay_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.5
+    """Round-trip delays above this are rejected as insane."""
+    max_offset_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 1.0
+    """The clock counts as synchronised only while |offset| is below this."""
+    unsync_after: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    """Failed or rejected queries in a row before the clock is reported unsynchronised."""
+
+
+class EventPushConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Event push transport options (the WM-E ``eventpush_addr`` is a host without a port)."""
+
+    port: Port = 9003
+    """UDP port of the event push receiver at ``eventpush_addr``."""
+
+
+class WatchdogConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Connectivity watchdog and daily restart options beyond the WM-E parameters."""
+
+    probe: Literal["auto", "icmp", "tcp"] = "auto"
+    """auto: unprivileged ICMP echo, TCP connect when ICMP sockets are not permitted."""
+    tcp_port: Port = 443
+    """Port of the TCP connect probe (a refused connection also proves reachability)."""
+    restart_min_uptime_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 600.0
+    """A daily restart never happens sooner than this after start (the next day's is taken)."""
+
+
+class DataPushConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Data push options beyond the WM-E datapush_* parameters (dcud.service.datapush, docs/push.md)."""
+
+    period_s: Annotated[float, msgspec.Meta(ge=0.05, le=86400)] | None = None
+    """Overrides ``datapush_periodic`` (tests, demos); aligned to the clock the same way."""
+    batch_items: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 1000
+    """Readings per FTP file set and per MQTT push attempt (a catch-up is many of them, in order)."""
+    mqtt_inflight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 200
+    """MQTT push: QoS 1 messages awaiting PUBACK at once."""
+    ca_file: str = ""
+    """TLS (ftps://, mqtts://): trusted CAs; empty: the system store."""
+    cert_file: str = ""
+    key_file: str = ""
+    tls_verify: bool = True
+    """Verify the push server's certificate and host name."""
+
+
+class ConfigPortConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The config/firmware port (``fw_server_port``): where it listens, its limits (docs/remote-config.md)."""
+
+    enabled: bool = True
+    listen: Annotated[str, msgspec.Meta(pattern=r"^(auto|loopback|any|[0-9A-Fa-f:.]{2,45})$")] = "auto"
+    """auto: every interface when ``fw_server_encrypt=1``, else 127.0.0.1 only; loopback; any; an IP."""
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 256 * 1024
+    """Largest parameter file upload (a whole WM-E file is a few KiB)."""
+    max_firmware_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024 * 1024)] = 64 * 1024 * 1024
+    header_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
+    """The request line and headers must arrive within this."""
+    request_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
+    """A whole config request (headers and body) must arrive within this."""
+    firmware_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 1800.0
+    """A whole firmware upload must arrive within this."""
+    replay_window_s: Annotated[float, msgspec.Meta(ge=10, le=86400)] = 300.0
+    """Encrypted uploads: accepted timestamp window (crypto_envelope.ReplayGuard)."""
+
+
+class DcudToml(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The whole ``dcud.toml`` file."""
+
+    device_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
+    parameters: str = "wme.conf"
+    state_dir: str = "/var/lib/dcud"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    timezone: str = ""
+    grace_s: Annotated[float, msgspec.Meta(ge=0.1, le=120)] = 5.0
+    mqtt: MqttConfig | None = None
+    outbox: OutboxConfig = msgspec.field(default_factory=OutboxConfig)
+    line: list[LineConfig] = msgspec.field(default_factory=list)
+    meter: list[MeterConfig] = msgspec.field(default_factory=list)
+    can: list[CanConfig] = msgspec.field(default_factory=list)
+    drive: list[DriveConfig] = msgspec.field(default_factory=list)
+    power: PowerConfig = msgspec.field(default_factory=PowerConfig)
+    snmp: SnmpConfig = msgspec.field(default_factory=SnmpConfig)
+    ntp: NtpConfig = msgspec.field(default_factory=NtpConfig)
+    watchdog: WatchdogConfig = msgspec.field(default_factory=WatchdogConfig)
+    eventpush: EventPushConfig = msgspec.field(default_factory=EventPushConfig)
+    datapush: DataPushConfig = msgspec.field(default_factory=DataPushConfig)
+    config_port: ConfigPortConfig = msgspec.field(default_factory=ConfigPortConfig)

@@ -1,0 +1,148 @@
+"""``dcud demo``: the whole system on this computer, with simulated devices and real peers.
+
+It starts a local Mosquitto (the system's, from the ``mosquitto`` package), writes an example
+installation into a working directory, runs ``dcud run`` as a separate process exactly as systemd
+would, and prints what flows on MQTT until Ctrl-C (or ``--duration``). Everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiomqtt
+
+from dcud.sim.demo_site import render_reading, render_state, site_toml, start_simulators, stop_process
+from dcud.sim.peers import Mosquitto, PeerMissing, start_mosquitto
+
+DEVICE_ID = "dcu-demo"
+
+DEMO_TOML = """\
+# Written by `dcud demo`: a small site on simulated devices.
+device_id = "{device_id}"
+parameters = "wme.conf"
+state_dir = "{state_dir}"
+log_level = "info"
+
+[mqtt]
+url = "{mqtt_url}"
+topic_prefix = "dcu/{{device_id}}"
+status_interval_s = 10
+"""
+
+DEMO_WME = """\
+# Written by `dcud demo`: WM-E parameters of the demo site.
+datapush_periodic=1
+ntp_interval=600
+"""
+
+
+def _render(message: aiomqtt.Message) -> str:
+    topic = message.topic.value
+    try:
+        payload = json.loads(
+            bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
+        )
+    except (ValueError, TypeError):
+        return f"{topic}  {message.payload!r}"
+    if topic.endswith("/reading") and isinstance(payload, dict):
+        return render_reading(topic, payload)
+    if isinstance(payload, dict) and (state := render_state(topic, payload)) is not None:
+        return state
+    if topic.endswith("/status") and isinstance(payload, dict):
+        outbox = payload.get("outbox", {})
+        return (
+            f"{topic}  state={payload.get('state')} uptime_s={payload.get('uptime_s')} "
+            f"outbox_depth={outbox.get('depth')} version={payload.get('version')}"
+        )
+    return f"{topic}  {json.dumps(payload, separators=(',', ':'))[:160]}"
+
+
+async def _watch(broker: Mosquitto, duration_s: float | None, stop: asyncio.Event) -> None:
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier="dcud-demo-viewer") as client:
+        await client.subscribe(f"dcu/{DEVICE_ID}/#", qos=1)
+
+        async def printer() -> None:
+            async for message in client.messages:
+                stamp = time.strftime("%H:%M:%S")
+                if text := _render(message):
+                    print(f"{stamp}  {text}", flush=True)
+
+        task = asyncio.create_task(printer())
+        try:
+            async with asyncio.timeout(duration_s):
+                await stop.wait()
+        except TimeoutError:
+            pass
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await task
+
+
+def run_demo(duration_s: float | None = None, workdir: Path | None = None) -> int:
+    """Run the demo; returns the process exit code."""
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dcud-demo-")))
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            broker = start_mosquitto(workdir / "mosquitto")
+        except PeerMissing as exc:
+            print(f"dcud demo: {exc}", file=sys.stderr)
+            return 1
+        stack.callback(broker.stop)
+        config = workdir / "dcud.toml"
+        try:
+            simulators = start_simulators(workdir)
+        except RuntimeError as exc:
+            print(f"dcud demo: {exc}", file=sys.stderr)
+            return 1
+        stack.callback(stop_process, simulators)
+        config.write_text(
+            DEMO_TOML.format(device_id=DEVICE_ID, state_dir=workdir / "state", mqtt_url=broker.url)
+            + site_toml(workdir)
+        )
+        (workdir / "wme.conf").write_text(DEMO_WME)
+        print(f"dcud demo: broker {broker.url}, files in {workdir}", flush=True)
+        print(f"dcud demo: watching dcu/{DEVICE_ID}/# (Ctrl-C stops)", flush=True)
+        log_file = (workdir / "dcud.log").open("ab")
+        stack.callback(log_file.close)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "dcud", "run", "-c", str(config)],
+            stdout=log_file,
+            stderr=log_file,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+        def stop_daemon() -> None:
+            if daemon.poll() is None:
+                daemon.send_signal(signal.SIGTERM)
+                try:
+                    daemon.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
+                    daemon.wait()
+
+        stack.callback(stop_daemon)
+        stop = asyncio.Event()
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+            await _watch(broker, duration_s, stop)
+
+        asyncio.run(main())
+        stop_daemon()
+        print(f"dcud demo: stopped (daemon exit {daemon.returncode}); daemon log: {workdir / 'dcud.log'}")
+        return 0 if daemon.returncode == 0 else 1
+    return 1

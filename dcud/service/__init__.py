@@ -1,0 +1,1 @@
+"""Policy: line ownership, polling, bridging, outbox, uplinks, alarms, drives."""

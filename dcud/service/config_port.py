@@ -1,0 +1,725 @@
+"""The config/firmware port (``fw_server_port``, default 9001): HTTP/1.1 on asyncio streams with h11.
+
+``curl`` is a client. Routes (docs/remote-config.md has examples):
+
+==========  =============  =================================================================================
+method      path           does
+==========  =============  =================================================================================
+``GET``     ``/config``    the parameter file in force, secrets masked (``text/plain``)
+``PUT``     ``/config``    a **whole** WM-E parameter file: replaces the file in force (names it lacks go
+                           back to their defaults). 200 + JSON of what changed, or 422 + every issue
+``PATCH``   ``/config``    a **partial** file: changes only the names it lists (``name=`` unsets one)
+``PUT``     ``/firmware``  stage a firmware file, ``X-Firmware-SHA256: <hex>`` required (422 on mismatch)
+``GET``     ``/firmware``  what is staged
+==========  =============  =================================================================================
+
+``?dry_run=1`` on ``PUT``/``PATCH /config`` validates and reports without writing. Every response
+closes the connection.
+
+Encryption (``fw_server_encrypt=1``): every request body, including that of a ``GET`` (an envelope of
+nothing), is an envelope of :mod:`dcud.service.crypto_envelope` bound to ``"<METHOD> <target>"``;
+every answer to an authenticated request is an envelope bound to its status and the request's nonce.
+Plain bodies are refused (403), so are envelopes whose tag does not match (403, checked before
+anything is decrypted) and replays (403, with the DCU's clock in the answer so that a head-end with a
+wrong clock can tell). Encrypted bodies while encryption is off are refused (400).
+
+Where it listens (``[config_port] listen`` in dcud.toml): ``auto`` (default) is every interface when
+``fw_server_encrypt=1`` and 127.0.0.1 only when not, because without the key anyone who reaches the
+port could reconfigure the DCU; ``loopback``, ``any`` or an IP address choose explicitly (a plain port
+on a non-loopback address is logged as a warning at every start).
+
+Limits (all in ``[config_port]``): at most ``max_connections`` at once (more get 503 at once), the
+request head within ``header_timeout_s`` (else 408), a config request within ``request_timeout_s``, a
+firmware upload within ``firmware_timeout_s``, bodies up to ``max_body_bytes`` /
+``max_firmware_bytes`` (else 413, checked against Content-Length before reading), a request head up to
+16 KiB (else 431). A refused request changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import os
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import h11
+import structlog
+
+from dcud.config.loader import LoadedConfig
+from dcud.config.model import ConfigPortConfig
+from dcud.errors import ConfigError, ConfigIssue
+from dcud.runtime.backoff import Backoff
+from dcud.runtime.bus import EventBus
+from dcud.runtime.supervisor import Service, ServiceContext
+from dcud.service.crypto_envelope import (
+    HEADER_BYTES,
+    KIND_REQUEST,
+    KIND_RESPONSE,
+    TAG_BYTES,
+    EnvelopeAuthError,
+    EnvelopeError,
+    EnvelopeKeys,
+    MalformedEnvelopeError,
+    ReplayedEnvelopeError,
+    ReplayGuard,
+    StreamDecryptor,
+    check_length,
+    is_envelope,
+    new_mac,
+    open_envelope,
+    parse_header,
+    request_context,
+    response_context,
+    seal,
+)
+from dcud.service.firmware import (
+    FirmwareRejectedError,
+    FirmwareStager,
+    FirmwareUpload,
+    check_name,
+    check_sha256,
+)
+from dcud.service.remote_config import ApplyResult, ReloadBusyError, Via, issues_json, mask_parameter_text
+
+if TYPE_CHECKING:
+    from dcud.app import Runtime
+
+log = structlog.get_logger("dcud.config_port")
+
+SERVICE_NAME = "config_port"
+MAX_HEAD_BYTES = 16 * 1024
+READ_CHUNK_BYTES = 64 * 1024
+ENVELOPE_OVERHEAD_BYTES = HEADER_BYTES + TAG_BYTES + 16
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+ROUTES: dict[str, tuple[str, ...]] = {"/config": ("GET", "PUT", "PATCH"), "/firmware": ("GET", "PUT")}
+
+
+class ConfigApi(Protocol):
+    """What the port needs of :class:`~dcud.service.remote_config.Reloader`."""
+
+    @property
+    def current(self) -> LoadedConfig:
+        """The configuration in force."""
+        ...
+
+    def current_text(self) -> str:
+        """The parameter file in force."""
+        ...
+
+    async def apply_text(
+        self, text: str, *, partial: bool, who: str, via: Via, dry_run: bool = False
+    ) -> ApplyResult:
+        """Validate, write and apply (see remote_config)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ConfigPortSettings:
+    """The config port's slice: port, bind address, encryption and limits. The key never shows in repr."""
+
+    port: int
+    host: str | None
+    """Bind address; None: every interface."""
+    encrypt: bool
+    key_text: str | None = field(repr=False)
+    limits: ConfigPortConfig
+    state_dir: str
+
+    @classmethod
+    def from_config(cls, config: LoadedConfig) -> ConfigPortSettings | None:
+        """None when ``[config_port] enabled = false``."""
+        table = config.toml.config_port
+        if not table.enabled:
+            return None
+        params = config.params
+        encrypt = params.get_bool("fw_server_encrypt")
+        return cls(
+            port=params.get_int("fw_server_port"),
+            host=bind_host(table.listen, encrypt),
+            encrypt=encrypt,
+            key_text=params.get_opt_str("fw_server_key"),
+            limits=table,
+            state_dir=str(config.state_dir),
+        )
+
+    @property
+    def exposed(self) -> bool:
+        """Whether the port listens beyond loopback."""
+        if self.host is None:
+            return True
+        return not ipaddress.ip_address(self.host).is_loopback
+
+
+def bind_host(listen: str, encrypt: bool) -> str | None:
+    """The address to bind for ``[config_port] listen`` (None: every interface)."""
+    if listen == "auto":
+        return None if encrypt else "127.0.0.1"
+    if listen == "loopback":
+        return "127.0.0.1"
+    if listen == "any":
+        return None
+    return listen
+
+
+class HttpError(Exception):
+    """Ends a request with ``status`` and a short JSON error (never carries a secret)."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.extra = extra
+
+
+@dataclass
+class PortCounters:
+    """Counters of the port (on its state document)."""
+
+    connections: int = 0
+    refused_busy: int = 0
+    requests: dict[int, int] = field(default_factory=dict)
+    auth_failures: int = 0
+    replays: int = 0
+
+    def count(self, status: int) -> None:
+        """Count one answer by status."""
+        self.requests[status] = self.requests.get(status, 0) + 1
+
+
+@dataclass
+class _Request:
+    method: str
+    target: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    peer: str
+    nonce: bytes | None = None
+    """Set once an envelope was authenticated: the answer is sealed to it."""
+
+
+class _Reader:
+    """h11 events off a stream, each wait bounded by a deadline on the loop clock."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: h11.Connection
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.conn = conn
+
+    async def accept_body(self, timeout_s: float) -> None:
+        """Send ``100 Continue`` when the client waits for it (curl does for large uploads)."""
+        if self.conn.they_are_waiting_for_100_continue and self.conn.our_state is h11.SEND_RESPONSE:
+            data = self.conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
+            if data:
+                self._writer.write(data)
+                async with asyncio.timeout(timeout_s):
+                    await self._writer.drain()
+
+    async def next_event(self, deadline: float, timeout_status: int = 408) -> Any:
+        loop = asyncio.get_running_loop()
+        for _ in range(1_000_000):  # bounded: every pass reads at least one byte or ends
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise HttpError(exc.error_status_hint, f"bad HTTP request: {exc}") from None
+            if event is not h11.NEED_DATA:
+                return event
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise HttpError(timeout_status, "request not received in time")
+            try:
+                async with asyncio.timeout(remaining):
+                    data = await self._reader.read(READ_CHUNK_BYTES)
+            except TimeoutError:
+                raise HttpError(timeout_status, "request not received in time") from None
+            self.conn.receive_data(data)
+        raise HttpError(400, "request too fragmented")
+
+
+class _EnvelopeSpool:
+    """Spools an encrypted firmware body to disk, MACing it on the way (the tag is checked at the end,
+    before anything is decrypted), so that large uploads never sit in memory."""
+
+    def __init__(self, keys: EnvelopeKeys, context: bytes, path: Path, max_bytes: int) -> None:
+        self._mac = new_mac(keys, context)
+        self._keys = keys
+        self.path = path
+        self._max_bytes = max_bytes
+        self._head = bytearray()
+        self._tail = b""
+        self.size_bytes = 0
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self._file = os.fdopen(fd, "w+b")
+
+    def feed(self, data: bytes) -> None:
+        self.size_bytes += len(data)
+        if self.size_bytes > self._max_bytes:
+            raise HttpError(413, f"firmware larger than {self._max_bytes} bytes")
+        if len(self._head) < HEADER_BYTES:
+            self._head += data[: HEADER_BYTES - len(self._head)]
+            if len(self._head) == HEADER_BYTES:
+                parse_header(bytes(self._head), KIND_REQUEST)
+        buffered = self._tail + data
+        body, self._tail = buffered[:-TAG_BYTES], buffered[-TAG_BYTES:]
+        if len(buffered) <= TAG_BYTES:
+            body, self._tail = b"", buffered
+        self._mac.update(body)
+        self._file.write(body)
+
+    def verify(self) -> tuple[int, bytes, bytes]:
+        """Check length and tag; returns (timestamp, nonce, iv)."""
+        check_length(self.size_bytes)
+        header = parse_header(bytes(self._head), KIND_REQUEST)
+        if not hmac.compare_digest(self._mac.digest(), self._tail):
+            raise EnvelopeAuthError("authentication tag does not match")
+        return header.timestamp_s, header.nonce, header.iv
+
+    def decrypt_into(self, iv: bytes, upload: FirmwareUpload) -> None:
+        """Decrypt the spooled ciphertext into ``upload`` (blocking: run it in a thread)."""
+        decryptor = StreamDecryptor(self._keys, iv)
+        self._file.flush()
+        self._file.seek(HEADER_BYTES)
+        for _ in range(self.size_bytes // READ_CHUNK_BYTES + 2):
+            chunk = self._file.read(READ_CHUNK_BYTES)
+            if not chunk:
+                break
+            upload.write(decryptor.update(chunk))
+        upload.write(decryptor.finalize())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class ConfigPortService:
+    """Supervised service ``config_port``."""
+
+    name = SERVICE_NAME
+
+    def __init__(
+        self,
+        config: ConfigPortSettings,
+        api: ConfigApi,
+        bus: EventBus | None = None,
+        clock_trusted: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.config = config
+        self._api = api
+        self._bus = bus
+        self._clock_trusted = clock_trusted
+        self.counters = PortCounters()
+        self._keys: EnvelopeKeys | None = None
+        self._guard: ReplayGuard | None = None
+        self._firmware: FirmwareStager | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._applying: set[asyncio.Task[Any]] = set()
+        self.bound: list[tuple[str, int]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self, ctx: ServiceContext) -> None:
+        """Bind (retrying with backoff while the port is taken), serve until stopped."""
+        cfg = self.config
+        state_dir = Path(cfg.state_dir)
+        if cfg.encrypt:
+            if cfg.key_text is None:  # the loader refuses this; never serve plain by mistake
+                raise ConfigError([ConfigIssue("", 0, "fw_server_key", "encryption needs fw_server_key")])
+            self._keys = EnvelopeKeys.from_parameter(cfg.key_text)
+            self._guard = ReplayGuard(
+                cfg.limits.replay_window_s,
+                state_path=state_dir / "config_port" / "replay.json",
+                clock_trusted=self._clock_trusted,
+            )
+        self._firmware = FirmwareStager(state_dir / "firmware", self._bus, cfg.limits.max_firmware_bytes)
+        if cfg.exposed and not cfg.encrypt:
+            ctx.log.warning(
+                "config port is plain (fw_server_encrypt=0) and listens beyond loopback: "
+                "anyone who reaches it can reconfigure this DCU",
+                listen=cfg.limits.listen,
+            )
+        server = await self._bind(ctx)
+        if server is None:
+            return
+        try:
+            await ctx.heartbeat_forever()
+        finally:
+            server.close()
+            await self._close_idle_connections()
+            self._publish("stopped", None)
+
+    async def _bind(self, ctx: ServiceContext) -> asyncio.Server | None:
+        backoff = Backoff(initial_s=1.0, max_s=60.0)
+        last_error = ""
+        while not ctx.stopping.is_set():
+            try:
+                server = await asyncio.start_server(
+                    self._connection,
+                    self.config.host,
+                    self.config.port,
+                    reuse_address=True,
+                    limit=READ_CHUNK_BYTES,
+                )
+            except OSError as exc:
+                error = f"{exc.strerror or exc}"
+                if error != last_error:  # once per state change
+                    ctx.log.error("cannot listen", port=self.config.port, host=self.config.host, error=error)
+                    last_error = error
+                self._publish("failed", error)
+                ctx.set_ready()  # degraded, not a start failure: meters keep being read
+                if await ctx.sleep(backoff.next_delay_s()):
+                    return None
+                continue
+            self.bound = [sock.getsockname()[:2] for sock in server.sockets]
+            ctx.log.info(
+                "listening", addresses=[f"{h}:{p}" for h, p in self.bound], encrypted=self.config.encrypt
+            )
+            self._publish("listening", None)
+            ctx.set_ready()
+            return server
+        return None
+
+    async def _close_idle_connections(self) -> None:
+        # A connection waiting for its apply to finish keeps going (it answers once the reload that
+        # may be stopping this very service is done); every other one is closed now.
+        idle = [t for t in self._handlers if t not in self._applying]
+        for task in idle:
+            task.cancel()
+        if idle:
+            await asyncio.wait(idle, timeout=2.0)
+
+    def _publish(self, state: str, error: str | None) -> None:
+        if self._bus is None:
+            return
+        self._bus.set_state(
+            "config_port",
+            {
+                "state": state,
+                "port": self.config.port,
+                "listen": self.config.limits.listen,
+                "addresses": [f"{h}:{p}" for h, p in self.bound],
+                "encrypted": self.config.encrypt,
+                "error": error,
+            },
+        )
+
+    # -- one connection ------------------------------------------------------------------------
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        peer_info = writer.get_extra_info("peername")
+        peer = str(peer_info[0]) if isinstance(peer_info, tuple) else "local"
+        self.counters.connections += 1
+        try:
+            if len(self._handlers) >= self.config.limits.max_connections:
+                self.counters.refused_busy += 1
+                await self._write_raw(writer, 503, _error_body("too many connections"))
+                return
+            if task is not None:
+                self._handlers.add(task)
+            await self._serve(reader, writer, peer)
+            await _linger(reader, writer)
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        except Exception as exc:  # one bad connection must never fail the service
+            log.error("connection failed", peer=peer, error=repr(exc))
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+                self._applying.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        events = _Reader(reader, writer, conn)
+        request: _Request | None = None
+        try:
+            head = await events.next_event(start + self.config.limits.header_timeout_s)
+            if isinstance(head, h11.ConnectionClosed):
+                return
+            if not isinstance(head, h11.Request):  # pragma: no cover - h11 yields a Request first
+                raise HttpError(400, "expected a request")
+            request = _parse_request(head, peer)
+            status, body, content_type = await self._handle(request, events, start)
+        except HttpError as exc:
+            status, body, content_type = exc.status, _error_body(str(exc), **exc.extra), "application/json"
+        except EnvelopeError as exc:
+            status = 400 if isinstance(exc, MalformedEnvelopeError) else 403
+            if isinstance(exc, EnvelopeAuthError):
+                self.counters.auth_failures += 1
+            body, content_type = _error_body(exc.reason), "application/json"
+            log.warning("envelope refused", peer=peer, reason=exc.reason)
+        self.counters.count(status)
+        if request is not None and request.nonce is not None and self._keys is not None:
+            body = seal(self._keys, body, response_context(status, request.nonce), kind=KIND_RESPONSE)
+            content_type = "application/octet-stream"
+        allow = ", ".join(ROUTES.get(request.path, ())) if request is not None and status == 405 else ""
+        await self._respond(conn, writer, status, body, content_type, allow=allow)
+
+    async def _respond(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        content_type: str,
+        *,
+        allow: str = "",
+    ) -> None:
+        if conn.our_state is not h11.SEND_RESPONSE:
+            await self._write_raw(writer, status, body, content_type)
+            return
+        headers = [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+            ("Cache-Control", "no-store"),
+        ]
+        if allow:
+            headers.append(("Allow", allow))
+        data = conn.send(h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, "")))
+        data = (
+            (data or b"") + (conn.send(h11.Data(data=body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+        )
+        await self._write(writer, data)
+
+    async def _write_raw(
+        self, writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str = "application/json"
+    ) -> None:
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        await self._write(writer, head.encode("ascii") + body)
+
+    async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        async with asyncio.timeout(self.config.limits.header_timeout_s):
+            await writer.drain()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def _handle(self, request: _Request, events: _Reader, start: float) -> tuple[int, bytes, str]:
+        methods = ROUTES.get(request.path)
+        if methods is None:
+            raise HttpError(404, f"no such resource {request.path[:64]!r}; try /config or /firmware")
+        if request.method not in methods:
+            raise HttpError(405, f"{request.method} not allowed on {request.path}")
+        limits = self.config.limits
+        if request.path == "/firmware" and request.method == "PUT":
+            return await self._put_firmware(request, events, start + limits.firmware_timeout_s)
+        max_bytes = limits.max_body_bytes + (ENVELOPE_OVERHEAD_BYTES if self.config.encrypt else 0)
+        body = await self._read_body(request, events, start + limits.request_timeout_s, max_bytes)
+        plaintext = self._unwrap(request, body)
+        if request.path == "/firmware":
+            firmware = self._firmware
+            return 200, _json(dict(firmware.status()) if firmware else {"staged": None}), "application/json"
+        if request.method == "GET":
+            text = mask_parameter_text(self._api.current_text())
+            return 200, text.encode("utf-8"), "text/plain; charset=utf-8"
+        return await self._put_config(request, plaintext)
+
+    def _check_length(self, request: _Request, max_bytes: int) -> None:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            raise HttpError(413, f"body larger than {max_bytes} bytes")
+
+    async def _read_body(self, request: _Request, events: _Reader, deadline: float, max_bytes: int) -> bytes:
+        self._check_length(request, max_bytes)
+        await events.accept_body(self.config.limits.header_timeout_s)
+        chunks: list[bytes] = []
+        size = 0
+        for _ in range(max_bytes + 2):  # bounded: each Data event carries at least one byte
+            event = await events.next_event(deadline)
+            if isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > max_bytes:
+                    raise HttpError(413, f"body larger than {max_bytes} bytes")
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.ConnectionClosed):
+                raise HttpError(400, "connection closed before the body was complete")
+        raise HttpError(400, "body too fragmented")
+
+    def _unwrap(self, request: _Request, body: bytes) -> bytes:
+        """The plaintext of a request body: checks the envelope when encryption is on."""
+        if self._keys is None:
+            if is_envelope(body):
+                raise HttpError(400, "encrypted body, but fw_server_encrypt=0 on this DCU")
+            return body
+        if not is_envelope(body):
+            raise HttpError(403, "encryption required (fw_server_encrypt=1): send an envelope")
+        opened = open_envelope(self._keys, body, request_context(request.method, request.target))
+        self._check_replay(request, opened.timestamp_s, opened.nonce)
+        return opened.plaintext
+
+    def _check_replay(self, request: _Request, timestamp_s: int, nonce: bytes) -> None:
+        assert self._guard is not None
+        now = time.time()
+        try:
+            self._guard.check(timestamp_s, nonce, now)
+        except ReplayedEnvelopeError as exc:
+            self.counters.replays += 1
+            log.warning("replayed or stale envelope refused", peer=request.peer, reason=str(exc))
+            raise HttpError(403, f"{exc.reason}: {exc}", **self._guard.describe(now)) from None
+        request.nonce = nonce  # from here on, answers are sealed
+
+    async def _put_config(self, request: _Request, plaintext: bytes) -> tuple[int, bytes, str]:
+        try:
+            text = plaintext.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            issue = ConfigIssue("upload", 0, "", f"not UTF-8 text (byte {exc.start})")
+            return 422, _json({"ok": False, "errors": issues_json([issue])}), "application/json"
+        dry_run = request.query.get("dry_run", "0") not in ("0", "", "false")
+        task = asyncio.current_task()
+        if task is not None:
+            self._applying.add(task)
+        try:
+            result = await self._api.apply_text(
+                text,
+                partial=request.method == "PATCH",
+                who=request.peer,
+                via="config-port",
+                dry_run=dry_run,
+            )
+        except ConfigError as exc:
+            return 422, _json({"ok": False, "errors": issues_json(exc.issues)}), "application/json"
+        except ReloadBusyError as exc:
+            raise HttpError(503, str(exc)) from None
+        finally:
+            if task is not None:
+                self._applying.discard(task)
+        return 200, _json(result.to_json()), "application/json"
+
+    async def _put_firmware(
+        self, request: _Request, events: _Reader, deadline: float
+    ) -> tuple[int, bytes, str]:
+        firmware = self._firmware
+        assert firmware is not None
+        try:
+            sha256 = check_sha256(request.headers.get("x-firmware-sha256") or request.query.get("sha256"))
+            name = check_name(request.headers.get("x-firmware-name") or request.query.get("name"))
+        except FirmwareRejectedError as exc:
+            raise HttpError(422, str(exc)) from None
+        max_bytes = firmware.max_bytes + (ENVELOPE_OVERHEAD_BYTES if self._keys else 0)
+        self._check_length(request, max_bytes)
+        await events.accept_body(self.config.limits.header_timeout_s)
+        spool: _EnvelopeSpool | None = None
+        if self._keys is not None:
+            path = firmware.directory / f".incoming.{os.getpid()}.{id(request)}.envelope"
+            firmware.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+            spool = _EnvelopeSpool(
+                self._keys, request_context(request.method, request.target), path, max_bytes
+            )
+        upload = firmware.begin(sha256, name, request.peer)
+        try:
+            first = True
+            for _ in range(max_bytes + 2):  # bounded: each Data event carries at least one byte
+                event = await events.next_event(deadline)
+                if isinstance(event, h11.EndOfMessage):
+                    break
+                if isinstance(event, h11.ConnectionClosed):
+                    raise HttpError(400, "connection closed before the body was complete")
+                if not isinstance(event, h11.Data):
+                    continue
+                data = bytes(event.data)
+                if first:
+                    first = False
+                    if spool is None and is_envelope(data):
+                        raise HttpError(400, "encrypted body, but fw_server_encrypt=0 on this DCU")
+                    if spool is not None and not is_envelope(data):
+                        raise HttpError(403, "encryption required (fw_server_encrypt=1): send an envelope")
+                if spool is not None:
+                    spool.feed(data)
+                else:
+                    upload.write(data)
+            if spool is not None:
+                if spool.size_bytes == 0:
+                    raise HttpError(403, "encryption required (fw_server_encrypt=1): send an envelope")
+                timestamp_s, nonce, iv = spool.verify()
+                self._check_replay(request, timestamp_s, nonce)
+                await asyncio.to_thread(spool.decrypt_into, iv, upload)
+            record = await asyncio.to_thread(upload.commit)
+        except FirmwareRejectedError as exc:
+            status = 413 if "larger" in str(exc) else 422
+            raise HttpError(status, str(exc)) from None
+        finally:
+            upload.abort()
+            if spool is not None:
+                spool.close()
+        log.info("firmware staged", peer=request.peer, sha256=record.sha256, size_bytes=record.size_bytes)
+        return 200, _json({"ok": True, "staged": record.to_json()}), "application/json"
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then read and drop what the client still sends (a refused body) for a moment, so
+    that the kernel does not reset the connection before the client has read the answer."""
+    with contextlib.suppress(Exception):
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(1.0):
+            for _ in range(64):
+                if not await reader.read(READ_CHUNK_BYTES):
+                    return
+
+
+def _parse_request(head: h11.Request, peer: str) -> _Request:
+    method = head.method.decode("ascii", errors="replace").upper()
+    target = head.target.decode("latin-1")
+    parts = urllib.parse.urlsplit(target)
+    try:
+        query = dict(urllib.parse.parse_qsl(parts.query, max_num_fields=16))
+    except ValueError:
+        raise HttpError(400, "bad query string") from None
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers}
+    return _Request(method, target, parts.path, query, headers, peer)
+
+
+def _json(data: Mapping[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":"), default=str).encode("utf-8") + b"\n"
+
+
+def _error_body(message: str, **extra: Any) -> bytes:
+    return _json({"ok": False, "error": message, **extra})
+
+
+def build_config_port_services(config: LoadedConfig, runtime: Runtime) -> list[Service]:
+    """The config port, when enabled (``SERVICE_BUILDERS`` entry); needs ``runtime.remote_config``."""
+    settings = ConfigPortSettings.from_config(config)
+    api = getattr(runtime, "remote_config", None)
+    if settings is None or api is None:
+        return []
+    from dcud.service.ntp import clock_synced
+
+    bus = runtime.bus
+    return [ConfigPortService(settings, api, bus, lambda: clock_synced(bus) is True)]

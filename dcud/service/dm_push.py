@@ -1,0 +1,253 @@
+"""Device-manager push (WM-E ``dm.*``): a periodic status document to the device manager server.
+
+When ``dm.push_enable=1`` with ``dm.server`` and ``dm.port`` set, dcud connects to ``dm.server:dm.port``
+at start and then every ``dm.push_interval`` seconds, sends one status document and closes.
+
+Framing
+    One TCP connection per push (TLS when ``dm.tls_enable=1``). The document is one JSON object, UTF-8,
+    on a single line terminated by ``\\n`` (JSON Lines); dcud then closes its side (TLS close_notify
+    first). Nothing is expected back; a server may close at any time after the newline. The document::
+
+        {"type": "dcud.dm.status", "version": 1, "device_id": ..., "ts": RFC 3339 UTC, "seq": n,
+         "status": <the <p>/status document>,
+         "lines": {name: <p>/line/<name>/state}, "meters": {name: <p>/meter/<name>/state},
+         "drives": {name: ...}, "push": {target: <p>/push/<target>}}
+
+    ``seq`` counts pushes since dcud started (1, 2, ...).
+TLS and certificate banks
+    A bank ``n`` (1..255) is the directory ``state_dir/certs/<n>/`` with ``cert.pem`` (certificate
+    chain), ``key.pem`` (its private key), ``ca.pem`` (trusted CA certificates) and, for CRL checks,
+    ``crl.pem``. ``dm.cert`` selects the client certificate bank (0: no client certificate),
+    ``dm.ca_cert`` the CA bank (0: the system's trust store). ``dm.use_crl=1`` checks the server's
+    certificate against ``crl.pem`` of the CA bank. ``dm.verify``: 0 = no verification; 1 = optional:
+    verified when possible, and when verification fails the push goes on unverified (reported as
+    ``"verified": false`` in ``push/dm`` and logged once); 2 = mandatory: chain and host name must verify.
+Failures
+    A failed push is logged once per change of error and shown in ``push/dm``; the next push is at the
+    next interval (the document is a snapshot: nothing is queued, and the outbox is not involved).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from dcud.runtime.bus import EventBus
+from dcud.runtime.supervisor import ServiceContext
+
+if TYPE_CHECKING:
+    from dcud.config.loader import LoadedConfig
+
+__all__ = ["CERT_DIR", "DmPushConfig", "DmPushService", "cert_bank", "dm_document", "dm_tls_context"]
+
+CERT_DIR: Final = "certs"
+_CONNECT_TIMEOUT_S: Final = 10.0
+VERIFY_NONE: Final = 0
+VERIFY_OPTIONAL: Final = 1
+VERIFY_MANDATORY: Final = 2
+
+
+def cert_bank(state_dir: Path, bank: int) -> Path:
+    """Directory of certificate bank ``bank`` (module doc)."""
+    if not 1 <= bank <= 255:
+        raise ValueError(f"certificate bank must be 1..255, got {bank}")
+    return state_dir / CERT_DIR / str(bank)
+
+
+@dataclass(frozen=True)
+class DmPushConfig:
+    """The device-manager push service's slice of the configuration."""
+
+    server: str
+    port: int
+    interval_s: float
+    device_id: str
+    state_dir: Path
+    tls: bool = False
+    cert_bank: int = 0
+    ca_bank: int = 0
+    verify: int = VERIFY_NONE
+    use_crl: bool = False
+    timeout_s: float = _CONNECT_TIMEOUT_S
+
+    @classmethod
+    def from_config(cls, config: LoadedConfig) -> DmPushConfig | None:
+        """The slice, or None unless ``dm.push_enable`` with a server and a port."""
+        params = config.params
+        server = params.get_opt_str("dm.server")
+        port = params.get_int("dm.port")
+        if not params.get_bool("dm.push_enable") or not server or port == 0:
+            return None
+        return cls(
+            server=server,
+            port=port,
+            interval_s=params.get_float("dm.push_interval"),
+            device_id=config.device_id,
+            state_dir=config.state_dir,
+            tls=params.get_bool("dm.tls_enable"),
+            cert_bank=params.get_int("dm.cert"),
+            ca_bank=params.get_int("dm.ca_cert"),
+            verify=params.get_int("dm.verify"),
+            use_crl=params.get_bool("dm.use_crl"),
+        )
+
+
+def dm_tls_context(cfg: DmPushConfig, verify: bool) -> ssl.SSLContext:
+    """Client TLS context from the certificate banks; ``verify=False`` accepts any server certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.cert_bank:
+        bank = cert_bank(cfg.state_dir, cfg.cert_bank)
+        context.load_cert_chain(bank / "cert.pem", bank / "key.pem")
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    if cfg.ca_bank:
+        ca = cert_bank(cfg.state_dir, cfg.ca_bank)
+        context.load_verify_locations(cafile=ca / "ca.pem")
+        if cfg.use_crl:
+            context.load_verify_locations(cafile=ca / "crl.pem")
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    else:
+        context.load_default_certs()
+    return context
+
+
+def dm_document(
+    device_id: str, seq: int, status: Mapping[str, Any], states: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The status document (module doc) from the ``<p>/status`` content and the bus's states."""
+    groups: dict[str, dict[str, Any]] = {"lines": {}, "meters": {}, "drives": {}, "push": {}}
+    where = {"line": "lines", "meter": "meters", "drive": "drives", "push": "push"}
+    for subtopic, state in states.items():
+        kind, _, name = subtopic.partition("/")
+        if kind in where and name and "/" not in name:
+            groups[where[kind]][name] = dict(state)
+    return {
+        "type": "dcud.dm.status",
+        "version": 1,
+        "device_id": device_id,
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seq": seq,
+        "status": dict(status),
+        **groups,
+    }
+
+
+class DmPushService:
+    """Supervised service ``dm``: the periodic status push (module doc)."""
+
+    name = "dm"
+
+    def __init__(
+        self,
+        config: DmPushConfig,
+        bus: EventBus,
+        status: Callable[[], Mapping[str, Any]],
+    ) -> None:
+        self.config = config
+        self._bus = bus
+        self._status = status
+        self.seq = 0
+        self.pushes = 0
+        self.failures = 0
+        self.verified: bool | None = None
+        self.last_success: str | None = None
+        self.last_error: dict[str, Any] | None = None
+
+    @property
+    def target(self) -> str:
+        """``host:port`` (IPv6 in brackets)."""
+        host = f"[{self.config.server}]" if ":" in self.config.server else self.config.server
+        return f"{host}:{self.config.port}"
+
+    def _publish(self) -> None:
+        self._bus.set_state(
+            "push/dm",
+            {
+                "target": self.target,
+                "tls": self.config.tls,
+                "verified": self.verified,
+                "interval_s": self.config.interval_s,
+                "pushes": self.pushes,
+                "failures": self.failures,
+                "last_success": self.last_success,
+                "last_error": self.last_error,
+            },
+        )
+
+    async def run(self, ctx: ServiceContext) -> None:
+        """Push now, then every interval, until stopped."""
+        ctx.set_ready()
+        self._publish()
+        while not ctx.stopping.is_set():
+            await self.push_once(ctx)
+            if await ctx.sleep(self.config.interval_s):
+                return
+
+    async def push_once(self, ctx: ServiceContext) -> bool:
+        """One push; True on success. Errors are recorded, never raised."""
+        self.seq += 1
+        document = dm_document(self.config.device_id, self.seq, self._status(), self._bus.states)
+        line = json.dumps(document, separators=(",", ":"), default=str).encode() + b"\n"
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                await self._send(ctx, line)
+        except (OSError, TimeoutError, ValueError) as exc:
+            self.failures += 1
+            message = str(exc) or type(exc).__name__
+            if self.last_error is None or self.last_error["message"] != message:
+                ctx.log.warning("device manager push failed", target=self.target, error=message)
+            self.last_error = {"ts": _utc_now(), "message": message}
+            self._publish()
+            return False
+        self.pushes += 1
+        self.last_success = _utc_now()
+        if self.last_error is not None:
+            ctx.log.info("device manager push recovered", target=self.target)
+        self.last_error = None
+        self._publish()
+        return True
+
+    async def _send(self, ctx: ServiceContext, line: bytes) -> None:
+        cfg = self.config
+        context: ssl.SSLContext | None = None
+        if cfg.tls:
+            context = dm_tls_context(cfg, verify=cfg.verify != VERIFY_NONE)
+        try:
+            reader, writer = await asyncio.open_connection(
+                cfg.server, cfg.port, ssl=context, server_hostname=cfg.server if context else None
+            )
+        except ssl.SSLCertVerificationError as exc:
+            if cfg.verify != VERIFY_OPTIONAL:
+                raise
+            if self.verified is not False:
+                ctx.log.warning("device manager certificate not verified; pushing anyway", error=str(exc))
+            self.verified = False
+            context = dm_tls_context(cfg, verify=False)
+            reader, writer = await asyncio.open_connection(
+                cfg.server, cfg.port, ssl=context, server_hostname=cfg.server
+            )
+        else:
+            if cfg.tls:
+                self.verified = cfg.verify != VERIFY_NONE
+        try:
+            writer.write(line)
+            await writer.drain()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+        del reader
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,492 @@
+"""Power monitor and the last-gasp sequence (dcud.toml ``[power]``).
+
+Sources
+    ``file``: a sysfs-style file such as ``/sys/class/power_supply/AC/online``, read every
+    ``poll_interval_s``: an integer, non-zero = power present (sysfs ``online`` is 0, 1 or 2).
+    ``gpio``: one line of a GPIO chip through the kernel's character device (GPIO v2 uAPI, Linux >= 5.10),
+    driven with plain ``ioctl`` calls (:class:`GpioSource`): no library, so no libgpiod v1/v2 API split to
+    track; the line is requested as an input with edge events on both edges, and the event fd wakes the
+    monitor at once (the poll interval still applies as a fallback). High = power present.
+    ``active_low = true`` inverts either source.
+
+Debounce
+    A new level is accepted once it has been stable for ``debounce_s`` (sampled at the poll interval and
+    once more exactly at the deadline): an input that flaps faster than that produces no event at all,
+    one that settles produces exactly one. Detection latency is therefore at most
+    ``poll_interval_s + debounce_s`` (defaults 20 ms + 50 ms).
+
+Last gasp (power lost), within ``budget_s`` (default 1 s) after detection, in this order:
+    1. the ``power`` state becomes ``lost`` (``<p>/power`` and ``<p>/status``) and services stop taking
+       new work (they check :func:`power_ok`);
+    2. a ``power_loss`` event is committed to the outbox (fsync'd) through the runtime;
+    3. the SNMP trap goes out from the runtime's event hook right after the commit (dcud.service.snmp);
+    4. the MQTT service, woken by the commit, publishes ``<p>/event``;
+    5. the power state, recorded in ``state_dir/power-state.json`` by a worker thread while step 2
+       commits, is awaited (durable);
+    6. the UDP event push (``eventpush_addr``, port ``[eventpush] port``, default 9003; when
+       ``eventpush_sms_notify`` has bit 1 "Last GsmP") is sent.
+    Power return runs the same sequence with ``power_return`` and re-opens work.
+
+Not surviving a power loss
+    ``state_dir/clean-shutdown`` is written when the service stops cleanly and removed when it starts.
+    At start, if the marker is missing and the recorded power state is ``lost``, dcud died on its hold-up
+    energy: it raises ``power_loss_unsurvived`` (text says when the loss began), then ``power_return`` if
+    power is present now. The record is durable before the event push leaves, so a loss whose push
+    was received is always reported as unsurvived if dcud then dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import struct
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import structlog
+
+from dcud.config.loader import LoadedConfig
+from dcud.runtime.bus import EventBus
+from dcud.runtime.supervisor import ServiceContext
+from dcud.service.eventpush import is_phone_number, send_event_push
+
+log = structlog.get_logger("dcud.power")
+
+MARKER_FILE: Final = "clean-shutdown"
+STATE_FILE: Final = "power-state.json"
+LAST_GASP_PUSH_BIT: Final = 1
+"""``eventpush_sms_notify`` bit 1 = "Last GsmP" (last gasp): push power events."""
+
+# State directories whose start-up check ran in this process: a service restarted by the supervisor
+# (or by a reload) must not mistake its own restart for a daemon that died.
+_BOOT_CHECKED: set[Path] = set()
+
+
+def power_ok(bus: EventBus) -> bool:
+    """False while power is lost: services check this before starting new work (readouts, pushes)."""
+    return bus.states.get("power", {}).get("state") != "lost"
+
+
+def utc_now_text() -> str:
+    """Now as RFC 3339 UTC (``2026-11-21T14:00:00Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# -- debounce (pure) -------------------------------------------------------------------------------
+
+
+class Debouncer:
+    """Accepts a new level once it has been stable for ``debounce_s`` (explicit clock, no I/O)."""
+
+    def __init__(self, debounce_s: float, initial: bool | None) -> None:
+        self.debounce_s = debounce_s
+        self.accepted = initial
+        self._candidate: bool | None = None
+        self._since = 0.0
+
+    def update(self, level: bool, now: float) -> bool | None:
+        """Feed one sample taken at ``now``; returns the newly accepted level, else None."""
+        if self.accepted is None:
+            self.accepted = level
+            return None
+        if level == self.accepted:
+            self._candidate = None
+            return None
+        if level != self._candidate:
+            self._candidate = level
+            self._since = now
+        if now - self._since >= self.debounce_s:
+            self.accepted = level
+            self._candidate = None
+            return level
+        return None
+
+    def deadline(self) -> float | None:
+        """When the pending candidate level would be accepted, or None when nothing is pending."""
+        return None if self._candidate is None else self._since + self.debounce_s
+
+
+# -- sources ---------------------------------------------------------------------------------------
+
+
+class PowerSource(Protocol):
+    """Where the power-present level comes from."""
+
+    def read(self) -> bool | None:
+        """True = power present, False = lost, None = cannot be read right now."""
+        ...
+
+    async def wait(self, timeout_s: float) -> None:
+        """Return after ``timeout_s``, or earlier when the source signals a change."""
+        ...
+
+    def close(self) -> None:
+        """Release the file descriptor(s)."""
+        ...
+
+
+class FileSource:
+    """A sysfs-style file holding an integer, re-opened at every read (sysfs and atomic renames work)."""
+
+    def __init__(self, path: str, active_low: bool = False) -> None:
+        self.path = path
+        self.active_low = active_low
+        self.last_error = ""
+
+    def read(self) -> bool | None:
+        """Read and parse the file (a few microseconds on sysfs; never blocks on a device)."""
+        try:
+            with open(self.path, "rb") as handle:
+                text = handle.read(64).strip()
+            present = int(text) != 0
+        except (OSError, ValueError) as exc:
+            self.last_error = repr(exc)
+            return None
+        self.last_error = ""
+        return present != self.active_low
+
+    async def wait(self, timeout_s: float) -> None:
+        """Plain sleep: a file gives no change notification worth its cost here."""
+        await asyncio.sleep(timeout_s)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+# GPIO character device, v2 uAPI (include/uapi/linux/gpio.h).
+_GPIO_V2_LINES_MAX: Final = 64
+_GPIO_V2_LINE_NUM_ATTRS_MAX: Final = 10
+_GPIO_V2_LINE_FLAG_INPUT: Final = 1 << 2
+_GPIO_V2_LINE_FLAG_EDGE_RISING: Final = 1 << 4
+_GPIO_V2_LINE_FLAG_EDGE_FALLING: Final = 1 << 5
+_LINE_ATTR_SIZE: Final = 24  # struct gpio_v2_line_config_attribute
+_LINE_CONFIG = struct.Struct(f"=QI5I{_LINE_ATTR_SIZE * _GPIO_V2_LINE_NUM_ATTRS_MAX}s")
+_LINE_REQUEST = struct.Struct(f"={_GPIO_V2_LINES_MAX}I32s{_LINE_CONFIG.size}sII5Ii")
+_LINE_VALUES = struct.Struct("=QQ")
+_LINE_EVENT_SIZE: Final = 48  # struct gpio_v2_line_event
+
+
+def _iowr(nr: int, size: int) -> int:
+    return (3 << 30) | (size << 16) | (0xB4 << 8) | nr
+
+
+GPIO_V2_GET_LINE_IOCTL: Final = _iowr(0x07, _LINE_REQUEST.size)
+GPIO_V2_LINE_GET_VALUES_IOCTL: Final = _iowr(0x0E, _LINE_VALUES.size)
+
+
+def gpio_line_request(offset: int, consumer: str, edges: bool) -> bytearray:
+    """The ``struct gpio_v2_line_request`` (592 bytes) for one input line, optionally with edge events."""
+    flags = _GPIO_V2_LINE_FLAG_INPUT
+    if edges:
+        flags |= _GPIO_V2_LINE_FLAG_EDGE_RISING | _GPIO_V2_LINE_FLAG_EDGE_FALLING
+    config = _LINE_CONFIG.pack(flags, 0, 0, 0, 0, 0, 0, b"")
+    offsets = [offset] + [0] * (_GPIO_V2_LINES_MAX - 1)
+    return bytearray(_LINE_REQUEST.pack(*offsets, consumer.encode()[:31], config, 1, 0, 0, 0, 0, 0, 0, 0))
+
+
+class GpioSource:
+    """One GPIO line through ``/dev/gpiochipN`` (GPIO v2 uAPI via ``ioctl``; the unit's ``gpio`` group)."""
+
+    def __init__(self, chip: str, line: int, active_low: bool = False) -> None:
+        self.active_low = active_low
+        self.edges = True
+        chip_fd = os.open(chip, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            try:
+                request = gpio_line_request(line, "dcud-power", edges=True)
+                fcntl.ioctl(chip_fd, GPIO_V2_GET_LINE_IOCTL, request)
+            except OSError:
+                # Some drivers cannot do edge detection on every line: fall back to polling values.
+                self.edges = False
+                request = gpio_line_request(line, "dcud-power", edges=False)
+                fcntl.ioctl(chip_fd, GPIO_V2_GET_LINE_IOCTL, request)
+        finally:
+            os.close(chip_fd)
+        self.fd: int = _LINE_REQUEST.unpack(bytes(request))[-1]
+        os.set_blocking(self.fd, False)
+
+    def read(self) -> bool | None:
+        """The line's current value (active high unless ``active_low``)."""
+        values = bytearray(_LINE_VALUES.pack(0, 1))
+        try:
+            fcntl.ioctl(self.fd, GPIO_V2_LINE_GET_VALUES_IOCTL, values)
+        except OSError:
+            return None
+        bits, _mask = _LINE_VALUES.unpack(bytes(values))
+        return bool(bits & 1) != self.active_low
+
+    async def wait(self, timeout_s: float) -> None:
+        """Wait for an edge event (drained) or the timeout."""
+        if not self.edges:
+            await asyncio.sleep(timeout_s)
+            return
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(self.fd, lambda: None if ready.done() else ready.set_result(None))
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ready, timeout_s)
+        finally:
+            loop.remove_reader(self.fd)
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            os.read(self.fd, _LINE_EVENT_SIZE * 16)
+
+    def close(self) -> None:
+        """Release the line."""
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+# -- durable state ---------------------------------------------------------------------------------
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def load_power_record(state_dir: Path) -> dict[str, Any] | None:
+    """The last recorded power state (``{"state": "ok"|"lost", "since": ts}``), None if none."""
+    try:
+        data = json.loads((state_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("state") in ("ok", "lost") else None
+
+
+def save_power_record(state_dir: Path, state: str, since: str) -> None:
+    """Record the power state durably (atomic replace + fsync)."""
+    _write_durably(state_dir / STATE_FILE, json.dumps({"state": state, "since": since}).encode())
+
+
+# -- service ---------------------------------------------------------------------------------------
+
+
+class EventSink(Protocol):
+    """``Runtime.event``: commit an event to the outbox; returns once it is durable."""
+
+    def __call__(self, event_type: str, text: str, **fields: Any) -> Awaitable[None]:
+        """Commit one event."""
+        ...
+
+
+@dataclass(frozen=True)
+class PowerServiceConfig:
+    """The power service's slice: ``[power]`` plus the event push parameters it uses."""
+
+    source: str
+    path: str
+    chip: str
+    gpio_line: int
+    active_low: bool
+    poll_interval_s: float
+    debounce_s: float
+    budget_s: float
+    state_dir: Path
+    device_id: str
+    push_addr: str | None
+    lost_text: str
+    return_text: str
+
+    @classmethod
+    def from_config(cls, config: LoadedConfig) -> PowerServiceConfig | None:
+        """The slice, or None when ``[power] source = "none"``."""
+        power = config.toml.power
+        if power.source == "none":
+            return None
+        params = config.params
+        addr = params.get_opt_str("eventpush_addr")
+        notify = params.get_opt_int("eventpush_sms_notify") or 0
+        push = None
+        if addr and not is_phone_number(addr) and notify & LAST_GASP_PUSH_BIT:
+            host = f"[{addr}]" if ":" in addr else addr
+            push = f"{host}:{config.toml.eventpush.port}"
+        return cls(
+            source=power.source,
+            path=power.path,
+            chip=power.chip,
+            gpio_line=power.gpio_line,
+            active_low=power.active_low,
+            poll_interval_s=power.poll_interval_s,
+            debounce_s=power.debounce_s,
+            budget_s=power.budget_s,
+            state_dir=config.state_dir,
+            device_id=config.device_id,
+            push_addr=push,
+            lost_text=params.get_opt_str("eventpush_sms_lost_text") or "Power loss",
+            return_text=params.get_opt_str("eventpush_sms_return_text") or "Power return",
+        )
+
+    def open_source(self) -> PowerSource:
+        """The configured source."""
+        if self.source == "gpio":
+            return GpioSource(self.chip, self.gpio_line, self.active_low)
+        return FileSource(self.path, self.active_low)
+
+
+PushSender = Callable[[str, str], Awaitable[None]]
+
+
+class PowerService:
+    """Supervised service ``power``: watches the input and runs the last-gasp sequence."""
+
+    name = "power"
+
+    def __init__(
+        self,
+        config: PowerServiceConfig,
+        bus: EventBus,
+        event: EventSink,
+        push: PushSender = send_event_push,
+    ) -> None:
+        self.config = config
+        self._bus = bus
+        self._event = event
+        self._push = push
+        self.state: str = "unknown"
+        self.transitions = 0
+        self.last_timings_ms: Mapping[str, float] = {}
+
+    def _set_state(self, state: str, since: str) -> None:
+        self.state = state
+        self._bus.set_state("power", {"state": state, "since": since, "source": self.config.source})
+
+    async def _sequence(self, ctx: ServiceContext, lost: bool, since: str, **extra: Any) -> None:
+        """Event commit, trap (hook), MQTT (outbox), UDP push, record; timed against the budget."""
+        cfg = self.config
+        start = time.monotonic()
+        event_type = "power_loss" if lost else "power_return"
+        text = cfg.lost_text if lost else cfg.return_text
+        self._set_state("lost" if lost else "ok", since)
+        timings: dict[str, float] = {}
+        # The record (for the next start) is fsync'd by a worker thread while the outbox commits: it is
+        # durable before the event push goes out, and costs the alarm path no extra latency.
+        record = asyncio.ensure_future(
+            asyncio.to_thread(save_power_record, cfg.state_dir, "lost" if lost else "ok", since)
+        )
+        try:
+            async with asyncio.timeout(cfg.budget_s):
+                await asyncio.shield(self._event(event_type, text, since=since, source=cfg.source, **extra))
+        except TimeoutError:
+            ctx.log.error("event commit exceeded the last-gasp budget; pushing anyway", event=event_type)
+        timings["commit_trap_ms"] = (time.monotonic() - start) * 1000
+        try:
+            await record
+        except OSError as exc:
+            ctx.log.error("cannot record the power state", error=repr(exc))
+        if cfg.push_addr:
+            remaining = max(0.05, cfg.budget_s - (time.monotonic() - start))
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._push(cfg.push_addr, f"{cfg.device_id}: {text} {since}")
+            except (OSError, ValueError, TimeoutError) as exc:
+                ctx.log.warning("event push failed", event=event_type, error=repr(exc))
+            timings["push_ms"] = (time.monotonic() - start) * 1000
+        timings["total_ms"] = (time.monotonic() - start) * 1000
+        self.transitions += 1
+        self.last_timings_ms = timings
+        level = ctx.log.warning if lost else ctx.log.info
+        level(event_type, **{k: round(v, 1) for k, v in timings.items()})
+        if timings["total_ms"] > cfg.budget_s * 1000:
+            ctx.log.error("last-gasp sequence over budget", budget_s=cfg.budget_s, **timings)
+
+    async def _startup(self, ctx: ServiceContext) -> None:
+        """Unsurvived-loss check, once per process per state directory."""
+        cfg = self.config
+        state_dir = cfg.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        marker = state_dir / MARKER_FILE
+        record = load_power_record(state_dir)
+        recorded_lost = record is not None and record["state"] == "lost"
+        if state_dir not in _BOOT_CHECKED:
+            _BOOT_CHECKED.add(state_dir)
+            clean = marker.exists()
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()
+            if not clean and recorded_lost and record is not None:
+                since = str(record.get("since", ""))
+                ctx.log.error("power loss not survived", since=since)
+                await self._event(
+                    "power_loss_unsurvived",
+                    f"power was lost at {since} and dcud did not survive it (no clean shutdown)",
+                    since=since,
+                    source=cfg.source,
+                )
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()
+
+    async def _reconcile(self, ctx: ServiceContext, level: bool | None) -> None:
+        """Compare the first readable level with the recorded state; a difference is a transition."""
+        cfg = self.config
+        state_dir = cfg.state_dir
+        record = load_power_record(state_dir)
+        recorded_lost = record is not None and record["state"] == "lost"
+        now = utc_now_text()
+        if level is None:
+            self._set_state("unknown", now)
+        elif level and recorded_lost:
+            await self._sequence(ctx, lost=False, since=now)
+        elif not level and not recorded_lost:
+            await self._sequence(ctx, lost=True, since=now)
+        else:
+            since = str(record.get("since", now)) if record else now
+            self._set_state("ok" if level else "lost", since)
+            if record is None:
+                await asyncio.to_thread(save_power_record, state_dir, "ok" if level else "lost", since)
+
+    async def run(self, ctx: ServiceContext) -> None:
+        """Watch the source until stopped; write the clean-shutdown marker on a clean stop."""
+        cfg = self.config
+        source = cfg.open_source()
+        try:
+            level = source.read()
+            await self._startup(ctx)
+            await self._reconcile(ctx, level)
+            debouncer = Debouncer(cfg.debounce_s, level)
+            ctx.set_ready()
+            unreadable = False
+            while not ctx.stopping.is_set():
+                deadline = debouncer.deadline()
+                timeout = cfg.poll_interval_s
+                if deadline is not None:
+                    timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+                await source.wait(timeout)
+                ctx.beat()
+                sample = source.read()
+                if sample is None:
+                    if not unreadable:
+                        ctx.log.warning("power input unreadable", source=cfg.source)
+                        unreadable = True
+                    continue
+                if unreadable:
+                    ctx.log.info("power input readable again", source=cfg.source)
+                    unreadable = False
+                if debouncer.accepted is None:
+                    debouncer.update(sample, time.monotonic())
+                    await self._reconcile(ctx, sample)
+                    continue
+                changed = debouncer.update(sample, time.monotonic())
+                if changed is not None:
+                    await self._sequence(ctx, lost=not changed, since=utc_now_text())
+        finally:
+            source.close()
+            if ctx.stopping.is_set():
+                with contextlib.suppress(OSError):
+                    _write_durably(cfg.state_dir / MARKER_FILE, utc_now_text().encode())

@@ -1,0 +1,570 @@
+"""Remote configuration: the one path through which the WM-E parameter file changes while dcud runs.
+
+The config port (``PUT``/``PATCH /config``), MQTT ``<p>/cmd/param/set`` and SIGHUP all end up in
+:class:`Reloader`, which serialises them (one job at a time, behind a lock, from a bounded queue):
+
+1. **validate** the candidate with the same code as ``dcud check-config``
+   (:func:`dcud.config.loader.load_config` with the candidate text; ``dcud.toml`` is read from disk
+   as on SIGHUP). Any issue refuses the whole change: nothing is written, nothing restarts;
+2. **write** it atomically to ``<state_dir>/params/wme.conf`` (:func:`atomic_write_parameters`):
+   the previous file in force is first saved as ``wme.conf.bak``, then the new text goes to a temp
+   file in the same directory, is fsynced, renamed over ``wme.conf``, and the directory is fsynced.
+   A power cut at any point leaves the old or the new file in force, never a mix. The file is
+   created ``0640`` (it holds secrets);
+3. **reload** like SIGHUP: ``RELOADING=1``, the supervisor restarts only the services whose slice of
+   the configuration changed, ``READY=1``;
+4. **report**: an event ``config_changed`` (who, via, and every changed parameter with old and new
+   values, secrets shown as ``***``), and the result to the caller.
+
+Why ``state_dir``: ``/etc/dcud`` is read-only to dcud under the systemd sandbox (docs/systemd.md);
+the loader takes ``<state_dir>/params/wme.conf`` as the file in force whenever it exists.
+
+Whole and partial uploads (:func:`merge_parameter_text`): a whole file replaces the file in force
+(parameters it does not name go back to their defaults); a partial one changes only the names it
+lists (``name=`` unsets one), keeping the other lines and comments of the file in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import structlog
+
+from dcud.config.loader import LoadedConfig, load_config, remote_parameters_path
+from dcud.config.wme import CATALOGUE, Kind, ParameterSet
+from dcud.errors import ConfigError, ConfigIssue, DcudError
+from dcud.runtime.sdnotify import Notifier
+from dcud.runtime.supervisor import Service
+from dcud.service.commands import CommandError, CommandRouter
+
+log = structlog.get_logger("dcud.remote_config")
+
+UPLOAD = "upload"
+"""The path shown in issues that point into an uploaded file."""
+MAX_PENDING_JOBS = 8
+BACKUP_SUFFIX = ".bak"
+
+Via = Literal["config-port", "mqtt", "sighup", "local"]
+
+
+class ReloadBusyError(DcudError):
+    """Too many configuration changes are queued, or dcud is stopping: try again later."""
+
+
+class SupervisorLike(Protocol):
+    """What the reloader needs of :class:`~dcud.runtime.supervisor.Supervisor`."""
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested."""
+        ...
+
+    async def replace(self, services: Sequence[Service]) -> list[str]:
+        """Apply a new service list; returns the names that were (re)started or stopped."""
+        ...
+
+
+EventSink = Callable[..., Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What a configuration change did (the 200 answer and the MQTT reply)."""
+
+    changed: dict[str, dict[str, str]]
+    """Changed parameter -> ``{"old": ..., "new": ...}`` in file form, secrets as ``***``."""
+    restarted: list[str]
+    """Services that were restarted, started or stopped."""
+    file: str
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document of the result."""
+        return {
+            "ok": True,
+            "dry_run": self.dry_run,
+            "changed": self.changed,
+            "restarted": self.restarted,
+            "file": self.file,
+        }
+
+
+# -- text helpers ---------------------------------------------------------------------------------
+
+
+def _assignment(line: str) -> tuple[str, str] | None:
+    """``(name, value)`` of a ``name=value`` line as the WM-E parser reads it, else None."""
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#") or "=" not in line:
+        return None
+    name, _, value = line.partition("=")
+    return name.strip(), value.strip(" \t\r")
+
+
+def parse_updates(text: str) -> tuple[dict[str, str], dict[str, int], list[ConfigIssue]]:
+    """The assignments of a partial upload: ``(updates, line of each, issues)``.
+
+    Same syntax as the parameter file; ``name=`` (empty) unsets. Lines without ``=`` and names
+    given twice are issues; values are checked later, in the merged file.
+    """
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    updates: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    issues: list[ConfigIssue] = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        pair = _assignment(line)
+        if pair is None:
+            issues.append(ConfigIssue(UPLOAD, lineno, "", 'expected name=value (no "=" on this line)'))
+            continue
+        name, value = pair
+        if not name:
+            issues.append(ConfigIssue(UPLOAD, lineno, "", 'missing parameter name before "="'))
+        elif name in updates:
+            issues.append(ConfigIssue(UPLOAD, lineno, name, f"set twice, first on line {lines[name]}"))
+        else:
+            updates[name] = value
+            lines[name] = lineno
+    return updates, lines, issues
+
+
+def merge_parameter_text(old_text: str, updates: Mapping[str, str]) -> tuple[str, dict[int, str]]:
+    """Apply ``updates`` to the text of a parameter file; returns the text and its updated lines.
+
+    The first assignment of a named parameter is replaced in place (an empty value removes the line),
+    later duplicates of it are dropped, names the file does not have are appended in update order;
+    every other line (comments included) stays as it was. The map gives the 1-based line of each
+    written update in the new text, to point issues back at the upload.
+    """
+    out: list[str] = []
+    written: dict[int, str] = {}
+    done: set[str] = set()
+    lines = old_text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for line in lines:
+        pair = _assignment(line)
+        if pair is None or pair[0] not in updates:
+            out.append(line)
+            continue
+        name = pair[0]
+        if name in done:
+            continue
+        done.add(name)
+        if updates[name] != "":
+            out.append(f"{name}={updates[name]}")
+            written[len(out)] = name
+    for name, value in updates.items():
+        if name not in done and value != "":
+            out.append(f"{name}={value}")
+            written[len(out)] = name
+    return "".join(f"{line}\n" for line in out), written
+
+
+def _masked_value(name: str, value: str) -> str:
+    param = CATALOGUE.get(name)
+    if param is None or not value:
+        return value
+    if param.kind is Kind.URL:
+        with contextlib.suppress(ValueError):
+            return param.display(param.convert(value))
+        return "***"
+    return "***" if param.secret else value
+
+
+def mask_parameter_text(text: str) -> str:
+    """The file text with the value of every secret parameter replaced by ``***`` (URL: the password)."""
+    out = []
+    for line in text.split("\n"):
+        pair = _assignment(line)
+        masked = _masked_value(*pair) if pair is not None else None
+        out.append(f"{pair[0]}={masked}" if pair is not None and masked != pair[1] else line)
+    return "\n".join(out)
+
+
+def changed_parameters(old: ParameterSet, new: ParameterSet) -> dict[str, dict[str, str]]:
+    """Every parameter whose typed value changed, ``{"old", "new"}`` in file form with secrets masked."""
+    old_shown = old.masked()
+    new_shown = new.masked()
+    return {
+        name: {"old": old_shown[name], "new": new_shown[name]}
+        for name in CATALOGUE
+        if name in old.changed(new)
+    }
+
+
+# -- the atomic write -----------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file_atomically(target: Path, data: bytes, mode: int) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as handle:
+            handle.write(data)
+            handle.flush()
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_parameters(target: Path, new_text: str, previous_text: str | None) -> None:
+    """Write ``new_text`` to ``target`` so that a crash leaves the old or the new file, never a mix.
+
+    ``previous_text`` (the file in force before; None when there was none) is saved first as
+    ``target + ".bak"`` the same way. Mode 0640: the file holds secrets.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    if previous_text is not None:
+        _write_file_atomically(target.with_name(target.name + BACKUP_SUFFIX), previous_text.encode(), 0o640)
+    _write_file_atomically(target, new_text.encode(), 0o640)
+    _fsync_dir(target.parent)
+
+
+# -- the reloader ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    kind: Literal["reload", "apply"]
+    future: asyncio.Future[ApplyResult] | None = None
+    text: str = ""
+    partial: bool = False
+    dry_run: bool = False
+    who: str = ""
+    via: Via = "local"
+
+
+@dataclass
+class ReloadStats:
+    """Counters of the reloader (for status and tests)."""
+
+    reloads: int = 0
+    applies: int = 0
+    refused: int = 0
+    busy: int = 0
+
+
+@dataclass
+class Reloader:
+    """Serialises SIGHUP reloads and remote changes; the only place that swaps the configuration.
+
+    ``build`` turns a configuration into the service list; ``prepare`` runs before the swap (the
+    daemon reopens the outbox there when the set of uplinks changed); ``event`` commits an event.
+    Call :meth:`attach` once the supervisor exists and run :meth:`run` as a helper task.
+    """
+
+    config_path: Path
+    current: LoadedConfig
+    build: Callable[[LoadedConfig], Sequence[Service]]
+    notifier: Notifier = field(default_factory=lambda: Notifier(""))
+    prepare: Callable[[LoadedConfig], Awaitable[None]] | None = None
+    event: EventSink | None = None
+    max_pending: int = MAX_PENDING_JOBS
+    stats: ReloadStats = field(default_factory=ReloadStats)
+
+    def __post_init__(self) -> None:
+        self._supervisor: SupervisorLike | None = None
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=self.max_pending)
+        self._lock = asyncio.Lock()
+        self._reload_pending = False
+        self._running = False
+
+    def attach(self, supervisor: SupervisorLike) -> None:
+        """Give the reloader the supervisor whose services it swaps."""
+        self._supervisor = supervisor
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """SIGHUP: queue one reload (several signals before it runs coalesce into one)."""
+        if self._reload_pending:
+            return
+        try:
+            self._queue.put_nowait(_Job("reload"))
+        except asyncio.QueueFull:
+            self.stats.busy += 1
+            log.warning("reload request dropped: too many changes queued")
+            return
+        self._reload_pending = True
+
+    async def apply_text(
+        self,
+        text: str,
+        *,
+        partial: bool,
+        who: str,
+        via: Via,
+        dry_run: bool = False,
+    ) -> ApplyResult:
+        """Validate, write and apply a parameter file (``partial``: only the names it lists).
+
+        Raises ConfigError with every issue (nothing changed), or ReloadBusyError. Cancelling the caller
+        does not cancel the change once queued: it completes, and its event records it.
+        """
+        if not self._running or (self._supervisor is not None and self._supervisor.stopping):
+            raise ReloadBusyError("dcud is not accepting configuration changes now (starting or stopping)")
+        future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
+        job = _Job("apply", future, text, partial, dry_run, who, via)
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self.stats.busy += 1
+            raise ReloadBusyError(f"{self.max_pending} configuration changes already queued") from None
+        return await asyncio.shield(future)
+
+    async def apply_updates(
+        self, updates: Mapping[str, str], *, who: str, via: Via, dry_run: bool = False
+    ) -> ApplyResult:
+        """A partial change given as a mapping (MQTT ``param/set``)."""
+        bad = [n for n, v in updates.items() if "\n" in n or "\n" in v or "\r" in n or "=" in n]
+        if bad:
+            raise ConfigError([ConfigIssue(UPLOAD, 0, n[:64], "name or value spans lines") for n in bad])
+        text = "".join(f"{name}={value}\n" for name, value in updates.items())
+        return await self.apply_text(text, partial=True, who=who, via=via, dry_run=dry_run)
+
+    def current_text(self) -> str:
+        """The text of the parameter file in force ("" when it cannot be read)."""
+        try:
+            return Path(self.current.params.path).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    # -- the worker ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Process jobs one at a time until cancelled."""
+        self._running = True
+        try:
+            while True:
+                job = await self._queue.get()
+                if job.kind == "reload":
+                    self._reload_pending = False
+                try:
+                    async with self._lock:
+                        if job.kind == "reload":
+                            await self._reload()
+                        else:
+                            await self._apply(job)
+                except Exception as exc:  # a failed job must not end the worker
+                    log.error("configuration change failed", error=repr(exc))
+                    if job.future is not None and not job.future.done():
+                        job.future.set_exception(exc)
+        finally:
+            self._running = False
+            while not self._queue.empty():
+                pending = self._queue.get_nowait()
+                if pending.future is not None and not pending.future.done():
+                    pending.future.set_exception(ReloadBusyError("dcud is stopping"))
+
+    async def reload(self) -> list[str]:
+        """Reload both files now (under the lock); returns the restarted services (tests, tools)."""
+        async with self._lock:
+            return await self._reload()
+
+    async def _reload(self) -> list[str]:
+        self.notifier.notify("RELOADING=1", _monotonic_usec(), "STATUS=reloading")
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            self.stats.refused += 1
+            for issue in exc.issues:
+                log.error("reload refused, keeping the running configuration", issue=str(issue))
+            self.notifier.notify("READY=1", "STATUS=reload refused: configuration invalid")
+            return []
+        old = self.current
+        restarted = await self._swap(new, notify=False)
+        self.stats.reloads += 1
+        changed = changed_parameters(old.params, new.params)
+        if changed:
+            await self._event(changed, who="local", via="sighup", file=new.params.path)
+        return restarted
+
+    async def _apply(self, job: _Job) -> None:
+        assert job.future is not None
+        if job.future.cancelled():
+            return
+        old = self.current
+        target = remote_parameters_path(old.state_dir)
+        previous = await asyncio.to_thread(_read_or_none, Path(old.params.path))
+        if job.partial:
+            updates, upload_lines, issues = parse_updates(job.text)
+            candidate, written = merge_parameter_text(previous or "", updates)
+        else:
+            issues, upload_lines, written = [], {}, {}
+            candidate = job.text[1:] if job.text.startswith("\ufeff") else job.text
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path, params_text=candidate)
+        except ConfigError as exc:
+            issues = issues + _point_at_upload(exc.issues, old.params.path, target, written, upload_lines)
+        if issues:
+            self.stats.refused += 1
+            log.warning("configuration change refused", via=job.via, who=job.who, issues=len(issues))
+            job.future.set_exception(ConfigError(issues))
+            return
+        # The parameters now come from the remote file (messages and later reloads point at it).
+        new = dataclasses.replace(new, params=ParameterSet(str(target), new.params.raw, new.params.lines))
+        changed = changed_parameters(old.params, new.params)
+        if job.dry_run:
+            job.future.set_result(ApplyResult(changed, [], str(target), dry_run=True))
+            return
+        await asyncio.to_thread(atomic_write_parameters, target, candidate, previous)
+        log.info(
+            "parameter file written", file=str(target), via=job.via, who=job.who, changed=sorted(changed)
+        )
+        restarted = await self._swap(new, notify=True)
+        self.stats.applies += 1
+        if changed:
+            await self._event(changed, who=job.who, via=job.via, file=str(target))
+        if not job.future.cancelled():
+            job.future.set_result(ApplyResult(changed, restarted, str(target)))
+
+    async def _swap(self, new: LoadedConfig, *, notify: bool) -> list[str]:
+        if self._supervisor is None:
+            raise ReloadBusyError("no supervisor attached")
+        if notify:
+            self.notifier.notify("RELOADING=1", _monotonic_usec(), "STATUS=reloading")
+        if self.prepare is not None:
+            await self.prepare(new)
+        restarted = await self._supervisor.replace(self.build(new))
+        self.current = new
+        log.info("reloaded", restarted=restarted)
+        self.notifier.notify("READY=1", f"STATUS=reloaded; restarted: {', '.join(restarted) or 'none'}")
+        return restarted
+
+    async def _event(self, changed: dict[str, dict[str, str]], *, who: str, via: str, file: str) -> None:
+        if self.event is None:
+            return
+        names = ", ".join(sorted(changed))
+        try:
+            await self.event(
+                "config_changed",
+                f"parameters changed by {who or 'unknown'} via {via}: {names}",
+                who=who,
+                via=via,
+                file=file,
+                changed=changed,
+            )
+        except Exception as exc:  # the change is made; a failed event must not undo or hide it
+            log.error("config_changed event not committed", error=repr(exc))
+
+
+def _monotonic_usec() -> str:
+    return f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+
+
+def _read_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def _point_at_upload(
+    issues: Sequence[ConfigIssue],
+    params_path: str,
+    target: Path,
+    written: Mapping[int, str],
+    upload_lines: Mapping[str, int],
+) -> list[ConfigIssue]:
+    """Issues of the candidate file, pointed at the upload where they come from it."""
+    out = []
+    for issue in issues:
+        if issue.path not in (params_path, str(target)):
+            out.append(issue)  # dcud.toml, as on disk
+        elif not written and not upload_lines:
+            out.append(ConfigIssue(UPLOAD, issue.line, issue.key, issue.message))  # a whole upload
+        elif issue.line in written:
+            line = upload_lines.get(written[issue.line], 0)
+            out.append(ConfigIssue(UPLOAD, line, issue.key, issue.message))
+        else:
+            out.append(ConfigIssue("merged file", issue.line, issue.key, issue.message))
+    return out
+
+
+def issues_json(issues: Sequence[ConfigIssue]) -> list[dict[str, Any]]:
+    """Issues as JSON objects (``text`` is the ``file:line: key: message`` form)."""
+    return [
+        {"file": i.path, "line": i.line, "key": i.key, "message": i.message, "text": str(i)} for i in issues
+    ]
+
+
+# -- MQTT commands --------------------------------------------------------------------------------
+
+
+def register_param_commands(commands: CommandRouter, reloader: Reloader) -> None:
+    """Serve ``<p>/cmd/param/get`` and ``<p>/cmd/param/set`` (docs/remote-config.md).
+
+    ``param/get``: ``{"names": [...]}`` (optional) -> ``{"values": {name: value}, "set": [...],
+    "file": ...}``, secrets as ``***``. ``param/set``: ``{"set": {name: value, ...}}`` (partial; an
+    empty value unsets) or ``{"text": "<whole file>"}``, optional ``"who"`` and ``"dry_run"`` ->
+    the :class:`ApplyResult`, or an error reply whose message lists every issue.
+    """
+
+    async def get(request: Mapping[str, Any]) -> Mapping[str, Any]:
+        params = reloader.current.params
+        shown = params.masked()
+        names = request.get("names")
+        if names is not None:
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise CommandError('"names" must be a list of parameter names')
+            unknown = [n for n in names if n not in CATALOGUE]
+            if unknown:
+                raise CommandError(f"unknown parameters: {', '.join(n[:64] for n in unknown[:10])}")
+            shown = {n: shown[n] for n in names}
+        return {"values": shown, "set": sorted(params.raw), "file": params.path}
+
+    async def set_(request: Mapping[str, Any]) -> Mapping[str, Any]:
+        who = request.get("who", "mqtt")
+        who = who[:64] if isinstance(who, str) and who.isprintable() else "mqtt"
+        dry_run = request.get("dry_run") is True
+        updates = request.get("set")
+        text = request.get("text")
+        try:
+            if isinstance(updates, dict) and text is None:
+                if not updates or not all(isinstance(v, str | int) for v in updates.values()):
+                    raise CommandError('"set" must map parameter names to string values')
+                shown = {str(k): str(v) for k, v in updates.items()}
+                result = await reloader.apply_updates(shown, who=who, via="mqtt", dry_run=dry_run)
+            elif isinstance(text, str) and updates is None:
+                result = await reloader.apply_text(text, partial=False, who=who, via="mqtt", dry_run=dry_run)
+            else:
+                raise CommandError('param/set needs either "set": {name: value} or "text": "<file>"')
+        except ConfigError as exc:
+            raise ParamSetRefusedError(exc.issues) from None
+        return result.to_json()
+
+    commands.register("param/get", get)
+    commands.register("param/set", set_)
+
+
+class ParamSetRefusedError(ConfigError):
+    """``param/set`` refused: the message lists every issue (secret values are never in it)."""

@@ -1,0 +1,356 @@
+"""SNMP notifications (traps) to the network operations centre's manager, with pysnmp 7 (asyncio).
+
+Which events send a trap is :data:`dcud.service.snmp_mib.TRAPS`; the trap OIDs and varbinds are
+``mibs/DCUD-MIB.txt``. The service registers a listener on the runtime's event hook: every event is
+committed to the outbox first, then the listener turns it into a trap **synchronously** (the datagram is
+handed to the kernel before the event producer continues), which is what the last-gasp sequence needs.
+
+Configuration (WM-E parameters, see ``dcud params``):
+
+- ``snmp_trap=1`` and ``snmp_manager_ip`` enable it; ``snmp_manager_port`` 0 means 162.
+- ``snmp_version=2``: SNMPv2c; the **community is ``snmp_user``** (the WM-E has no separate community
+  parameter), ``public`` when unset.
+- ``snmp_version=3``: USM user ``snmp_user``; ``snmp_auth_algo`` 0 = none, 1 = HMAC-MD5-96,
+  2 = HMAC-SHA-96 with ``snmp_auth_key``; ``snmp_priv_algo`` 0 = none, 1 = CBC-DES, 2 = 3DES-EDE
+  (draft-reeder, not supported by Net-SNMP), **3 = AES-128-CFB (RFC 3826), recommended** with
+  ``snmp_priv_key``. Keys are pass phrases (>= 8 characters), localized to dcud's engine ID.
+- dcud.toml ``[snmp] engine_id`` (hex) fixes the engine ID; unset, it is derived from ``device_id``
+  (stable, :func:`dcud.service.snmp_mib.default_engine_id`). The receiver needs it for v3 traps
+  (Net-SNMP: ``createUser -e <engine id> <user> SHA <key> AES <key>``); ``dcud params -c`` and
+  ``<p>/status`` show it. ``snmpEngineBoots`` is persisted in ``state_dir/snmp-engine-boots`` and
+  incremented at every start, so a receiver's timeliness check (RFC 3414, 150 s window) accepts the
+  traps of a restarted dcud.
+
+Traps are unacknowledged UDP: a lost trap is not retried (the event itself is durable in the outbox
+and goes out on MQTT). Sent and failed traps are counted in the ``snmp`` state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+
+from dcud.config.loader import LoadedConfig
+from dcud.runtime.bus import EventBus
+from dcud.runtime.supervisor import ServiceContext
+from dcud.service import snmp_mib
+
+log = structlog.get_logger("dcud.snmp")
+
+EventListener = Callable[[Mapping[str, Any]], None]
+"""Called with every committed event payload (``type``, ``ts``, ``text``, ``uid``, extra fields)."""
+
+DEFAULT_TRAP_PORT: Final = 162
+DEFAULT_COMMUNITY: Final = "public"
+BOOTS_FILE: Final = "snmp-engine-boots"
+_MAX_BOOTS: Final = 2147483647  # RFC 3414: at the maximum the engine must be reconfigured
+
+AUTH_ALGOS: Final[dict[int, str]] = {0: "none", 1: "MD5", 2: "SHA"}
+"""``snmp_auth_algo`` value -> authentication protocol name."""
+PRIV_ALGOS: Final[dict[int, str]] = {0: "none", 1: "DES", 2: "3DES", 3: "AES"}
+"""``snmp_priv_algo`` value -> privacy protocol name (3 = AES-128 is dcud's addition)."""
+
+
+@dataclass(frozen=True)
+class SnmpServiceConfig:
+    """The SNMP service's slice of the configuration."""
+
+    device_id: str
+    manager_ip: str
+    manager_port: int
+    version: int
+    community: str = field(repr=False)
+    user: str
+    auth: str
+    auth_key: str = field(repr=False)
+    priv: str
+    priv_key: str = field(repr=False)
+    engine_id: bytes
+    enterprise_oid: str
+    state_dir: Path
+
+    @property
+    def security_level(self) -> str:
+        """USM security level: noAuthNoPriv, authNoPriv or authPriv (v2c: noAuthNoPriv)."""
+        if self.version != 3 or self.auth == "none":
+            return "noAuthNoPriv"
+        return "authNoPriv" if self.priv == "none" else "authPriv"
+
+    @classmethod
+    def from_config(cls, config: LoadedConfig) -> SnmpServiceConfig | None:
+        """The slice, or None when traps are off (``snmp_trap`` unset/0 or no manager address)."""
+        params = config.params
+        manager = params.get_opt_str("snmp_manager_ip")
+        if not params.get_bool("snmp_trap") or not manager:
+            return None
+        section = config.toml.snmp
+        user = params.get_opt_str("snmp_user") or ""
+        version = params.get_int("snmp_version")
+        return cls(
+            device_id=config.device_id,
+            manager_ip=manager,
+            manager_port=params.get_int("snmp_manager_port") or DEFAULT_TRAP_PORT,
+            version=version,
+            community=user or DEFAULT_COMMUNITY,
+            user=user,
+            auth=AUTH_ALGOS.get(params.get_int("snmp_auth_algo"), "none"),
+            auth_key=params.get_opt_str("snmp_auth_key") or "",
+            priv=PRIV_ALGOS.get(params.get_int("snmp_priv_algo"), "none"),
+            priv_key=params.get_opt_str("snmp_priv_key") or "",
+            engine_id=snmp_mib.engine_id_for(section.engine_id, config.device_id, section.enterprise_oid),
+            enterprise_oid=section.enterprise_oid,
+            state_dir=config.state_dir,
+        )
+
+
+def next_engine_boots(state_dir: Path) -> int:
+    """Read, increment and durably store ``snmpEngineBoots`` (1 on the first start)."""
+    path = state_dir / BOOTS_FILE
+    try:
+        boots = int(path.read_text().strip()) + 1
+    except (OSError, ValueError):
+        boots = 1
+    boots = min(max(boots, 1), _MAX_BOOTS)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as handle:
+        handle.write(f"{boots}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    return boots
+
+
+class TrapSender:
+    """One pysnmp engine configured for one manager; :meth:`send` encodes and sends synchronously.
+
+    Create it inside a running event loop (pysnmp's asyncio transport binds to it); :meth:`close` it.
+    """
+
+    def __init__(self, config: SnmpServiceConfig, engine_boots: int | None = None) -> None:
+        from pysnmp.carrier.asyncio.dgram import udp, udp6
+        from pysnmp.entity import config as snmp_config
+        from pysnmp.entity import engine
+        from pysnmp.entity.rfc3413 import ntforg
+        from pysnmp.proto import rfc1902
+
+        self.config = config
+        self._rfc1902 = rfc1902
+        self.engine: Any = engine.SnmpEngine(snmpEngineID=rfc1902.OctetString(config.engine_id))
+        if engine_boots is not None:
+            (boots,) = self.engine.get_mib_builder().import_symbols("__SNMP-FRAMEWORK-MIB", "snmpEngineBoots")
+            boots.syntax = boots.syntax.clone(engine_boots)
+        self.engine_boots = engine_boots
+        ipv6 = ":" in config.manager_ip
+        module: Any = udp6 if ipv6 else udp
+        self._transport: Any = module.UdpTransport().open_client_mode()
+        snmp_config.add_transport(self.engine, module.DOMAIN_NAME, self._transport)
+        if config.version == 3:
+            auth_proto = {
+                "none": snmp_config.USM_AUTH_NONE,
+                "MD5": snmp_config.USM_AUTH_HMAC96_MD5,
+                "SHA": snmp_config.USM_AUTH_HMAC96_SHA,
+            }[config.auth]
+            priv_proto = {
+                "none": snmp_config.USM_PRIV_NONE,
+                "DES": snmp_config.USM_PRIV_CBC56_DES,
+                "3DES": snmp_config.USM_PRIV_CBC168_3DES,
+                "AES": snmp_config.USM_PRIV_CFB128_AES,
+            }[config.priv]
+            level = config.security_level
+            snmp_config.add_v3_user(
+                self.engine,
+                config.user,
+                auth_proto if level != "noAuthNoPriv" else snmp_config.USM_AUTH_NONE,
+                config.auth_key if level != "noAuthNoPriv" else None,
+                priv_proto if level == "authPriv" else snmp_config.USM_PRIV_NONE,
+                config.priv_key if level == "authPriv" else None,
+            )
+            snmp_config.add_target_parameters(self.engine, "dcud-params", config.user, level, 3)
+            security_model, security_name = 3, config.user
+        else:
+            level = "noAuthNoPriv"
+            snmp_config.add_v1_system(self.engine, "dcud-community", config.community)
+            snmp_config.add_target_parameters(self.engine, "dcud-params", "dcud-community", level, 1)
+            security_model, security_name = 2, "dcud-community"
+        snmp_config.add_target_address(
+            self.engine,
+            "dcud-manager",
+            module.DOMAIN_NAME,
+            (config.manager_ip, config.manager_port),
+            "dcud-params",
+            tagList="dcud-managers",
+        )
+        snmp_config.add_notification_target(
+            self.engine, "dcud-notification", "dcud-filter", "dcud-managers", "trap"
+        )
+        snmp_config.add_context(self.engine, "")
+        snmp_config.add_vacm_user(self.engine, security_model, security_name, level, (), (), (1, 3, 6))
+        self._originator: Any = ntforg.NotificationOriginator()
+        self._domain = module.DOMAIN_NAME
+        self._notification = "dcud-notification"
+        self.sent = 0
+        self.failed = 0
+        self.last_error = ""
+
+    async def wait_open(self) -> None:
+        """Wait until the UDP socket exists (sends before that are queued by pysnmp, not lost)."""
+        pending = getattr(self._transport, "_lport", None)
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                await pending
+
+    async def warm_up(self) -> None:
+        """Send one trap to a throw-away loopback socket of our own.
+
+        pysnmp imports its cipher backends and resolves MIB symbols lazily on the first send (about
+        20 ms here, far more on a small ARM CPU); paying that at start keeps the last-gasp trap fast.
+        """
+        from pysnmp.entity import config as snmp_config
+
+        ipv6 = ":" in self.config.manager_ip
+        family = socket.AF_INET6 if ipv6 else socket.AF_INET
+        loopback = "::1" if ipv6 else "127.0.0.1"
+        with socket.socket(family, socket.SOCK_DGRAM) as sink:
+            sink.bind((loopback, 0))
+            port = sink.getsockname()[1]
+            snmp_config.add_target_address(
+                self.engine,
+                "dcud-warmup",
+                self._domain,
+                (loopback, port),
+                "dcud-params",
+                tagList="dcud-warmup",
+            )
+            snmp_config.add_notification_target(
+                self.engine, "dcud-warmup", "dcud-filter-w", "dcud-warmup", "trap"
+            )
+            self._notification = "dcud-warmup"
+            try:
+                self.send("power_loss", {"type": "power_loss", "text": "warm-up"})
+                await asyncio.sleep(0)
+            finally:
+                self._notification = "dcud-notification"
+                self.sent = 0
+                self.failed = 0
+                self.last_error = ""
+                snmp_config.delete_notification_target(self.engine, "dcud-warmup", "dcud-params")
+                snmp_config.delete_target_address(self.engine, "dcud-warmup")
+
+    def send(self, event_type: str, event: Mapping[str, Any]) -> bool:
+        """Send the trap of ``event_type`` now; False when that type has no trap or sending failed."""
+        oid = snmp_mib.trap_oid(self.config.enterprise_oid, event_type)
+        if oid is None:
+            return False
+        rfc = self._rfc1902
+        varbinds: list[tuple[Any, Any]] = [
+            (rfc.ObjectName(snmp_mib.SNMP_TRAP_OID_OID), rfc.ObjectIdentifier(oid)),
+        ]
+        for arc, text in snmp_mib.trap_values(self.config.device_id, dict(event)):
+            varbinds.append(
+                (rfc.ObjectName(snmp_mib.varbind_oid(self.config.enterprise_oid, arc)), rfc.OctetString(text))
+            )
+        try:
+            self._originator.send_varbinds(
+                self.engine, self._notification, None, b"", varbinds, self._on_result, None
+            )
+        except Exception as exc:  # pysnmp raises a wide variety; a trap failure must not hurt the caller
+            self.failed += 1
+            self.last_error = repr(exc)
+            return False
+        self.sent += 1
+        return True
+
+    def _on_result(self, *args: Any) -> None:
+        # (engine, handle, errorIndication, errorStatus, errorIndex, varBinds, ctx); for traps pysnmp
+        # only calls back on a local error.
+        error_indication = args[2] if len(args) > 2 else None
+        if error_indication:
+            self.failed += 1
+            self.last_error = str(error_indication)
+
+    def close(self) -> None:
+        """Close the UDP socket and the engine's dispatcher."""
+        with contextlib.suppress(Exception):
+            self.engine.close_dispatcher()
+
+
+class SnmpTrapService:
+    """Supervised service ``snmp``: turns committed events into traps."""
+
+    name = "snmp"
+
+    def __init__(
+        self,
+        config: SnmpServiceConfig,
+        bus: EventBus,
+        add_event_listener: Callable[[EventListener], Callable[[], None]],
+    ) -> None:
+        self.config = config
+        self._bus = bus
+        self._add_listener = add_event_listener
+        self.sender: TrapSender | None = None
+
+    def _publish_state(self) -> None:
+        cfg = self.config
+        sender = self.sender
+        self._bus.set_state(
+            "snmp",
+            {
+                "engine_id": snmp_mib.engine_id_hex(cfg.engine_id),
+                "engine_boots": sender.engine_boots if sender else None,
+                "version": "v3" if cfg.version == 3 else "v2c",
+                "manager": f"{cfg.manager_ip}:{cfg.manager_port}",
+                "user": cfg.user if cfg.version == 3 else None,
+                "security_level": cfg.security_level,
+                "auth": cfg.auth if cfg.version == 3 else None,
+                "priv": cfg.priv if cfg.version == 3 else None,
+                "sent": sender.sent if sender else 0,
+                "failed": sender.failed if sender else 0,
+            },
+        )
+
+    def _on_event(self, event: Mapping[str, Any]) -> None:
+        sender = self.sender
+        event_type = str(event.get("type", ""))
+        if sender is None or event_type not in snmp_mib.TRAPS:
+            return
+        failed_before = sender.failed
+        sender.send(event_type, event)
+        if sender.failed != failed_before:
+            log.warning("trap not sent", event=event_type, error=sender.last_error)
+        self._publish_state()
+
+    async def run(self, ctx: ServiceContext) -> None:
+        """Open the engine, listen for events until stopped."""
+        cfg = self.config
+        if cfg.version == 3 and cfg.priv == "DES":
+            ctx.log.warning("snmp_priv_algo=1 (DES) is broken cryptography; use 3 (AES-128)")
+        boots = next_engine_boots(cfg.state_dir)
+        self.sender = TrapSender(cfg, boots)
+        remove = self._add_listener(self._on_event)
+        try:
+            await self.sender.wait_open()
+            await self.sender.warm_up()
+            self._publish_state()
+            ctx.log.info(
+                "sending traps",
+                manager=f"{cfg.manager_ip}:{cfg.manager_port}",
+                version=cfg.version,
+                security_level=cfg.security_level,
+                engine_id=snmp_mib.engine_id_hex(cfg.engine_id),
+                engine_boots=boots,
+            )
+            ctx.set_ready()
+            await ctx.heartbeat_forever()
+        finally:
+            remove()
+            self.sender.close()

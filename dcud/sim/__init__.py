@@ -1,0 +1,1 @@
+"""Field-device simulators speaking the real protocols (demo, tests, field checks)."""

@@ -1,0 +1,1 @@
+"""Asyncio byte and frame movers (serial, TCP, UDP, CAN) with no protocol knowledge."""

@@ -1,0 +1,430 @@
+"""The CAN frame mover: a python-can bus opened, watched and reopened without blocking the event loop.
+
+:class:`CanPort` owns one python-can bus of any interface python-can supports (``socketcan`` on the
+DCU, ``virtual`` inside one process, ``slcan``/``serial`` over a tty or a pty pair across processes):
+
+- the bus is opened in a worker thread (some interfaces sleep or talk to an adapter while opening);
+- frames arrive through python-can's :class:`can.Notifier` bound to the asyncio loop: interfaces with
+  a pollable descriptor (socketcan, slcan) are read by the loop itself (``add_reader``), the others by
+  the Notifier's reader thread, which hands every frame over with ``call_soon_threadsafe``; either way
+  the ``on_frame`` callback runs in the loop;
+- frames go out through one dedicated sender thread per open bus, at most ``max_pending_sends`` queued
+  (beyond that :meth:`CanPort.send` fails at once with :class:`~dcud.errors.TransportError`, counted);
+- health: SocketCAN error frames (error warning, error passive, bus-off, restarted) and, for the
+  interfaces that report one, python-can's ``bus.state`` are turned into :class:`CanBusState`; a
+  bus-off or a failing device closes the bus, and it is reopened with exponential backoff;
+- a garbled frame on a serial-framed interface (noise on an slcan line, a half frame) makes python-can's
+  parser raise; it is counted as ``malformed`` and reading goes on, instead of killing the reader.
+
+The port knows CAN, not CANopen: what the frames mean is the caller's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import enum
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import can
+import serial
+import structlog
+
+from dcud.errors import TransportError
+from dcud.runtime.backoff import Backoff
+
+log = structlog.get_logger("dcud.can")
+
+FrameHandler = Callable[[int, bytes, float], None]
+"""``on_frame(can_id, data, now)``: called in the event loop; ``now`` is ``time.monotonic()``."""
+
+# SocketCAN error frame classes (linux/can/error.h), carried in the identifier of an error frame.
+CAN_ERR_CRTL = 0x00000004
+CAN_ERR_BUSOFF = 0x00000040
+CAN_ERR_RESTARTED = 0x00000100
+CAN_ERR_CRTL_RX_WARNING = 0x04
+CAN_ERR_CRTL_TX_WARNING = 0x08
+CAN_ERR_CRTL_RX_PASSIVE = 0x10
+CAN_ERR_CRTL_TX_PASSIVE = 0x20
+CAN_ERR_CRTL_ACTIVE = 0x40
+
+THREAD_READ_INTERFACES = frozenset({"serial"})
+"""Interfaces whose ``recv(0)`` may block on a half-received frame: read by the Notifier's thread."""
+
+MALFORMED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    struct.error,
+    IndexError,
+    TypeError,
+    UnicodeDecodeError,
+)
+"""What python-can's serial-framed parsers raise on garbage (besides CanOperationError without a cause)."""
+
+
+class CanBusState(enum.StrEnum):
+    """Health of the bus as the state documents show it."""
+
+    CLOSED = "closed"
+    ACTIVE = "active"
+    ERROR_WARNING = "error_warning"
+    ERROR_PASSIVE = "error_passive"
+    BUS_OFF = "bus_off"
+
+
+@dataclass(frozen=True)
+class CanSettings:
+    """How to open one bus: python-can interface, channel, bitrate and interface options."""
+
+    name: str
+    interface: str
+    channel: str
+    bitrate: int = 500_000
+    options: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+    reopen_initial_s: float = 0.5
+    reopen_max_s: float = 30.0
+    send_timeout_s: float = 0.2
+    max_pending_sends: int = 64
+    health_interval_s: float = 1.0
+    receive_own_messages: bool = False
+
+
+@dataclass
+class CanStats:
+    """Counters over the life of the port (all opens of the bus)."""
+
+    rx_frames: int = 0
+    tx_frames: int = 0
+    error_frames: int = 0
+    malformed: int = 0
+    ignored: int = 0
+    tx_failed: int = 0
+    tx_dropped: int = 0
+    opens: int = 0
+    failures: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        """The counters as a JSON object."""
+        return dict(self.__dict__)
+
+
+class _GuardedBus:
+    """The bus as the Notifier sees it: garbled input is counted and skipped, a dead device reported once.
+
+    python-can's Notifier stops its reader thread (or floods the loop's exception handler, for
+    descriptor-driven interfaces) when ``recv`` raises; a DCU must instead ride over noise and reopen a
+    device that went away. Only ``recv``, ``fileno`` and ``channel_info`` are used by the Notifier.
+    """
+
+    def __init__(
+        self, bus: can.BusABC, port: CanPort, loop: asyncio.AbstractEventLoop, threaded: bool
+    ) -> None:
+        self.bus = bus
+        self.channel_info = bus.channel_info
+        self._port = port
+        self._loop = loop
+        self._threaded = threaded
+        self.dead = False
+
+    def fileno(self) -> int:
+        """The descriptor for ``add_reader``, or -1 to make the Notifier use its reader thread."""
+        if self._threaded:
+            return -1
+        return self.bus.fileno()
+
+    def recv(self, timeout: float | None = None) -> can.Message | None:
+        """One frame, or None (nothing arrived, a malformed frame was dropped, or the bus is dead)."""
+        if self.dead:
+            if timeout:
+                time.sleep(min(timeout, 0.05))  # the reader thread only; the port is closing it
+            return None
+        try:
+            return self.bus.recv(timeout)
+        except can.CanOperationError as exc:
+            if isinstance(exc.__cause__, OSError | serial.SerialException) or _is_os_error(exc):
+                self._fatal(exc)
+            else:
+                self._malformed(exc)
+        except MALFORMED_ERRORS as exc:
+            self._malformed(exc)
+        except Exception as exc:  # a driver failure we do not know: treat the device as gone
+            self._fatal(exc)
+        return None
+
+    def _malformed(self, exc: BaseException) -> None:
+        self._loop.call_soon_threadsafe(self._port._on_malformed, exc)
+
+    def _fatal(self, exc: BaseException) -> None:
+        self.dead = True
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self._loop.call_soon_threadsafe(self._port._on_fatal, exc)
+
+
+def _is_os_error(exc: can.CanOperationError) -> bool:
+    return getattr(exc, "error_code", None) is not None
+
+
+class CanPort:
+    """One CAN bus: open, deliver frames to ``on_frame``, send, watch, reopen (module docstring)."""
+
+    def __init__(
+        self,
+        settings: CanSettings,
+        on_frame: FrameHandler,
+        on_state: Callable[[CanBusState, str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.on_frame = on_frame
+        self.on_state = on_state
+        self.state = CanBusState.CLOSED
+        self.last_error = ""
+        self.stats = CanStats()
+        self._bus: can.BusABC | None = None
+        self._guard: _GuardedBus | None = None
+        self._sender: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending_sends = 0
+        self._failed: asyncio.Event | None = None
+        self._notifier: can.Notifier | None = None
+        self._threaded = False
+        self._failure = ""
+        self._last_malformed_log_s = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        """True while frames can be sent (open and not bus-off)."""
+        return self._bus is not None and self.state not in (CanBusState.CLOSED, CanBusState.BUS_OFF)
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _set_state(self, state: CanBusState, error: str = "") -> None:
+        if error:
+            self.last_error = error
+        if state is self.state:
+            return
+        self.state = state
+        log.info("CAN bus state", bus=self.settings.name, state=str(state), error=error or None)
+        if self.on_state is not None:
+            self.on_state(state, error)
+
+    def _on_fatal(self, exc: BaseException) -> None:
+        notifier = self._notifier
+        if notifier is not None and not self._threaded and not notifier.stopped:
+            # A dead descriptor stays readable: stop watching it now, not after the reopen backoff.
+            notifier.stop()
+        self._fail(f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        self._failure = reason
+        if self._failed is not None:
+            self._failed.set()
+
+    def _on_malformed(self, exc: BaseException) -> None:
+        self.stats.malformed += 1
+        now = time.monotonic()
+        if now - self._last_malformed_log_s > 10.0:  # rate-limited: noise can be continuous
+            self._last_malformed_log_s = now
+            log.warning(
+                "malformed CAN frame dropped",
+                bus=self.settings.name,
+                error=f"{type(exc).__name__}: {exc}",
+                malformed=self.stats.malformed,
+            )
+
+    # -- receive path (event loop) ---------------------------------------------------------------
+
+    def _on_message(self, msg: can.Message) -> None:
+        if msg.is_error_frame:
+            self.stats.error_frames += 1
+            self._on_error_frame(msg)
+            return
+        if msg.is_remote_frame or msg.is_extended_id or msg.is_fd:
+            self.stats.ignored += 1
+            return
+        self.stats.rx_frames += 1
+        try:
+            self.on_frame(msg.arbitration_id, bytes(msg.data), time.monotonic())
+        except Exception:  # the consumer's bug must not stop the bus; it is logged with its traceback
+            log.exception("CAN frame handler failed", bus=self.settings.name, can_id=msg.arbitration_id)
+
+    def _on_error_frame(self, msg: can.Message) -> None:
+        error_class = msg.arbitration_id
+        data = bytes(msg.data)
+        if error_class & CAN_ERR_BUSOFF:
+            self._set_state(CanBusState.BUS_OFF, "bus-off")
+            self._fail("bus-off")
+            return
+        if error_class & CAN_ERR_RESTARTED:
+            self._set_state(CanBusState.ACTIVE)
+            return
+        if error_class & CAN_ERR_CRTL and len(data) > 1:
+            detail = data[1]
+            if detail & (CAN_ERR_CRTL_RX_PASSIVE | CAN_ERR_CRTL_TX_PASSIVE):
+                self._set_state(CanBusState.ERROR_PASSIVE, "error passive")
+            elif detail & (CAN_ERR_CRTL_RX_WARNING | CAN_ERR_CRTL_TX_WARNING):
+                self._set_state(CanBusState.ERROR_WARNING, "error warning")
+            elif detail & CAN_ERR_CRTL_ACTIVE:
+                self._set_state(CanBusState.ACTIVE)
+
+    # -- open / watch / close --------------------------------------------------------------------
+
+    def _open_bus(self) -> can.BusABC:
+        s = self.settings
+        kwargs: dict[str, Any] = dict(s.options)
+        kwargs.setdefault("bitrate", s.bitrate)
+        if s.receive_own_messages:
+            kwargs.setdefault("receive_own_messages", True)
+        return can.Bus(interface=s.interface, channel=s.channel, **kwargs)
+
+    async def run(self, stopping: asyncio.Event, beat: Callable[[], None] | None = None) -> None:
+        """Keep the bus open until ``stopping`` is set; failures are reported, never raised."""
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(self.settings.reopen_initial_s, self.settings.reopen_max_s)
+        last_logged = ""
+        while not stopping.is_set():
+            try:
+                bus = await loop.run_in_executor(None, self._open_bus)
+            except (can.CanError, OSError, ValueError, ImportError, serial.SerialException) as exc:
+                reason = f"open failed: {type(exc).__name__}: {exc}"
+                self.stats.failures += 1
+                if reason != last_logged:
+                    log.warning("CAN bus unavailable", bus=self.settings.name, error=reason)
+                    last_logged = reason
+                self._set_state(CanBusState.CLOSED, reason)
+                if await _wait(stopping, backoff.next_delay_s(), beat):
+                    return
+                continue
+            last_logged = ""
+            backoff.reset()
+            reason = await self._serve(bus, loop, stopping, beat)
+            if stopping.is_set():
+                return
+            self.stats.failures += 1
+            log.warning("CAN bus failed; reopening", bus=self.settings.name, error=reason)
+            if await _wait(stopping, backoff.next_delay_s(), beat):
+                return
+
+    async def _serve(
+        self,
+        bus: can.BusABC,
+        loop: asyncio.AbstractEventLoop,
+        stopping: asyncio.Event,
+        beat: Callable[[], None] | None,
+    ) -> str:
+        threaded = self.settings.interface in THREAD_READ_INTERFACES
+        self._threaded = threaded
+        guard = _GuardedBus(bus, self, loop, threaded)
+        self._failed = asyncio.Event()
+        self._failure = ""
+        self._sender = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"dcud-can-{self.settings.name}"
+        )
+        notifier: can.Notifier | None = None
+        try:
+            notifier = can.Notifier(cast(can.BusABC, guard), [self._on_message], timeout=0.2, loop=loop)
+            self._notifier = notifier
+            self._bus = bus
+            self._guard = guard
+            self.stats.opens += 1
+            self._set_state(CanBusState.ACTIVE, "")
+            log.info("CAN bus open", bus=self.settings.name, interface=self.settings.interface)
+            failed = asyncio.ensure_future(self._failed.wait())
+            stop = asyncio.ensure_future(stopping.wait())
+            try:
+                while True:
+                    done, _ = await asyncio.wait(
+                        [failed, stop],
+                        timeout=self.settings.health_interval_s,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if beat is not None:
+                        beat()
+                    if done:
+                        return self._failure
+                    self._poll_state(bus)
+            finally:
+                failed.cancel()
+                stop.cancel()
+        except (can.CanError, OSError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            self._bus = None
+            self._guard = None
+            guard.dead = True
+            sender, self._sender = self._sender, None
+            self._notifier = None
+            if notifier is not None and not notifier.stopped:
+                if threaded:
+                    await loop.run_in_executor(None, notifier.stop, 1.0)  # joins the reader thread
+                else:
+                    notifier.stop()  # remove_reader: must run in the loop
+            if sender is not None:
+                sender.shutdown(wait=False, cancel_futures=True)
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(None, bus.shutdown)
+            self._set_state(CanBusState.CLOSED, self._failure)
+
+    def _poll_state(self, bus: can.BusABC) -> None:
+        try:
+            reported = bus.state
+        except (can.CanError, NotImplementedError, OSError):
+            return
+        if reported is can.BusState.ERROR:
+            self._set_state(CanBusState.BUS_OFF, "bus-off (driver)")
+            self._fail("bus-off (driver)")
+        elif reported is can.BusState.PASSIVE:
+            self._set_state(CanBusState.ERROR_PASSIVE, "error passive (driver)")
+        elif (
+            self.state in (CanBusState.ERROR_PASSIVE, CanBusState.ERROR_WARNING)
+            and "driver" in self.last_error
+        ):
+            self._set_state(CanBusState.ACTIVE)
+
+    # -- send ------------------------------------------------------------------------------------
+
+    async def send(self, can_id: int, data: bytes) -> None:
+        """Send one 11-bit frame; TransportError when the bus is down, the queue full or the driver fails."""
+        bus, sender = self._bus, self._sender
+        if bus is None or sender is None or not self.is_open:
+            self.stats.tx_dropped += 1
+            raise TransportError(f"CAN bus {self.settings.name} is {self.state}")
+        if self._pending_sends >= self.settings.max_pending_sends:
+            self.stats.tx_dropped += 1
+            raise TransportError(f"CAN bus {self.settings.name}: {self._pending_sends} frames already queued")
+        msg = can.Message(arbitration_id=can_id, data=data, is_extended_id=False)
+        self._pending_sends += 1
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                sender, bus.send, msg, self.settings.send_timeout_s
+            )
+        except (can.CanError, OSError, ValueError, RuntimeError) as exc:
+            self.stats.tx_failed += 1
+            raise TransportError(f"CAN bus {self.settings.name}: send failed: {exc}") from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # The bus closed under a queued frame (the sender dropped it), nobody cancelled us.
+            self.stats.tx_failed += 1
+            raise TransportError(f"CAN bus {self.settings.name} closed while sending") from None
+        finally:
+            self._pending_sends -= 1
+        self.stats.tx_frames += 1
+
+
+async def _wait(stopping: asyncio.Event, delay_s: float, beat: Callable[[], None] | None) -> bool:
+    """Sleep ``delay_s`` unless stopping; beats every second; True when stopping."""
+    deadline = time.monotonic() + delay_s
+    while not stopping.is_set():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(remaining, 1.0)):
+                await stopping.wait()
+        if beat is not None:
+            beat()
+    return True

@@ -1,0 +1,105 @@
+"""Shared fixtures: real peers on loopback, temporary installations, a notify socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dcud.sim.peers import Mosquitto, start_mosquitto
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A real Mosquitto on a free loopback port (CI installs it; missing is a failure, not a skip)."""
+    b = start_mosquitto(tmp_path / "mosquitto")
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def write_site(
+    directory: Path,
+    *,
+    mqtt_url: str | None = None,
+    toml_extra: str = "",
+    wme: str = "ntp_interval=600\n",
+    device_id: str = "dcu-test",
+) -> Path:
+    """Write a minimal dcud.toml + wme.conf into ``directory``; returns the dcud.toml path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mqtt = f'\n[mqtt]\nurl = "{mqtt_url}"\nstatus_interval_s = 2\nreconnect_max_s = 2\n' if mqtt_url else ""
+    config = directory / "dcud.toml"
+    config.write_text(
+        f'device_id = "{device_id}"\nparameters = "wme.conf"\nstate_dir = "{directory / "state"}"\n'
+        f"grace_s = 3\n{toml_extra}{mqtt}"
+    )
+    (directory / "wme.conf").write_text(wme)
+    return config
+
+
+class NotifySocket:
+    """A test NOTIFY_SOCKET: collects the datagrams a daemon sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def wait_for(self, line: str, timeout_s: float = 20.0) -> list[str]:
+        """Wait until a datagram contains ``line``; returns every message so far."""
+        deadline = time.monotonic() + timeout_s
+        while not any(line in m.splitlines() for m in self.messages):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {line!r} within {timeout_s} s; got {self.messages}")
+            self.sock.settimeout(remaining)
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+        return self.messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    ns = NotifySocket(tmp_path / "notify.sock")
+    try:
+        yield ns
+    finally:
+        ns.close()
+
+
+def start_daemon(config: Path, notify: NotifySocket | None = None, **env: str) -> subprocess.Popen[bytes]:
+    """``python -m dcud run -c config`` as a process, logs to config's directory."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    if notify is not None:
+        environment["NOTIFY_SOCKET"] = str(notify.path)
+    log = (config.parent / "dcud.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcud", "run", "-c", str(config)],
+        stdout=log,
+        stderr=log,
+        env=environment,
+        cwd=REPO,
+    )
+    log.close()
+    return proc
+
+
+def daemon_log(config: Path) -> str:
+    path = config.parent / "dcud.log"
+    return path.read_text(errors="replace") if path.exists() else ""
