@@ -150,6 +150,31 @@ def _cmd_sim_meters(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_sim_drive(args: argparse.Namespace) -> int:
+    from dcud.sim.drive import cmd_sim_drive
+
+    return cmd_sim_drive(args)
+
+
+def _add_drive_sim_command(sim_sub: Any) -> None:
+    """``dcud sim drive``: CiA 402 drives on a CAN bus, or a Modbus RTU drive on a tty (docs/drives.md)."""
+    drive = sim_sub.add_parser("drive", help="CiA 402 drives on a CAN bus, or a Modbus RTU drive on a tty")
+    drive.add_argument("--interface", default="slcan", help="python-can interface (default slcan)")
+    drive.add_argument("--channel", help="CAN channel: a tty for slcan/serial (socat pty pair end), can0...")
+    drive.add_argument("--nodes", default="1", help='CANopen node ids, e.g. "1-3,7" (default 1)')
+    drive.add_argument("--heartbeat-ms", type=int, default=100, help="heartbeat producer time (1017)")
+    drive.add_argument("--tpdo-ms", type=float, default=10.0, help="TPDO period while operational")
+    drive.add_argument("--no-boot-up", action="store_true", help="start pre-operational without a boot-up")
+    drive.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="python-can bus option (repeat)"
+    )
+    drive.add_argument("--modbus", metavar="TTY", help="serve a Modbus RTU drive on this tty instead")
+    drive.add_argument("--link", default="", help="--modbus on a new pty, symlinked here (instead of a tty)")
+    drive.add_argument("--unit", type=int, default=1, help="Modbus unit id (default 1)")
+    drive.add_argument("--baud", type=int, default=9600, help="Modbus line rate (default 9600)")
+    drive.set_defaults(func=_cmd_sim_drive)
+
+
 def _add_meter_commands(sub: Any) -> Any:
     """``read``, ``scan``, ``decode`` and the ``sim`` group (returns the ``sim`` subparsers)."""
     read = sub.add_parser("read", help="read one meter now, JSON to stdout")
@@ -222,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim_sub = _add_meter_commands(sub)
     # Other simulators join the ``sim`` group here: sim_sub.add_parser("drive", ...).
-    del sim_sub
+    _add_drive_sim_command(sim_sub)
 
     return parser
 

@@ -112,7 +112,9 @@ def _mqtt_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
     if config.toml.mqtt is None:
         return []
     slice_ = MqttServiceConfig.build(config.toml.mqtt, config.device_id, config.topic_prefix)
-    return [MqttService(slice_, runtime.bus, runtime.outbox, runtime.commands, runtime.status)]
+    return [
+        MqttService(slice_, runtime.bus, runtime.outbox, runtime.commands, runtime.status, runtime.reconnect)
+    ]
 
 
 def _polling_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
@@ -158,6 +160,22 @@ def _config_port_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Se
     return build_config_port_services(config, runtime)
 
 
+def _drive_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+    """Servo drives: CANopen per [[can]], Modbus RTU through line leases (issue 7, dcud.service.drives)."""
+    if not config.toml.drive:
+        return []
+    from dcud.service.drives import build_drive_services
+
+    return build_drive_services(config, runtime)
+
+
+def _bridge_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+    """Transparent ports tm/tm2 and the EI client (issue 4, dcud.service.bridge)."""
+    from dcud.service.bridge import build_bridge_services
+
+    return build_bridge_services(config, runtime)
+
+
 SERVICE_BUILDERS: list[ServiceBuilder] = [
     _mqtt_services,
     build_line_services,
@@ -165,6 +183,8 @@ SERVICE_BUILDERS: list[ServiceBuilder] = [
     _alarm_and_time_services,
     _config_port_services,
     _push_services,
+    _drive_services,
+    _bridge_services,
 ]
 
 
@@ -232,12 +252,10 @@ async def run_daemon(config_path: Path, notifier: Notifier | None = None) -> Non
     except OutboxCorrupt:
         # Keep the damaged file for forensics and start a fresh outbox: a DCU that refuses to start
         # loses every future reading, which is worse. The event below tells the operations centre.
-        corrupt_moved = outbox.path.with_name(f"{outbox.path.name}.corrupt-{int(time.time())}")
-        log.error("outbox database unreadable; moved aside", path=str(outbox.path), moved_to=str(corrupt_moved))
-        for suffix in ("", "-wal", "-shm"):
-            source = Path(f"{outbox.path}{suffix}")
-            if source.exists():
-                source.rename(f"{corrupt_moved}{suffix}")
+        corrupt_moved = _move_aside(outbox.path)
+        log.error(
+            "outbox database unreadable; moved aside", path=str(outbox.path), moved_to=str(corrupt_moved)
+        )
         outbox = make_outbox(consumers_for(config))
         await outbox.open()
     runtime = Runtime(config.device_id, config.topic_prefix, EventBus(), outbox, CommandRouter())
@@ -266,7 +284,9 @@ async def run_daemon(config_path: Path, notifier: Notifier | None = None) -> Non
         event=runtime.event,
     )
     runtime.remote_config = reloader
-    register_param_commands(runtime.commands, reloader)
+    from dcud.service.ntp import clock_synced
+
+    register_param_commands(runtime.commands, reloader, lambda: clock_synced(runtime.bus) is True)
     supervisor = Supervisor(
         build_services(config, runtime),
         notifier,
@@ -312,6 +332,16 @@ async def run_daemon(config_path: Path, notifier: Notifier | None = None) -> Non
         log.info("stopped")
     if runtime.restart_reason is not None:
         raise RestartRequested(runtime.restart_reason)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a database and its WAL files to ``<name>.corrupt-<unix time>``; returns the new path."""
+    moved = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            source.rename(f"{moved}{suffix}")
+    return moved
 
 
 def _offer(queue: asyncio.Queue[OverflowReport], report: OverflowReport) -> None:

@@ -88,6 +88,20 @@ async def _watch(broker: Mosquitto, duration_s: float | None, stop: asyncio.Even
                 await task
 
 
+def _start_ftp(workdir: Path, stack: contextlib.ExitStack) -> tuple[str, Path] | None:
+    """A local FTP server for the data push: (datapush_host URL, local directory), or None."""
+    try:
+        import pyftpdlib  # noqa: F401  (a test dependency; the demo works without it)
+
+        from dcud.sim.ftp_server import start_ftp_server
+
+        ftp = start_ftp_server(workdir / "ftp")
+    except (ImportError, OSError, TimeoutError):
+        return None
+    stack.callback(ftp.stop)
+    return ftp.url("/push"), ftp.root / "push"
+
+
 def run_demo(duration_s: float | None = None, workdir: Path | None = None) -> int:
     """Run the demo; returns the process exit code."""
     with contextlib.ExitStack() as stack:
@@ -100,6 +114,10 @@ def run_demo(duration_s: float | None = None, workdir: Path | None = None) -> in
             print(f"dcud demo: {exc}", file=sys.stderr)
             return 1
         stack.callback(broker.stop)
+        push_wme = ""
+        ftp_root = _start_ftp(workdir, stack)
+        if ftp_root is not None:  # the FTP data push (issue 5), when pyftpdlib is installed
+            push_wme = f"datapush_host={ftp_root[0]}\ndatapush_prefix=DEMO\n"
         config = workdir / "dcud.toml"
         try:
             simulators = start_simulators(workdir)
@@ -111,8 +129,10 @@ def run_demo(duration_s: float | None = None, workdir: Path | None = None) -> in
             DEMO_TOML.format(device_id=DEVICE_ID, state_dir=workdir / "state", mqtt_url=broker.url)
             + site_toml(workdir)
         )
-        (workdir / "wme.conf").write_text(DEMO_WME)
+        (workdir / "wme.conf").write_text(DEMO_WME + push_wme)
         print(f"dcud demo: broker {broker.url}, files in {workdir}", flush=True)
+        if ftp_root is not None:
+            print(f"dcud demo: FTP data push every minute into {ftp_root[1]}", flush=True)
         print(f"dcud demo: watching dcu/{DEVICE_ID}/# (Ctrl-C stops)", flush=True)
         log_file = (workdir / "dcud.log").open("ab")
         stack.callback(log_file.close)

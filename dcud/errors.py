@@ -98,7 +98,7 @@ class ServiceFailed(DcudError):
         self.service = service
 
 
-class RestartRequested(DcudError):  # noqa: N818 (names are the contract)
+class RestartRequested(DcudError):
     """dcud stopped cleanly on purpose to be started again (daily restart): exit 75, which the
     systemd unit lists in ``RestartForceExitStatus=`` and ``SuccessExitStatus=``."""
 

@@ -9,7 +9,7 @@
 #              python3-venv, mosquitto, socat and curl from the Debian mirror. Registers the qemu
 #              aarch64 binfmt handler first when the kernel does not know it yet (flag F: works in
 #              the chroot without copying qemu into it).
-#   install    copies this checkout (dcud/, tests/, scripts/, pyproject.toml) to /src in the rootfs
+#   install    copies this checkout (dcud/, tests/, scripts/, config/, pyproject.toml; ../shared) to /src
 #              and runs `pip install /src` plus the test tools in a venv at /opt/dcud, inside the
 #              arm64 chroot: the aarch64 wheels of msgspec, uvloop, cryptography, cffi are used.
 #   test       the pure tests under qemu (codecs, vectors, property tests, WM-E parser, config,
@@ -33,7 +33,7 @@ PACKAGES="python3,python3-venv,python3-dev,gcc,libc6-dev,libffi-dev,mosquitto,so
 BINFMT_CONF="/usr/lib/binfmt.d/qemu-aarch64.conf"
 MARKER="$ROOT/.dcud-bootstrap-ok"
 
-log() { printf '== arm64: %s\n' "$*" >&2; }
+log() { printf '== arm64 [%4ss]: %s\n' "$SECONDS" "$*" >&2; }
 die() { printf 'arm64_check: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "needs root (debootstrap, chroot, mounts): sudo $0 $*"
@@ -66,6 +66,8 @@ mount_all() {
         fi
     done
     cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+    # pip in the chroot trusts what the host trusts (a proxy's CA on a CI network, say).
+    cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$ROOT/etc/ssl/certs/host-ca-certificates.crt"
 }
 
 umount_all() {
@@ -82,6 +84,7 @@ in_chroot() {
     timeout --kill-after=30 "$STAGE_TIMEOUT_S" chroot "$ROOT" /usr/bin/env -i \
         HOME=/root LANG=C.UTF-8 PATH=/opt/dcud/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
         PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 PYTHONDONTWRITEBYTECODE=1 \
+        PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt \
         /bin/bash -euo pipefail -c "$1"
 }
 
@@ -109,8 +112,13 @@ stage_install() {
     rm -rf "$ROOT/src"
     mkdir -p "$ROOT/src"
     tar -C "$REPO" --exclude='__pycache__' --exclude='*.egg-info' \
-        -cf - pyproject.toml dcud tests scripts $( [ -e "$REPO/README.md" ] && echo README.md ) \
+        -cf - pyproject.toml dcud tests scripts config $( [ -e "$REPO/README.md" ] && echo README.md ) \
         | tar -C "$ROOT/src" -xf -
+    # Some tests read the design's seed files next to the checkout (../shared), as in CI.
+    if [ -d "$REPO/../shared" ]; then
+        rm -rf "$ROOT/shared"
+        cp -r "$REPO/../shared" "$ROOT/shared"
+    fi
     if [ ! -e "$ROOT/src/README.md" ]; then
         # pyproject.toml names README.md as the long description; only the copy gets a stand-in.
         echo "dcud" >"$ROOT/src/README.md"

@@ -495,7 +495,10 @@ def test_numeric_value() -> None:
     assert numeric_value("0012345.678") == 12345.678
     assert numeric_value("-1.5") == -1.5
     assert numeric_value(".5") == 0.5
-    assert numeric_value("00000000") == 0.0
+    assert numeric_value("00000000", "kWh") == 0.0
+    assert numeric_value("00000000") == "00000000"  # a unitless id keeps its zeros
+    assert numeric_value("00012345") == "00012345"
+    assert numeric_value("12345") == 12345.0
     assert numeric_value("12 345") == 12345.0
     for text in ("", "170102192002W", "24-03-12 08:15", "4B38", "inf", "nan", "1e3", "1.2.3"):
         assert numeric_value(text) == text

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from meter_helpers import Events, SocatPair, supervised, wait_until
 
 from dcud.config.model import LineConfig
 from dcud.errors import LocalProtocolError, TransportError
@@ -23,8 +24,6 @@ from dcud.service.line import (
     LineServiceConfig,
 )
 from dcud.transport.serial import Framing, Rs485Settings, SerialPort
-
-from meter_helpers import Events, SocatPair, supervised, wait_until
 
 
 class PtyPeer:
@@ -144,7 +143,8 @@ async def test_priority_then_fifo(pty_line: tuple[Line, PtyPeer]) -> None:
     tasks = []
     for owner, kind in (("poll-1", "poll"), ("drive-1", "drive"), ("poll-2", "poll"), ("bridge-1", "bridge")):
         tasks.append(asyncio.create_task(take(owner, kind)))
-        await wait_until(lambda n=len(tasks): line.waiting == n, 5)
+        queued = len(tasks)
+        await wait_until(lambda: line.waiting == queued, 5)  # noqa: B023 (awaited right here)
     tasks.append(asyncio.create_task(take("cli-1", "cli")))
     await wait_until(lambda: line.waiting == 5, 5)
     release.set()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-
 from conftest import NotifySocket, start_daemon, write_site
+
 from dcud.config.model import MqttConfig
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import Supervisor, SupervisorOptions

@@ -11,9 +11,9 @@ from typing import Any
 
 import aiomqtt
 import pytest
-
 from conftest import NotifySocket, daemon_log, start_daemon, write_site
-from dcud.sim.peers import Mosquitto, start_mosquitto
+
+from dcud.sim.peers import Mosquitto
 
 pytestmark = pytest.mark.slow
 PREFIX = "dcu/dcu-test"
@@ -54,7 +54,7 @@ async def test_status_online_offline_and_lwt(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0, daemon_log(config)
         await wait_status(broker.port, "offline")
-        # kill -9: the broker publishes the LWT (retained offline) once the keepalive lapses or the socket closes.
+        # kill -9: the broker publishes the retained LWT (offline) once the socket closes.
         proc = start_daemon(config, notify_socket)
         await wait_status(broker.port, "online")
         proc.kill()

@@ -3,7 +3,6 @@ bridge, a line that vanishes and comes back, cmd/read and cmd/scan, sequence num
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import math
@@ -99,7 +98,9 @@ async def test_readings_are_aligned_and_carry_the_meters_values(tmp_path: Path) 
     lines = [SimLineSpec("mbus", "mbus", [heat]), SimLineSpec("iec", "iec62056-21", [flat])]
     meters = [mbus_meter("heat-5", "5"), iec_meter("flat-12", "12345678")]
     async with site(tmp_path, lines, meters, clock={"synced": False}) as s:
-        await wait_until(lambda: len(s.outbox.readings("heat-5")) >= 2 and len(s.outbox.readings("flat-12")) >= 2, 30)
+        await wait_until(
+            lambda: len(s.outbox.readings("heat-5")) >= 2 and len(s.outbox.readings("flat-12")) >= 2, 30
+        )
         state = s.bus.states["meter/heat-5"]
         assert s.bus.states["line/mbus"]["state"] == "open"
     first, second = s.outbox.readings("heat-5")[:2]
@@ -111,7 +112,9 @@ async def test_readings_are_aligned_and_carry_the_meters_values(tmp_path: Path) 
         epoch = int(slot[17:19])  # seconds field of the aligned slot
         assert epoch % INTERVAL_S == 0
     expected = mbus_expected_values(heat)
-    assert [(v["value"], v["unit"]) for v in first["values"][: len(expected)]] == [pytest.approx(e) for e in expected]
+    assert [(v["value"], v["unit"]) for v in first["values"][: len(expected)]] == [
+        pytest.approx(e) for e in expected
+    ]
     assert first["device"]["id"] == "10000005"
     frame = decode_frame(base64.b64decode(first["frames"][0]))
     assert frame.is_rsp_ud and frame.address == 5
@@ -173,7 +176,9 @@ async def test_line_vanishes_and_comes_back_polling_resumes(tmp_path: Path) -> N
     pair.start()
     try:
         lines = [SimLineSpec("mbus", "mbus", [SimMeterSpec("8")], device=str(tmp_path / "far"))]
-        async with site(tmp_path, lines, [mbus_meter("m8", "8")], devices={"mbus": str(tmp_path / "dev")}) as s:
+        async with site(
+            tmp_path, lines, [mbus_meter("m8", "8")], devices={"mbus": str(tmp_path / "dev")}
+        ) as s:
             await wait_until(lambda: len(s.outbox.readings("m8")) >= 1, 20)
             pair.kill()
             await wait_until(lambda: "line_down" in s.events.types(), 20)
@@ -201,7 +206,9 @@ async def test_cmd_read_and_cmd_scan(tmp_path: Path) -> None:
         await wait_until(lambda: len(s.outbox.readings("w2")) == 1, 10)  # committed like any reading
         bad = await s.commands.dispatch("read", b'{"meter": "nope"}')
         assert not bad["ok"]
-        started = await s.commands.dispatch("scan", b'{"line": "mbus", "mode": "primary", "first": 0, "last": 3}')
+        started = await s.commands.dispatch(
+            "scan", b'{"line": "mbus", "mode": "primary", "first": 0, "last": 3}'
+        )
         assert started["ok"] and started["result"]["state"] == "line/mbus/scan"
         await wait_until(lambda: s.bus.states.get("line/mbus/scan", {}).get("state") == "done", 30)
         found = s.bus.states["line/mbus/scan"]["found"]
@@ -222,3 +229,19 @@ def test_slots_are_aligned_to_the_wall_clock() -> None:
     assert first_slot_s(1000.0, 900) == 1800.0
     assert first_slot_s(1800.0, 900) == 2700.0
     assert math.isclose(first_slot_s(59.9, 15), 60.0)
+
+
+async def test_an_overloaded_line_reads_every_meter_late_rather_than_starving_some(tmp_path: Path) -> None:
+    # Eight meters take about 2.2 s per pass; their interval is 1 s.
+    specs = [SimMeterSpec(str(a)) for a in range(1, 9)]
+    meters = [
+        MeterConfig(name=f"m{a}", line="mbus", protocol="mbus", address=str(a), interval_s=1)
+        for a in range(1, 9)
+    ]
+    async with site(tmp_path, [SimLineSpec("mbus", "mbus", specs)], meters) as s:
+        await wait_until(lambda: all(len(s.outbox.readings(f"m{a}")) >= 2 for a in range(1, 9)), 30)
+        missed = sum(h.missed for h in s.polling.meters.values())
+    assert missed > 0
+    for a in range(1, 9):
+        slots = [r["slot"] for r in s.outbox.readings(f"m{a}")]
+        assert len(slots) == len(set(slots))  # one reading per slot at most

@@ -8,14 +8,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-import gen_params_table  # noqa: E402
+import gen_params_table
 
 
 def test_readme_parameter_table_is_generated_from_the_catalogue() -> None:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     start = text.index(gen_params_table.BEGIN)
     end = text.index(gen_params_table.END) + len(gen_params_table.END)
-    assert text[start:end] == gen_params_table.render_compact(), "run scripts/gen_params_table.py --readme README.md"
+    assert text[start:end] == gen_params_table.render_compact(), (
+        "run scripts/gen_params_table.py --readme README.md"
+    )
 
 
 def test_full_parameter_table_is_current() -> None:

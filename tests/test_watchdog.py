@@ -80,7 +80,10 @@ def _in_own_netns(script: str, lo_up: bool) -> subprocess.CompletedProcess[str]:
     )
 
 
-PROBE = "import asyncio; from dcud.service.watchdog import icmp_probe; print(asyncio.run(icmp_probe('127.0.0.1', 1.0)))"
+PROBE = (
+    "import asyncio; from dcud.service.watchdog import icmp_probe; "
+    "print(asyncio.run(icmp_probe('127.0.0.1', 1.0)))"
+)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating a network namespace needs root (CI runs as root)")
@@ -184,6 +187,11 @@ async def test_daily_restart_is_requested_at_the_time_and_waits_for_power(tmp_pa
     )
     ctx = ServiceContext("watchdog", 30.0, lambda: None)
     task = asyncio.create_task(service._restarter(ctx))
+    for _ in range(100):
+        if service.restart_at_s is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert service.restart_at_s == dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC).timestamp()
     wall[0] += 2  # 03:00:01, power lost: wait
     await asyncio.sleep(1.5)
     assert requests == [] and not task.done()
@@ -226,3 +234,43 @@ def test_daily_restart_exits_75_cleanly(tmp_path: Path, notify_socket: NotifySoc
 def test_systemd_unit_restarts_on_75() -> None:
     unit = (REPO / "systemd" / "dcud.service").read_text()
     assert "RestartForceExitStatus=75" in unit and "SuccessExitStatus=75" in unit
+
+
+async def test_mqtt_uplink_reconnects_when_the_watchdog_asks(tmp_path: Path, broker: Any) -> None:
+    from dcud.config.model import MqttConfig
+    from dcud.service.commands import CommandRouter
+    from dcud.service.mqtt import MqttService, MqttServiceConfig
+    from dcud.service.outbox import Outbox, OutboxLimits
+
+    outbox = Outbox(tmp_path / "outbox.sqlite", OutboxLimits(), consumers=["mqtt"], device_id="dcu-test")
+    await outbox.open()
+    reconnect = UplinkReconnect()
+    cfg = MqttServiceConfig.build(MqttConfig(url=broker.url, reconnect_max_s=2), "dcu-test", "dcu/dcu-test")
+    service = MqttService(cfg, EventBus(), outbox, CommandRouter(), lambda: {"state": "online"}, reconnect)
+    ctx = ServiceContext("mqtt", 30.0, lambda: None)
+    task = asyncio.create_task(service.run(ctx))
+
+    async def until(connected: bool) -> None:
+        for _ in range(3000):  # bounded: 15 s
+            if service.connected is connected:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"connected stayed {service.connected}")
+
+    async def serving() -> None:  # connected and past the set-up: the reconnect watcher runs
+        for _ in range(3000):
+            if any(t.get_name() == "dcud[mqtt:reconnect]" for t in asyncio.all_tasks()):
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError("the MQTT service never got to serve")
+
+    try:
+        await until(True)
+        await serving()
+        reconnect.request("uplink unreachable")
+        await until(False)
+        await until(True)
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 15)
+        await outbox.close()

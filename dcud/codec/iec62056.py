@@ -741,12 +741,19 @@ def normalize_unit(unit: str | None) -> str | None:
     return _UNITS.get(unit.lower(), unit)
 
 
-def numeric_value(value: str) -> float | str:
-    """The value as a float when it is a plain decimal number (spaces ignored), else the string."""
+def numeric_value(value: str, unit: str | None = None) -> float | str:
+    """The value as a float when it is a plain decimal number (spaces ignored), else the string.
+
+    A unitless whole number with a leading zero (``0.0.0(00012345)``: serial numbers, ids) stays a
+    string, because its zeros are part of the identifier; a measurement with a unit or a decimal
+    point (``0012345.6*kWh``) is a number.
+    """
     compact = value.replace(" ", "")
-    if _NUMBER_RE.fullmatch(compact):
-        return float(compact)
-    return value
+    if not _NUMBER_RE.fullmatch(compact):
+        return value
+    if unit is None and len(compact) > 1 and compact[0] == "0" and compact.isdigit():
+        return value
+    return float(compact)
 
 
 def dataset_values(datasets: Sequence[DataSet]) -> list[dict[str, str | float | None]]:
@@ -757,7 +764,7 @@ def dataset_values(datasets: Sequence[DataSet]) -> list[dict[str, str | float | 
             out.append(
                 {
                     "id": ds.address,
-                    "value": numeric_value(value),
+                    "value": numeric_value(value, unit),
                     "unit": normalize_unit(unit),
                     "raw": value if unit is None else f"{value}*{unit}",
                 }
@@ -898,18 +905,26 @@ class IecReceiver:
             return parse_request(line)
         return parse_identification(line)
 
+    def _too_long(self, what: str) -> RemoteProtocolError:
+        # Drop exactly the first max_message_bytes + 1 bytes, whatever arrived after them: the same
+        # bytes are dropped however the stream was chunked (found by tests/fuzz).
+        size = self.max_message_bytes + 1
+        del self._buf[:size]
+        self.discarded_bytes += size
+        self._scan = 0
+        return RemoteProtocolError(f"{what} longer than {self.max_message_bytes} bytes")
+
     def _next_block(self, first: int) -> Message | None:
         buf = self._buf
         m = _END_RE.search(buf, max(self._scan, 1))
         if m is None:
             if len(buf) > self.max_message_bytes:
-                size = len(buf)
-                self.clear()
-                self.discarded_bytes += size
-                raise RemoteProtocolError(f"message longer than {self.max_message_bytes} bytes")
+                raise self._too_long("message")
             self._scan = len(buf)
             return None
         end = m.start()
+        if end > self.max_message_bytes:
+            raise self._too_long("message")
         size = end + 1 if self.bcc_mode == "none" else end + 2
         if len(buf) < size:
             self._scan = end
@@ -924,16 +939,16 @@ class IecReceiver:
         bang = buf.find(b"!", max(self._scan, 1))
         if bang < 0:
             if len(buf) > self.max_message_bytes:
-                size = len(buf)
-                self.clear()
-                self.discarded_bytes += size
-                raise RemoteProtocolError(f"telegram longer than {self.max_message_bytes} bytes")
+                raise self._too_long("telegram")
             self._scan = len(buf)
             return None
+        if bang > self.max_message_bytes:
+            raise self._too_long("telegram")
         self._scan = bang
         lf = buf.find(b"\n", bang)
+        # The same bound whether or not the LF has arrived yet (found by tests/fuzz).
+        if (lf < 0 and len(buf) - bang > 16) or lf - bang > 16:
+            raise self._drop_start("P1 CRC line too long")
         if lf < 0:
-            if len(buf) - bang > 16:
-                raise self._drop_start("P1 CRC line too long")
             return None
         return parse_p1_telegram(self._take(lf + 1))

@@ -308,12 +308,14 @@ def _describe_bad(raw: bytes) -> str:
             return "short frame without stop byte 16"
         return "short frame checksum mismatch"
     if first == START_LONG:
-        if raw[3] != START_LONG:
-            return "long frame without second start byte 68"
-        if raw[1] != raw[2]:
-            return "long frame length fields differ"
-        if raw[1] < 3:
+        # Same order and bounds as _try_frame: a header shorter than 4 bytes is refused early there
+        # (found by tests/fuzz: b"\x68\xe5\x10" used to raise IndexError here).
+        if len(raw) >= 2 and raw[1] < 3:
             return f"long frame length {raw[1]} below 3"
+        if len(raw) >= 3 and raw[1] != raw[2]:
+            return "long frame length fields differ"
+        if len(raw) >= 4 and raw[3] != START_LONG:
+            return "long frame without second start byte 68"
         end = raw[1] + 6
         if raw[end - 1] != STOP:
             return "long frame without stop byte 16"

@@ -408,6 +408,8 @@ def decode_bcd(data: bytes) -> int | str:
     """Decode BCD (LSB byte first). ``F`` as most significant digit means negative; any other
     non-decimal digit makes the field an error marker, returned as its hex digit string."""
     digits = _bcd_digits(data)
+    if not digits:  # a zero-length field (LVAR C0h/D0h): found by tests/fuzz
+        return 0
     if digits.isdigit():
         return int(digits)
     if digits[0] == "F" and digits[1:].isdigit():

@@ -193,13 +193,6 @@ class NtpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Failed or rejected queries in a row before the clock is reported unsynchronised."""
 
 
-class EventPushConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Event push transport options (the WM-E ``eventpush_addr`` is a host without a port)."""
-
-    port: Port = 9003
-    """UDP port of the event push receiver at ``eventpush_addr``."""
-
-
 class WatchdogConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Connectivity watchdog and daily restart options beyond the WM-E parameters."""
 
@@ -248,6 +241,50 @@ class ConfigPortConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=T
     """Encrypted uploads: accepted timestamp window (crypto_envelope.ReplayGuard)."""
 
 
+class TransparentConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Transparent ports and EI client: session policy beyond the WM-E parameters (docs/bridge.md)."""
+
+    listen: Annotated[str, msgspec.Meta(pattern=r"^(auto|loopback|any|[0-9A-Fa-f:.]{2,45})$")] = "auto"
+    """auto: every interface when the port serves TLS (tm.tls_enable=1), else 127.0.0.1; loopback; any; IP."""
+    allow: list[Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Fa-f:.]{2,45}(/[0-9]{1,3})?$")]] = msgspec.field(
+        default_factory=list
+    )
+    """Source addresses/networks (CIDR) allowed to connect; empty: any. Others are dropped before TLS."""
+    second_client: Literal["takeover", "refuse"] = "takeover"
+    """A new client while a session runs: end the old one (takeover) or send ``busy_message`` and close."""
+    busy_message: Annotated[str, msgspec.Meta(max_length=200)] = "BUSY transparent port in use\r\n"
+    idle_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 300.0
+    """A session without a byte either way for this long is closed (0 = never)."""
+    lease_idle_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    """An idle session gives the line to waiting scheduled readouts after this; it takes it back on data."""
+    lease_max_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 900.0
+    """A session that held the line this long while readouts wait is ended (0 = never)."""
+    lease_wait_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 120.0
+    """A session that cannot get its line within this is closed (line down or busy)."""
+    keepalive_idle_s: Annotated[int, msgspec.Meta(ge=1, le=7200)] = 60
+    keepalive_interval_s: Annotated[int, msgspec.Meta(ge=1, le=600)] = 10
+    keepalive_count: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    unsent_timeout_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
+    """Dead-peer bound on unsent data: unacknowledged (TCP_USER_TIMEOUT) or unread by the client this long."""
+    handshake_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    max_pending: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    """Connections in TLS handshake or being admitted at once; more are dropped at once (counted)."""
+    iec_aware: bool = True
+    """Follow IEC 62056-21 mode C/E baud (and framing) switches of the client's sign-on."""
+    iec_inactivity_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 120.0
+    """Programming/HDLC sessions without traffic this long: the meter is back at its initial speed."""
+    rfc2217: bool = False
+    """The tm ports speak Telnet RFC 2217 (the client sets rate and framing) instead of raw TCP."""
+    trace_file: str = ""
+    """Hex trace of every session, ``{port}`` replaced by tm/tm2/ei; relative to state_dir; empty: off."""
+    trace_max_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 30)] = 16 * 1024 * 1024
+    """A trace file is rotated to ``.1`` at this size (two files at most)."""
+    ei_login_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    ei_reconnect_max_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 300.0
+    ei_tls: bool = False
+    """The EI client connects with TLS (server verified against bank ``tm.ca_cert`` per ``tm.verify``)."""
+
+
 class DcudToml(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The whole ``dcud.toml`` file."""
 
@@ -267,6 +304,6 @@ class DcudToml(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     snmp: SnmpConfig = msgspec.field(default_factory=SnmpConfig)
     ntp: NtpConfig = msgspec.field(default_factory=NtpConfig)
     watchdog: WatchdogConfig = msgspec.field(default_factory=WatchdogConfig)
-    eventpush: EventPushConfig = msgspec.field(default_factory=EventPushConfig)
     datapush: DataPushConfig = msgspec.field(default_factory=DataPushConfig)
     config_port: ConfigPortConfig = msgspec.field(default_factory=ConfigPortConfig)
+    transparent: TransparentConfig = msgspec.field(default_factory=TransparentConfig)

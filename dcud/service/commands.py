@@ -60,6 +60,17 @@ class CommandRouter:
             return {"id": request_id, "ok": False, "error": {"type": kind, "message": str(exc)}}
         return {"id": request_id, "ok": True, "result": dict(result)}
 
+    def busy_reply(self, payload: bytes, why: str) -> dict[str, Any]:
+        """The reply to a request refused before it ran (too many commands in progress)."""
+        request_id: Any = None
+        try:
+            request = json.loads(payload) if len(payload) <= MAX_REQUEST_BYTES else None
+            if isinstance(request, dict):
+                request_id = request.get("id")
+        except ValueError:
+            pass
+        return {"id": request_id, "ok": False, "error": {"type": "Busy", "message": why}}
+
 
 class CommandError(DcudError):
     """A request that cannot be served as asked (unknown verb, bad arguments, refused by policy)."""

@@ -87,7 +87,14 @@ from dcud.service.firmware import (
     check_name,
     check_sha256,
 )
-from dcud.service.remote_config import ApplyResult, ReloadBusyError, Via, issues_json, mask_parameter_text
+from dcud.service.remote_config import (
+    ApplyResult,
+    ParameterWriteError,
+    ReloadBusyError,
+    Via,
+    issues_json,
+    mask_parameter_text,
+)
 
 if TYPE_CHECKING:
     from dcud.app import Runtime
@@ -478,6 +485,11 @@ class ConfigPortService:
                 self.counters.auth_failures += 1
             body, content_type = _error_body(exc.reason), "application/json"
             log.warning("envelope refused", peer=peer, reason=exc.reason)
+        except (ConnectionError, TimeoutError):
+            raise
+        except Exception as exc:  # a bug: answer it, log it, keep serving
+            log.error("request failed", peer=peer, error=repr(exc))
+            status, body, content_type = 500, _error_body("internal error"), "application/json"
         self.counters.count(status)
         if request is not None and request.nonce is not None and self._keys is not None:
             body = seal(self._keys, body, response_context(status, request.nonce), kind=KIND_RESPONSE)
@@ -616,6 +628,8 @@ class ConfigPortService:
             return 422, _json({"ok": False, "errors": issues_json(exc.issues)}), "application/json"
         except ReloadBusyError as exc:
             raise HttpError(503, str(exc)) from None
+        except ParameterWriteError as exc:
+            raise HttpError(500, str(exc)) from None
         finally:
             if task is not None:
                 self._applying.discard(task)
@@ -694,6 +708,9 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 
 def _parse_request(head: h11.Request, peer: str) -> _Request:
+    # h11 bounds only a head that arrives in pieces; one that arrives whole is bounded here.
+    if len(head.target) + sum(len(k) + len(v) + 4 for k, v in head.headers) > MAX_HEAD_BYTES:
+        raise HttpError(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
     method = head.method.decode("ascii", errors="replace").upper()
     target = head.target.decode("latin-1")
     parts = urllib.parse.urlsplit(target)

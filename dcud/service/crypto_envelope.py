@@ -306,6 +306,7 @@ class ReplayGuard:
         self.floor_s = -1
         self._nonces: dict[bytes, int] = {}
         self.refused = 0
+        self.accepted = 0
         if state_path is not None:
             self._load(state_path)
 
@@ -345,6 +346,7 @@ class ReplayGuard:
             self.refused += 1
             raise ReplayedEnvelopeError(problem)
         self._nonces[nonce] = timestamp_s
+        self.accepted += 1
         newest = timestamp_s if not trusted else min(timestamp_s, int(now_s + self.window_s))
         self.high_water_s = max(self.high_water_s, newest)
         self._prune()
@@ -408,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data = sys.stdin.buffer.read()
     if args.action == "nonce":  # the nonce of a sealed request, to open its response with
-        print(parse_header(data).nonce.hex())
+        sys.stdout.buffer.write(parse_header(data).nonce.hex().encode() + b"\n")
         return 0
     keys = _read_key(args)
     kind = KIND_RESPONSE if args.response else KIND_REQUEST

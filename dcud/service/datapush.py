@@ -155,36 +155,47 @@ def parse_push_target(url: str) -> PushTarget:
 # ----------------------------------------------------------------------------------------- schedule
 
 
+def _offset_s(epoch_s: float, zone: dt.tzinfo) -> float:
+    offset = dt.datetime.fromtimestamp(epoch_s, tz=dt.UTC).astimezone(zone).utcoffset()
+    return offset.total_seconds() if offset is not None else 0.0
+
+
 def next_boundary_s(now_s: float, period_s: float, zone: dt.tzinfo) -> float:
     """The first cycle boundary strictly after ``now_s`` (Unix seconds) for one period.
 
-    Periods of a minute or more are aligned to the local wall clock of ``zone``: boundaries are local
-    midnight plus multiples of the period, restarting every local day (so a period that does not divide
-    a day still starts at midnight). In the repeated autumn hour the first occurrence counts; a local
-    time inside the spring gap maps to the instant after the gap. Shorter periods (test overrides) align
-    on UTC epoch multiples.
+    Boundaries of periods of a minute or more are the instants whose local wall-clock time in ``zone``
+    is a multiple of the period (for the WM-E periods: local midnight plus multiples). Around a DST
+    switch they follow real time: in spring the first boundary after the gap is the switch itself (02:00
+    does not exist; 03:00 is the next hour), in autumn the repeated hour has its boundaries twice, so a
+    cycle still comes once per period of real time. Shorter periods (test overrides) align on UTC epoch
+    multiples.
     """
     if period_s <= 0:
         raise ValueError(f"period must be positive, got {period_s}")
     if period_s < 60:
         return (math.floor(now_s / period_s) + 1) * period_s
-    local = dt.datetime.fromtimestamp(now_s, tz=dt.UTC).astimezone(zone)
-    wall_since_midnight = local.hour * 3600 + local.minute * 60 + local.second + local.microsecond / 1e6
-    index = math.floor(wall_since_midnight / period_s) + 1
-    for day_offset in range(3):  # the next boundary is at the latest tomorrow's midnight; 3 covers DST
-        day = local.date() + dt.timedelta(days=day_offset)
-        midnight = dt.datetime.combine(day, dt.time(0), tzinfo=zone)
-        for _ in range(4):  # a candidate may land before now only around a DST switch
-            offset_s = index * period_s
-            if offset_s >= _DAY_S:
+    t = now_s
+    offset = _offset_s(t, zone)
+    candidate = (math.floor((t + offset) / period_s) + 1) * period_s - offset
+    for _ in range(4):  # one offset change per candidate interval at most, in practice
+        new_offset = _offset_s(candidate, zone)
+        if new_offset == offset:
+            return candidate
+        # The offset changes in (lo, hi]; zone switches fall on whole seconds: find that second.
+        lo, hi = math.floor(t), math.ceil(candidate)
+        for _ in range(64):
+            if hi - lo <= 1:
                 break
-            wall = midnight + dt.timedelta(seconds=offset_s)  # aware arithmetic: wall-clock time
-            candidate = wall.astimezone(dt.UTC).timestamp()
-            if candidate > now_s:
-                return candidate
-            index += 1
-        index = 0
-    return now_s + period_s  # unreachable for sane zones; never schedule in the past
+            mid = (lo + hi) // 2
+            if _offset_s(mid, zone) == offset:
+                lo = mid
+            else:
+                hi = mid
+        t, offset = float(hi), _offset_s(hi, zone)
+        candidate = max(math.ceil((t + offset) / period_s) * period_s - offset, now_s)
+        if candidate <= now_s:
+            candidate += period_s
+    return candidate
 
 
 @dataclass(frozen=True)
@@ -521,12 +532,13 @@ class DataPushService:
         number = machine.begin(started)
         self._publish()
         batch = self._batch
-        items: list[OutboxItem] = []
+        # The take is local and outside the timeout: a take cancelled half-way would leave items in
+        # flight that nobody gives back.
+        items = await self._outbox.take(self.consumer, batch, kinds=READING_KINDS)
         details: dict[str, Any] = {}
         try:
-            async with asyncio.timeout(self.config.policy.timeout_s):
-                items = await self._outbox.take(self.consumer, batch, kinds=READING_KINDS)
-                if items:
+            if items:
+                async with asyncio.timeout(self.config.policy.timeout_s):
                     details = await self._uploader.deliver(items, started)
         except (PushError, OSError, TimeoutError) as exc:
             error = _describe(exc, self.config.policy.timeout_s)

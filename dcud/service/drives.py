@@ -10,7 +10,8 @@ Per drive, the master:
 
 - tracks NMT state from heartbeat and boot-up, starts the node (NMT start) once it is configured, and
   reconfigures it after a boot-up, a heartbeat loss or a bus reopen;
-- consumes heartbeat with a timeout of 1.5 x the producer time (1017) or ``heartbeat_timeout_s``;
+- consumes heartbeat with a timeout of 1.5 x the producer time (1017), at least the period + 200 ms, or
+  ``heartbeat_timeout_s``;
 - reads the TPDO mapping (1800+/1A00+) from the drive unless ``[[drive.tpdo]]`` configures it, and decodes
   statusword, position, velocity, error code and mode display from TPDOs; what no TPDO carries is read by
   SDO every ``poll_interval_s``;
@@ -76,7 +77,10 @@ DEFAULT_SDO_TIMEOUT_S = 1.0
 STEP_TIMEOUT_S = 3.0
 """How long one CiA 402 transition may take before a command gives up."""
 HEARTBEAT_FACTOR = 1.5
+HEARTBEAT_MARGIN_S = 0.2
 EVENT_QUEUE_SIZE = 64
+FAULT_CODE_WAIT_S = 1.0
+"""How long a fault event waits for the fault's code (EMCY, TPDO, 603F) before going out without it."""
 DRIVE_ERRORS: tuple[type[BaseException], ...] = (
     PeerTimeout,
     NegativeResponse,
@@ -90,6 +94,10 @@ class DriveStateError(CommandError):
     """The command is not allowed in the drive's present state; the message says why."""
 
 
+class NodeRebootedError(TransportError):
+    """The node booted while we talked to it; whatever was in flight is void."""
+
+
 class DriveUnavailableError(CommandError):
     """No such drive is running (unknown name, service restarting, or commands disabled)."""
 
@@ -98,6 +106,16 @@ EventSink = Callable[..., Awaitable[None]]
 """``Runtime.event(event_type, text, **fields)``."""
 HistorySink = Callable[[str, str, bytes], Awaitable[object]]
 """``Outbox.put(kind, subtopic, payload)``."""
+
+
+def heartbeat_timeout_s(producer_time_ms: int) -> float:
+    """Consumer timeout for a producer time: 1.5 x, but at least 200 ms more than the period.
+
+    The margin keeps a loaded DCU (or a drive whose producer jitters) from reporting false losses at
+    short producer times; at 1 s and above the factor dominates.
+    """
+    period_s = producer_time_ms / 1000.0
+    return round(max(period_s * HEARTBEAT_FACTOR, period_s + HEARTBEAT_MARGIN_S), 3)
 
 
 def rfc3339(epoch_s: float | None = None) -> str:
@@ -205,6 +223,7 @@ class DriveBase:
         self.last_update_s = 0.0
         self.counters: dict[str, int] = {}
         self._fault_reported = False
+        self.fault_pending_since_s: float | None = None
         self._last_publish_s = 0.0
         self._publish_timer: asyncio.TimerHandle | None = None
         self._state_changed = asyncio.Event()
@@ -316,28 +335,37 @@ class DriveBase:
         self.log.info("CiA 402 state", state=str(new) if new else None, previous=str(old) if old else None)
         faulty = new in (DriveState.FAULT, DriveState.FAULT_REACTION_ACTIVE)
         if faulty and not self._fault_reported:
-            self._fault_reported = True
-            code = self.error_code
-            text = f"drive {self.name} in fault" + (f": 0x{code:04X} {emcy_text(code)}" if code else "")
-            self.emit("drive_fault", text, code=code, source="statusword")
-        elif not faulty and self._fault_reported and new is not None:
-            self._fault_reported = False
-            self.emit("drive_fault_cleared", f"drive {self.name} left fault ({new})", state=str(new))
+            if self.error_code:
+                self._emit_fault(self.error_code, None, "statusword")
+            elif self.fault_pending_since_s is None:
+                # The code comes with the EMCY, the next TPDO or an SDO read of 603F: wait for it
+                # (at most FAULT_CODE_WAIT_S, see flush_pending_fault) so the event carries it.
+                self.fault_pending_since_s = time.monotonic()
+        elif not faulty and new is not None:
+            self.fault_pending_since_s = None
+            if self._fault_reported:
+                self._fault_reported = False
+                self.emit("drive_fault_cleared", f"drive {self.name} left fault ({new})", state=str(new))
 
-    def report_emcy(self, code: int, register: int) -> None:
-        """An emergency (or a fault code read from the drive): event once per fault episode."""
-        if code == 0:
-            return
-        if not self._fault_reported:
-            self._fault_reported = True
-            self.emit(
-                "drive_fault",
-                f"drive {self.name}: 0x{code:04X} {emcy_text(code)}",
-                code=code,
-                register=register,
-                register_flags=error_register_flags(register),
-                source="emcy",
-            )
+    def _emit_fault(self, code: int | None, register: int | None, source: str) -> None:
+        self._fault_reported = True
+        self.fault_pending_since_s = None
+        text = f"drive {self.name} in fault" + (f": 0x{code:04X} {emcy_text(code)}" if code else "")
+        fields: dict[str, Any] = {"code": code, "source": source}
+        if register is not None:
+            fields.update(register=register, register_flags=error_register_flags(register))
+        self.emit("drive_fault", text, **fields)
+
+    def report_emcy(self, code: int, register: int | None) -> None:
+        """An emergency or a fault code read from the drive: one ``drive_fault`` event per fault episode."""
+        if code and not self._fault_reported:
+            self._emit_fault(code, register, "emcy" if register is not None else "error_code")
+
+    def flush_pending_fault(self, now: float) -> None:
+        """The fault's code did not come within FAULT_CODE_WAIT_S: raise the event without it."""
+        since = self.fault_pending_since_s
+        if since is not None and not self._fault_reported and now - since >= FAULT_CODE_WAIT_S:
+            self._emit_fault(self.error_code or None, None, "statusword")
 
     async def wait_state_change(self, timeout_s: float) -> None:
         """Wait until the state changes (or ``timeout_s``)."""
@@ -596,6 +624,7 @@ class CanopenDrive(DriveBase):
         significant = False
         if self.heartbeat != "ok":
             if self.heartbeat == "lost":
+                self._wake.set()
                 self.log.info("heartbeat restored", nmt=str(state))
                 self.emit(
                     "drive_heartbeat_restored", f"drive {self.name}: heartbeat back ({state})", nmt=str(state)
@@ -609,6 +638,12 @@ class CanopenDrive(DriveBase):
         if state is co.NmtState.BOOT_UP:
             self.count("boot_ups")
             self.log.info("boot-up")
+            waiter = self._sdo_waiter
+            if waiter is not None and not waiter.done():
+                # The node's SDO server restarted: the transfer in flight will never be answered.
+                waiter.set_exception(
+                    NodeRebootedError(f"drive {self.name}: node rebooted during an SDO transfer")
+                )
             self.emit(
                 "drive_boot_up", f"drive {self.name} (node {self.node_id}) booted", node_id=self.node_id
             )
@@ -635,7 +670,8 @@ class CanopenDrive(DriveBase):
             return
         self.count("emcy")
         self.last_emcy = {"code": emcy.code, "text": emcy.text, "register": emcy.register, "ts": rfc3339()}
-        self.log.warning("EMCY", code=f"0x{emcy.code:04X}", text=emcy.text, register=emcy.register)
+        level = self.log.info if emcy.is_reset else self.log.warning
+        level("EMCY", code=f"0x{emcy.code:04X}", text=emcy.text, register=emcy.register)
         if not emcy.is_reset:
             self.error_code = emcy.code
             self.report_emcy(emcy.code, emcy.register)
@@ -680,7 +716,7 @@ class CanopenDrive(DriveBase):
                 if value != self.error_code:
                     self.error_code = value
                     if value:
-                        self.report_emcy(value, 0)
+                        self.report_emcy(value, None)
                     significant = True
             elif getattr(self, slot) != value:
                 setattr(self, slot, value)
@@ -697,6 +733,7 @@ class CanopenDrive(DriveBase):
         """NMT, heartbeat and EMCY members of the state document."""
         return {
             "nmt": str(self.nmt) if self.nmt is not None else "unknown",
+            "configured": not self.needs_setup,
             "heartbeat": self.heartbeat,
             "heartbeat_timeout_s": self.heartbeat_timeout_s,
             "last_emcy": self.last_emcy,
@@ -728,9 +765,9 @@ class CanopenDrive(DriveBase):
             for _ in range(co.MAX_SDO_BYTES // 7 + 2):
                 waiter: asyncio.Future[co.SdoDone | co.SdoSend] = loop.create_future()
                 self._sdo_waiter = waiter
+                # Read before sending: the answer may arrive (and end the transfer) while we send.
+                deadline = self.sdo.deadline_s or time.monotonic()
                 await self._send(frame)
-                deadline = self.sdo.deadline_s
-                assert deadline is not None
                 try:
                     # Deadlines are on time.monotonic(), the clock frames are stamped with.
                     async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -784,20 +821,33 @@ class CanopenDrive(DriveBase):
             self._wake.set()
 
     async def manage(self, stopping: asyncio.Event) -> None:
-        """Configure, start and watch the node until ``stopping``."""
+        """Configure, start and poll the node until ``stopping`` (heartbeat: :meth:`watch_heartbeat`)."""
         backoff = Backoff(0.5, 10.0)
         while not stopping.is_set():
             now = time.monotonic()
-            if self.port.is_open and self.needs_setup:
+            # A node whose heartbeat was lost is not probed: its next heartbeat or boot-up wakes us.
+            if self.port.is_open and self.needs_setup and self.heartbeat != "lost":
                 try:
                     await self._setup()
                     backoff.reset()
                     self._last_problem = ""
+                except NodeRebootedError:
+                    continue  # set up again at once, now that it listens
                 except DRIVE_ERRORS as exc:
                     self._problem(exc)
                     await self._sleep(stopping, backoff.next_delay_s())
                     continue
-            self._check_heartbeat(time.monotonic())
+            if (
+                self.fault_pending_since_s is not None
+                and "error_code" not in self._mapped
+                and not self.needs_setup
+            ):
+                with contextlib.suppress(*DRIVE_ERRORS):
+                    code = int(await self.read_typed(0x603F, 0, co.DataType.U16))
+                    self.error_code = code
+                    self.report_emcy(code, None)
+                    self.changed(True)
+            self.flush_pending_fault(time.monotonic())
             if (
                 self.port.is_open
                 and not self.needs_setup
@@ -808,34 +858,41 @@ class CanopenDrive(DriveBase):
                     await self._poll()
                 except DRIVE_ERRORS as exc:
                     self._problem(exc)
-            await self._sleep(stopping, self._next_check_s())
+            await self._sleep(stopping, self.config.poll_interval_s)
+
+    async def watch_heartbeat(self, stopping: asyncio.Event) -> None:
+        """Heartbeat consumer: checks every quarter of the timeout, apart from the (SDO-bound) manager."""
+        while not stopping.is_set():
+            self._check_heartbeat(time.monotonic())
+            timeout = self.heartbeat_timeout_s
+            delay = timeout / 4 if timeout is not None else 0.25
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.01, delay)):
+                    await stopping.wait()
 
     async def _sleep(self, stopping: asyncio.Event, delay_s: float) -> None:
+        """Sleep until ``delay_s`` passed, a frame asked for attention (``_wake``) or stopping."""
+        if not self._wake.is_set():
+            waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(self._wake.wait())]
+            try:
+                await asyncio.wait(waits, timeout=max(0.0, delay_s), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in waits:
+                    task.cancel()
         self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(0.0, delay_s)):
-                waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(self._wake.wait())]
-                try:
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for task in waits:
-                        task.cancel()
-
-    def _next_check_s(self) -> float:
-        delay = self.config.poll_interval_s
-        if self.heartbeat_timeout_s is not None:
-            delay = min(delay, self.heartbeat_timeout_s / 4)
-        return max(0.01, delay)
 
     def _problem(self, exc: BaseException) -> None:
         text = str(exc)
+        changed = text != self.last_error
         if text != self._last_problem:  # once per state change, not once per retry
             self._last_problem = text
             self.log.warning("drive not reachable", error=text)
+        self.last_error = text
         if isinstance(exc, PeerTimeout) and self.heartbeat != "ok" and self.online:
             self.online = False
+            changed = True
+        if changed:
             self.changed(True)
-        self.last_error = text
 
     def _check_heartbeat(self, now: float) -> None:
         timeout = self.heartbeat_timeout_s
@@ -867,7 +924,7 @@ class CanopenDrive(DriveBase):
             except NegativeResponse:
                 self.producer_time_ms = 0
             ms = self.producer_time_ms
-            self.heartbeat_timeout_s = (ms * HEARTBEAT_FACTOR / 1000.0) if ms else None
+            self.heartbeat_timeout_s = heartbeat_timeout_s(ms) if ms else None
         if self.heartbeat_timeout_s is None:
             self.heartbeat = "off"
         await self._learn_tpdos()
@@ -946,9 +1003,6 @@ class CanopenDrive(DriveBase):
     async def _poll(self) -> None:
         """Read by SDO what the TPDOs do not bring (or everything, when they stopped coming)."""
         if self._tpdo_fresh():
-            if self.cia402 is DriveState.FAULT and "error_code" not in self._mapped and not self.error_code:
-                self.error_code = int(await self.read_typed(0x603F, 0, co.DataType.U16))
-                self.changed(True)
             return
         await self._read_state()
         if not self.online:
@@ -1178,6 +1232,7 @@ class CanDriveService:
         tasks = [ctx.spawn("events", self._event_loop()), ctx.spawn("bus", port.run(ctx.stopping, ctx.beat))]
         for drive in self.drives.values():
             tasks.append(ctx.spawn(drive.name, drive.manage(ctx.stopping)))
+            tasks.append(ctx.spawn(f"{drive.name}:heartbeat", drive.watch_heartbeat(ctx.stopping)))
             tasks.append(ctx.spawn(f"{drive.name}:history", drive.history_loop(ctx, self._history)))
             self._registry.add(drive)
             drive.publish()

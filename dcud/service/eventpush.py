@@ -101,6 +101,7 @@ _PHONE_RE = re.compile(r"^\+?[0-9]{3,15}$")
 _TRAILING_TIME_RE = re.compile(r"\s+\d{4}-\d{2}-\d{2}T[0-9:.]+(?:Z|[+-]\d{2}:?\d{2})$")
 _MAX_GATE_ENTRIES: Final = 512
 _TAKE_LIMIT: Final = 64
+_SEND_TIMEOUT_S: Final = 5.0
 
 
 def is_phone_number(addr: str) -> bool:
@@ -370,6 +371,13 @@ class EventPushService:
             await ctx.heartbeat_forever()
             return
         self._gate.ignore_s = cfg.ignore_s
+        try:
+            await self._serve(ctx)
+        finally:
+            self._gate.ignore_s = 0.0  # the window belongs to this configuration
+
+    async def _serve(self, ctx: ServiceContext) -> None:
+        cfg = self.config
         await self._outbox.rewind(cfg.consumer)
         ctx.set_ready()
         self._publish()
@@ -424,8 +432,9 @@ class EventPushService:
                 continue
             text = cfg.render(event)
             try:
-                verdict = await push_datagram(cfg.addr, text, self._gate)
-            except (OSError, ValueError) as exc:
+                async with asyncio.timeout(_SEND_TIMEOUT_S):  # a DNS lookup may hang
+                    verdict = await push_datagram(cfg.addr, text, self._gate)
+            except (OSError, ValueError) as exc:  # TimeoutError is an OSError
                 self.counters["failed"] += 1
                 if self.last_error is None or self.last_error.get("message") != str(exc):
                     ctx.log.warning("event push failed", addr=cfg.addr, error=repr(exc))

@@ -89,7 +89,7 @@ number with ``.`` as decimal mark, or text; ``unit``: SI-style symbol; ``tariff`
 when the value has none."""
 TABLE_BITS: Final = {1: 1, 2: 16, 3: 32}
 """Tariff -> ``datapush_table_mask`` bit (tariffs above 3 use the T3 bit)."""
-_OBIS_RE = re.compile(r"^(?:\d+-\d+:)?(?:\d+|[A-Z])\.(\d+)\.(\d+)(?:[*&]\d+)?$")
+_OBIS_RE = re.compile(r"^(?:\d+-\d+:)?(\d+|[A-Z])\.(\d+)\.(\d+)(?:[*&]\d+)?$")
 _TARIFF_D: Final = frozenset({2, 6, 8, 9})  # cumulative max demand, max demand, time integrals 1 and 2
 _QUIT_TIMEOUT_S: Final = 2.0
 
@@ -98,11 +98,13 @@ _QUIT_TIMEOUT_S: Final = 2.0
 
 
 def obis_tariff(obis: str) -> int | None:
-    """The tariff of an energy/demand register's OBIS code (E of C.D.E, D in 2, 6, 8, 9), else None."""
+    """The tariff of an energy/demand register's OBIS code (E of C.D.E, C 1..80, D 2/6/8/9), else None."""
     match = _OBIS_RE.match(obis.strip())
-    if match is None or int(match.group(1)) not in _TARIFF_D:
+    if match is None or not match.group(1).isdigit() or not 1 <= int(match.group(1)) <= 80:
+        return None  # C = 0 (general), 96..99 and letters (service entries) are not quantities
+    if int(match.group(2)) not in _TARIFF_D:
         return None
-    return int(match.group(2))
+    return int(match.group(3))
 
 
 def tariff_selected(tariff: int | None, mask: int) -> bool:
@@ -317,8 +319,10 @@ class FtpUploader:
             await self._remove_leftovers(client)
         except aioftp.StatusCodeError as exc:
             raise PushError(_status_text(exc)) from exc
-        except aioftp.AIOFTPException as exc:
-            raise PushError(f"FTP: {exc}") from exc
+        except OSError:  # network and TLS errors as they are (ssl errors are also ValueErrors)
+            raise
+        except (aioftp.AIOFTPException, EOFError, ValueError) as exc:  # server hung up / bad reply
+            raise PushError(f"FTP: {type(exc).__name__}: {exc}") from exc
         return client
 
     async def _remove_leftovers(self, client: aioftp.Client) -> None:
@@ -348,8 +352,10 @@ class FtpUploader:
                 await client.rename(name + TEMP_SUFFIX, name)
         except aioftp.StatusCodeError as exc:
             raise PushError(_status_text(exc)) from exc
-        except aioftp.AIOFTPException as exc:
-            raise PushError(f"FTP: {exc}") from exc
+        except OSError:  # network and TLS errors as they are (ssl errors are also ValueErrors)
+            raise
+        except (aioftp.AIOFTPException, EOFError, ValueError) as exc:  # server hung up / bad reply
+            raise PushError(f"FTP: {type(exc).__name__}: {exc}") from exc
         self.state.pending = [p for p in self.state.pending if p[: -len(TEMP_SUFFIX)] not in names]
         await asyncio.to_thread(self.state.save)
         self.sets_uploaded += 1

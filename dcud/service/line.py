@@ -204,7 +204,7 @@ class LeasedPort:
     async def set_framing(self, framing: str) -> None:
         """Drain, then switch the character framing (``"7E1"``, ``"8E1"``, ``"8N1"``...)."""
         port = self._live()
-        if str(port.framing) != Framing.parse(framing).__str__():
+        if str(port.framing) != str(Framing.parse(framing)):
             await port.drain()
             port.set_framing(framing)
 

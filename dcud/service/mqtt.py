@@ -25,12 +25,14 @@ from dcud.config.mqtt_url import MqttUrl, parse_mqtt_url
 from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
+from dcud.runtime.uplink import UplinkReconnect
 from dcud.service.commands import CommandRouter
 from dcud.service.outbox import Outbox
 
 CONSUMER = "mqtt"
 OFFLINE = json.dumps({"state": "offline"}).encode()
 _DISCONNECT_PUBLISH_TIMEOUT_S = 2.0
+_MAX_COMMANDS = 8
 # aiomqtt warns whenever more than ten publishes await their PUBACK, which is our normal in-flight window.
 _CLIENT_LOG = logging.getLogger("dcud.mqtt.client")
 _CLIENT_LOG.setLevel(logging.ERROR)
@@ -63,12 +65,14 @@ class MqttService:
         outbox: Outbox,
         commands: CommandRouter,
         status: Callable[[], Mapping[str, Any]],
+        reconnect: UplinkReconnect | None = None,
     ) -> None:
         self.config = config
         self._bus = bus
         self._outbox = outbox
         self._commands = commands
         self._status = status
+        self._reconnect = reconnect
         self.connected = False
         self.published_count = 0
 
@@ -129,6 +133,7 @@ class MqttService:
         # Whatever an earlier connection (or an earlier run of this service) had in flight is taken again.
         await self._outbox.rewind(CONSUMER)
         pending: set[int] = set()
+        epoch = self._reconnect.epoch if self._reconnect is not None else 0
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -137,6 +142,10 @@ class MqttService:
                     tg.create_task(self._receive(ctx, client), name="dcud[mqtt:commands]"),
                     tg.create_task(self._status_loop(ctx, client), name="dcud[mqtt:status]"),
                 ]
+                if self._reconnect is not None:  # the connectivity watchdog asks for a fresh connection
+                    tasks.append(
+                        tg.create_task(_reconnect_on(self._reconnect, epoch), name="dcud[mqtt:reconnect]")
+                    )
                 # A failing loop cancels this wait; the TaskGroup then raises its error.
                 await ctx.stopping.wait()
                 for task in tasks:
@@ -223,16 +232,37 @@ class MqttService:
                     tg.create_task(publish_one(item.seq, topic, item.payload), name="dcud[mqtt:publish]")
 
     async def _receive(self, ctx: ServiceContext, client: aiomqtt.Client) -> None:
+        """Serve ``<p>/cmd/<verb>`` requests concurrently (a meter read takes seconds), at most
+        ``_MAX_COMMANDS`` at once; beyond that a request is answered "busy" at once instead of queueing."""
         base = f"{self.config.topic_prefix}/cmd/"
-        async for message in client.messages:
-            topic = message.topic.value
-            if not topic.startswith(base) or topic.endswith("/reply"):
-                continue
-            verb = topic[len(base) :]
-            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+        running: set[asyncio.Task[None]] = set()
+
+        async def serve(topic: str, verb: str, payload: bytes) -> None:
             reply = await self._commands.dispatch(verb, payload)
             await client.publish(f"{topic}/reply", json.dumps(reply, default=str), qos=1)
             ctx.beat()
+
+        async with asyncio.TaskGroup() as tg:
+            async for message in client.messages:
+                topic = message.topic.value
+                if not topic.startswith(base) or topic.endswith("/reply"):
+                    continue
+                verb = topic[len(base) :]
+                payload = (
+                    message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+                )
+                if len(running) >= _MAX_COMMANDS:
+                    busy = self._commands.busy_reply(payload, f"{_MAX_COMMANDS} commands already running")
+                    await client.publish(f"{topic}/reply", json.dumps(busy), qos=1)
+                    continue
+                task = tg.create_task(serve(topic, verb, payload), name=f"dcud[mqtt:cmd/{verb}]")
+                running.add(task)
+                task.add_done_callback(running.discard)
+
+
+async def _reconnect_on(reconnect: UplinkReconnect, epoch: int) -> None:
+    reason = await reconnect.wait_newer(epoch)
+    raise aiomqtt.MqttError(f"reconnect requested: {reason}")
 
 
 async def _raise_when_failed(failure: asyncio.Future[None]) -> None:

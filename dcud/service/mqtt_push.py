@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -34,6 +35,10 @@ __all__ = ["CONSUMER", "MqttPusher", "push_topic_prefix", "with_uid"]
 
 CONSUMER: Final = "mqtt-push"
 _DISCONNECT_TIMEOUT_S: Final = 2.0
+_CLIENT_LOG = logging.getLogger("dcud.mqtt_push.client")
+# aiomqtt warns "There are N pending publish calls" once N > 10; a window of PUBACKs in flight is the
+# design here, so only its errors are worth a log line.
+_CLIENT_LOG.setLevel(logging.ERROR)
 
 
 def push_topic_prefix(target: PushTarget, device_id: str) -> str:
@@ -89,6 +94,7 @@ class MqttPusher:
             tls_context=tls_context(self.options) if target.tls else None,
             max_inflight_messages=self.options.mqtt_inflight,
             timeout=self.timeout_s,
+            logger=_CLIENT_LOG,
         )
         try:
             await client.__aenter__()

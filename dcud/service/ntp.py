@@ -48,6 +48,7 @@ from dcud.config.loader import LoadedConfig
 from dcud.config.wme import ParameterSet
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
+from dcud.runtime.threads import in_daemon_thread
 from dcud.service.power import power_ok
 
 DEFAULT_NTP_PORT: Final = 123
@@ -108,7 +109,7 @@ class NtpServiceConfig:
         )
 
 
-class NtpRejected(Exception):  # noqa: N818 (reads as the verdict it is)
+class NtpRejected(Exception):
     """An answer arrived but fails the sanity checks; ``kiss`` holds a kiss-o'-death code."""
 
     def __init__(self, reason: str, kiss: str = "") -> None:
@@ -297,7 +298,7 @@ class NtpService:
         factor = 1.0
         try:
             sample = await asyncio.wait_for(
-                asyncio.to_thread(self._query, cfg.server, cfg.port, cfg.timeout_s, cfg.max_delay_s),
+                in_daemon_thread(self._query, cfg.server, cfg.port, cfg.timeout_s, cfg.max_delay_s),
                 cfg.timeout_s + 5.0,
             )
         except NtpRejected as exc:
@@ -339,7 +340,7 @@ class NtpService:
     async def run(self, ctx: ServiceContext) -> None:
         """Poll the server every interval until stopped."""
         cfg = self.config
-        self.owner = await asyncio.to_thread(detect_clock_owner)
+        self.owner = await in_daemon_thread(detect_clock_owner)
         if self.owner:
             ctx.log.info("system clock is owned by a time daemon; measuring only", owner=self.owner)
         elif cfg.step_clock:
@@ -356,7 +357,15 @@ class NtpService:
         backoff = 1.0
         while not ctx.stopping.is_set():
             if power_ok(self._bus):
-                factor = await self.poll_once(ctx)
+                # A query may block for its whole timeout; a stop request must not wait for it.
+                poll = asyncio.ensure_future(self.poll_once(ctx))
+                stop = asyncio.ensure_future(ctx.stopping.wait())
+                await asyncio.wait([poll, stop], return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not poll.done():
+                    poll.cancel()
+                    return
+                factor = poll.result()
                 backoff = min(backoff * factor, _MAX_RATE_BACKOFF) if factor > 1 else 1.0
             if await ctx.sleep(cfg.interval_s * backoff):
                 return

@@ -134,15 +134,15 @@ class OutboxError(DcudError):
         self.path = path
 
 
-class OutboxFull(OutboxError):  # noqa: N818 (names are the contract)
+class OutboxFull(OutboxError):
     """``put`` refused: the outbox is full and the policy is ``REJECT_NEW``, or the item is too large."""
 
 
-class OutboxCorrupt(OutboxError):  # noqa: N818 (names are the contract)
+class OutboxCorrupt(OutboxError):
     """The file at ``path`` is not a readable outbox database. Nothing was deleted; the caller decides."""
 
 
-class OutboxSchemaTooNew(OutboxError):  # noqa: N818 (names are the contract)
+class OutboxSchemaTooNew(OutboxError):
     """The database was written by a newer dcud (``found`` > ``supported``); it is left untouched."""
 
     def __init__(self, path: Path, found: int, supported: int) -> None:
@@ -153,11 +153,11 @@ class OutboxSchemaTooNew(OutboxError):  # noqa: N818 (names are the contract)
         self.supported = supported
 
 
-class OutboxInUse(OutboxError):  # noqa: N818 (names are the contract)
+class OutboxInUse(OutboxError):
     """Another process holds the database (a second dcud on the same ``state_dir``)."""
 
 
-class OutboxClosed(OutboxError):  # noqa: N818 (names are the contract)
+class OutboxClosed(OutboxError):
     """The outbox is not open (not yet opened, closing, or closed)."""
 
 

@@ -10,8 +10,9 @@ A reading goes to the outbox (kind ``reading``, subtopic ``meter/<name>/reading`
 as new: a meter that stops answering produces no readings, is marked ``failing`` on
 ``<p>/meter/<name>/state`` and raises ``meter_silent`` once; ``meter_back`` follows its next good
 readout. A poll that waits on a line held by a transparent session is *deferred* (not failed) and a
-poll on a line that is down is *line_down*; neither counts against the meter. A slot that passes
-entirely without a readout is counted as ``missed``.
+poll on a line that is down is *line_down*; neither counts against the meter. A meter whose slot
+passed entirely (the line was busy, down, or has more meters than its interval allows) is read late
+for the latest slot that has started, never skipped; the slots in between count as ``missed``.
 
 The service also serves the MQTT commands ``cmd/read`` (``{"meter": NAME}``: read now, through a
 ``cli`` lease; the reading goes to the outbox too, with ``trigger: "command"``) and ``cmd/scan``
@@ -333,35 +334,36 @@ class PollingService:
                             self._hold(other, outcome)
                     break
 
-    def _advance(self, health: MeterHealth, slot_s: float) -> None:
-        """Next slot after a completed (or given up) readout of ``slot_s``; count slots that passed."""
+    @staticmethod
+    def _advance(health: MeterHealth, slot_s: float) -> None:
+        """After the readout (or failed attempt) of ``slot_s``: the next slot is due."""
+        health.next_due_s = slot_s + health.interval_s
+
+    @staticmethod
+    def _catch_up(health: MeterHealth) -> None:
+        """A meter whose slot passed entirely (busy or unavailable line) is read late, for the latest
+        slot that has started; the slots in between count as missed. Late meters are never skipped, so
+        an overloaded line reads every meter once per pass instead of starving the ones at its end."""
         interval = health.interval_s
-        next_due = slot_s + interval
         now = time.time()
-        if next_due <= now:
-            skipped = math.floor((now - next_due) / interval) + 1
-            health.missed += skipped
-            next_due += skipped * interval
-        health.next_due_s = next_due
+        if now >= health.next_due_s + interval:
+            current = math.floor(now / interval) * interval
+            health.missed += round((current - health.next_due_s) / interval)
+            health.next_due_s = current
 
     def _hold(self, health: MeterHealth, status: str) -> None:
-        """A due meter waits for its line; a slot that passed entirely becomes missed."""
+        """A due meter waits for its line (it stays due)."""
         health.status = status
         if status == "deferred":
             health.deferred += 1
-        if time.time() >= health.next_due_s + health.interval_s:
-            self._advance(health, health.next_due_s)
+        self._catch_up(health)
         self._publish(health)
 
     async def _poll(self, ctx: ServiceContext, line_name: str, health: MeterHealth) -> str:
         """Read one meter for its current slot; returns ok, failed, deferred, busy or line_down."""
         meter = health.config
+        self._catch_up(health)
         slot = health.next_due_s
-        if time.time() >= slot + health.interval_s:
-            self._advance(health, slot)  # the slot passed while the line was unavailable
-            slot = health.next_due_s
-            if slot > time.time():
-                return "ok"
         line_cfg = self.config.line(line_name)
         line = self._lines.get(line_name)
         if line is None or line_cfg is None:

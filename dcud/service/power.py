@@ -23,8 +23,9 @@ Last gasp (power lost), within ``budget_s`` (default 1 s) after detection, in th
     4. the MQTT service, woken by the commit, publishes ``<p>/event``;
     5. the power state, recorded in ``state_dir/power-state.json`` by a worker thread while step 2
        commits, is awaited (durable);
-    6. the UDP event push (``eventpush_addr``, port ``[eventpush] port``, default 9003; when
-       ``eventpush_sms_notify`` has bit 1 "Last GsmP") is sent.
+    6. the UDP event push (``eventpush_addr``, when ``eventpush_sms_notify`` has bit 1 "Last GsmP") is
+       sent directly, through the event push gate (:mod:`dcud.service.eventpush`), so the event push
+       service, which later takes the same event from the outbox, finds it already sent.
     Power return runs the same sequence with ``power_return`` and re-opens work.
 
 Not surviving a power loss
@@ -54,14 +55,12 @@ import structlog
 from dcud.config.loader import LoadedConfig
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
-from dcud.service.eventpush import is_phone_number, send_event_push
+from dcud.service.eventpush import NOTIFY_POWER, EventPushConfig, send_event_push
 
 log = structlog.get_logger("dcud.power")
 
 MARKER_FILE: Final = "clean-shutdown"
 STATE_FILE: Final = "power-state.json"
-LAST_GASP_PUSH_BIT: Final = 1
-"""``eventpush_sms_notify`` bit 1 = "Last GsmP" (last gasp): push power events."""
 
 # State directories whose start-up check ran in this process: a service restarted by the supervisor
 # (or by a reload) must not mistake its own restart for a daemon that died.
@@ -74,8 +73,13 @@ def power_ok(bus: EventBus) -> bool:
 
 
 def utc_now_text() -> str:
-    """Now as RFC 3339 UTC (``2026-11-21T14:00:00Z``)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    """Now as RFC 3339 UTC with milliseconds (``2026-11-21T14:00:00.123Z``): when a power edge was seen.
+
+    Milliseconds keep two transitions within one second apart (the event push gate drops a datagram
+    identical to one sent within a minute).
+    """
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
 # -- debounce (pure) -------------------------------------------------------------------------------
@@ -311,12 +315,9 @@ class PowerServiceConfig:
         if power.source == "none":
             return None
         params = config.params
-        addr = params.get_opt_str("eventpush_addr")
-        notify = params.get_opt_int("eventpush_sms_notify") or 0
-        push = None
-        if addr and not is_phone_number(addr) and notify & LAST_GASP_PUSH_BIT:
-            host = f"[{addr}]" if ":" in addr else addr
-            push = f"{host}:{config.toml.eventpush.port}"
+        push = EventPushConfig.from_config(config)
+        # The same address string as the event push service, so its gate sees our datagram as sent.
+        push_addr = push.addr if push is not None and push.sends and push.notify_mask & NOTIFY_POWER else None
         return cls(
             source=power.source,
             path=power.path,
@@ -328,7 +329,7 @@ class PowerServiceConfig:
             budget_s=power.budget_s,
             state_dir=config.state_dir,
             device_id=config.device_id,
-            push_addr=push,
+            push_addr=push_addr,
             lost_text=params.get_opt_str("eventpush_sms_lost_text") or "Power loss",
             return_text=params.get_opt_str("eventpush_sms_return_text") or "Power return",
         )

@@ -27,8 +27,11 @@ lists (``name=`` unsets one), keeping the other lines and comments of the file i
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -44,6 +47,7 @@ from dcud.errors import ConfigError, ConfigIssue, DcudError
 from dcud.runtime.sdnotify import Notifier
 from dcud.runtime.supervisor import Service
 from dcud.service.commands import CommandError, CommandRouter
+from dcud.service.crypto_envelope import EnvelopeKeys, ReplayGuard, open_envelope
 
 log = structlog.get_logger("dcud.remote_config")
 
@@ -57,6 +61,10 @@ Via = Literal["config-port", "mqtt", "sighup", "local"]
 
 class ReloadBusyError(DcudError):
     """Too many configuration changes are queued, or dcud is stopping: try again later."""
+
+
+class ParameterWriteError(DcudError):
+    """The new parameter file could not be written (disk full, read-only...): nothing changed."""
 
 
 class SupervisorLike(Protocol):
@@ -434,7 +442,11 @@ class Reloader:
         if job.dry_run:
             job.future.set_result(ApplyResult(changed, [], str(target), dry_run=True))
             return
-        await asyncio.to_thread(atomic_write_parameters, target, candidate, previous)
+        try:
+            await asyncio.to_thread(atomic_write_parameters, target, candidate, previous)
+        except OSError as exc:
+            log.error("parameter file not written", file=str(target), error=str(exc))
+            raise ParameterWriteError(f"cannot write {target}: {exc.strerror or exc}") from exc
         log.info(
             "parameter file written", file=str(target), via=job.via, who=job.who, changed=sorted(changed)
         )
@@ -520,14 +532,56 @@ def issues_json(issues: Sequence[ConfigIssue]) -> list[dict[str, Any]]:
 # -- MQTT commands --------------------------------------------------------------------------------
 
 
-def register_param_commands(commands: CommandRouter, reloader: Reloader) -> None:
+MQTT_SET_CONTEXT = b"MQTT param/set"
+"""Envelope context of an encrypted ``param/set`` request (docs/remote-config.md)."""
+
+
+def register_param_commands(
+    commands: CommandRouter, reloader: Reloader, clock_trusted: Callable[[], bool] = lambda: False
+) -> None:
     """Serve ``<p>/cmd/param/get`` and ``<p>/cmd/param/set`` (docs/remote-config.md).
 
     ``param/get``: ``{"names": [...]}`` (optional) -> ``{"values": {name: value}, "set": [...],
     "file": ...}``, secrets as ``***``. ``param/set``: ``{"set": {name: value, ...}}`` (partial; an
     empty value unsets) or ``{"text": "<whole file>"}``, optional ``"who"`` and ``"dry_run"`` ->
-    the :class:`ApplyResult`, or an error reply whose message lists every issue.
+    the :class:`ApplyResult`, or an error reply whose message lists every issue. While
+    ``fw_server_encrypt=1`` the request must be ``{"envelope": "<base64>"}``: an envelope (context
+    ``MQTT param/set``) of that JSON object, checked like the config port's (tag, then replay).
     """
+    guards: dict[tuple[str, float], ReplayGuard] = {}
+
+    def unseal(request: Mapping[str, Any]) -> Mapping[str, Any]:
+        config = reloader.current
+        params = config.params
+        if not params.get_bool("fw_server_encrypt"):
+            if "envelope" in request:
+                raise CommandError("an envelope was sent, but fw_server_encrypt=0 on this DCU")
+            return request
+        envelope = request.get("envelope")
+        key_text = params.get_opt_str("fw_server_key")
+        if not isinstance(envelope, str) or key_text is None:
+            raise CommandError('fw_server_encrypt=1: param/set needs {"envelope": "<base64 envelope>"}')
+        try:
+            data = base64.b64decode(envelope, validate=True)
+        except (binascii.Error, ValueError):
+            raise CommandError("envelope is not base64") from None
+        opened = open_envelope(EnvelopeKeys.from_parameter(key_text), data, MQTT_SET_CONTEXT)
+        window = config.toml.config_port.replay_window_s
+        state = config.state_dir / "config_port" / "mqtt-replay.json"
+        guard = guards.get((str(state), window))
+        if guard is None:
+            guards.clear()
+            guard = guards[(str(state), window)] = ReplayGuard(
+                window, state_path=state, clock_trusted=clock_trusted
+            )
+        guard.check(opened.timestamp_s, opened.nonce, time.time())
+        try:
+            inner = json.loads(opened.plaintext)
+        except ValueError:
+            raise CommandError("the envelope does not hold a JSON object") from None
+        if not isinstance(inner, dict):
+            raise CommandError("the envelope does not hold a JSON object")
+        return inner
 
     async def get(request: Mapping[str, Any]) -> Mapping[str, Any]:
         params = reloader.current.params
@@ -542,7 +596,8 @@ def register_param_commands(commands: CommandRouter, reloader: Reloader) -> None
             shown = {n: shown[n] for n in names}
         return {"values": shown, "set": sorted(params.raw), "file": params.path}
 
-    async def set_(request: Mapping[str, Any]) -> Mapping[str, Any]:
+    async def set_(outer: Mapping[str, Any]) -> Mapping[str, Any]:
+        request = unseal(outer)
         who = request.get("who", "mqtt")
         who = who[:64] if isinstance(who, str) and who.isprintable() else "mqtt"
         dry_run = request.get("dry_run") is True

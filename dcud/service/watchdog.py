@@ -15,6 +15,7 @@ Connectivity watchdog
     - ``tcp``: a TCP connect to ``[watchdog] tcp_port`` (default 443); an accepted **or refused**
       connection proves the host answered; a timeout or an unreachable error is a failure.
     - ``auto`` (default): ICMP, and TCP from the first time the kernel refuses the ICMP socket.
+      With ``icmp`` a refused socket counts as a failed probe (logged once).
 
 Daily restart
     ``snrp_restart_time=HH:MM`` (local time, :mod:`dcud.service.timekeeping`) plus a random shift in
@@ -55,7 +56,7 @@ _WALL_RECHECK_S: Final = 60.0
 _REFUSED_ERRNOS: Final = {errno.EACCES, errno.EPERM, errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT}
 
 
-class IcmpNotPermitted(OSError):  # noqa: N818 (reads as the condition it is)
+class IcmpNotPermitted(OSError):
     """The kernel refuses unprivileged ICMP sockets here (``net.ipv4.ping_group_range``)."""
 
 
@@ -221,6 +222,7 @@ class WatchdogService:
         self.reconnects = 0
         self.started_s = wall_clock()
         self.restart_at_s: float | None = None
+        self._icmp_refused = False
 
     async def probe_once(self, ctx: ServiceContext, host: str, seq: int) -> bool:
         """One probe with the probe kind in force (auto switches to TCP when ICMP is refused)."""
@@ -229,8 +231,13 @@ class WatchdogService:
             try:
                 return await icmp_probe(host, cfg.ping_timeout_s, seq)
             except IcmpNotPermitted as exc:
-                if cfg.probe == "icmp":
-                    raise
+                if cfg.probe == "icmp":  # ICMP was asked for explicitly: every probe fails, said once
+                    if not self._icmp_refused:
+                        ctx.log.error(
+                            "ICMP sockets not permitted (net.ipv4.ping_group_range)", error=str(exc)
+                        )
+                        self._icmp_refused = True
+                    return False
                 ctx.log.warning(
                     "ICMP sockets not permitted (net.ipv4.ping_group_range); probing with TCP",
                     port=cfg.tcp_port,

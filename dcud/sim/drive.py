@@ -24,15 +24,16 @@ e.g. from a node id nobody configured), ``status``, ``quit``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import struct
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import can
 import canopen
@@ -59,7 +60,7 @@ FAULT_REACTION_S = 0.05
 # -- object dictionary ----------------------------------------------------------------------------
 
 
-def _var(name: str, index: int, subindex: int, data_type: int, access: str, default: Any) -> ODVariable:
+def _var(name: str, index: int, subindex: int, data_type: int, *, access: str, default: Any) -> ODVariable:
     var = ODVariable(name, index, subindex)
     var.data_type = data_type
     var.access_type = access
@@ -67,31 +68,42 @@ def _var(name: str, index: int, subindex: int, data_type: int, access: str, defa
     return var
 
 
-def _record(od: canopen.ObjectDictionary, name: str, index: int, members: Sequence[ODVariable]) -> None:
+def _record(od: Any, name: str, index: int, members: Sequence[ODVariable]) -> None:
     record = ODRecord(name, index)
     for member in members:
         record.add_member(member)
     od.add_object(record)
 
 
-def build_object_dictionary(node_id: int, *, heartbeat_ms: int = 100) -> canopen.ObjectDictionary:
+def build_object_dictionary(node_id: int, *, heartbeat_ms: int = 100) -> Any:
     """The object dictionary of a simulated CiA 402 servo drive (TPDO1: 6041+6064, TPDO2: 606C+603F+6061)."""
-    od = canopen.ObjectDictionary()
+    od: Any = canopen.ObjectDictionary()  # type: ignore[no-untyped-call]
     od.node_id = node_id
-    od.add_object(_var("Device type", 0x1000, 0, dt.UNSIGNED32, "ro", DEVICE_TYPE_SERVO))
-    od.add_object(_var("Error register", 0x1001, 0, dt.UNSIGNED8, "ro", 0))
-    od.add_object(_var("Manufacturer device name", 0x1008, 0, dt.VISIBLE_STRING, "const", "dcud CiA 402 sim"))
-    od.add_object(_var("Producer heartbeat time", 0x1017, 0, dt.UNSIGNED16, "rw", heartbeat_ms))
+    od.add_object(_var("Device type", 0x1000, 0, dt.UNSIGNED32, access="ro", default=DEVICE_TYPE_SERVO))
+    od.add_object(_var("Error register", 0x1001, 0, dt.UNSIGNED8, access="ro", default=0))
+    od.add_object(
+        _var(
+            "Manufacturer device name",
+            0x1008,
+            0,
+            dt.VISIBLE_STRING,
+            access="const",
+            default="dcud CiA 402 sim",
+        )
+    )
+    od.add_object(
+        _var("Producer heartbeat time", 0x1017, 0, dt.UNSIGNED16, access="rw", default=heartbeat_ms)
+    )
     _record(
         od,
         "Identity object",
         0x1018,
         [
-            _var("Number of entries", 0x1018, 0, dt.UNSIGNED8, "const", 4),
-            _var("Vendor-ID", 0x1018, 1, dt.UNSIGNED32, "ro", VENDOR_ID),
-            _var("Product code", 0x1018, 2, dt.UNSIGNED32, "ro", PRODUCT_CODE),
-            _var("Revision number", 0x1018, 3, dt.UNSIGNED32, "ro", 1),
-            _var("Serial number", 0x1018, 4, dt.UNSIGNED32, "ro", 1000 + node_id),
+            _var("Number of entries", 0x1018, 0, dt.UNSIGNED8, access="const", default=4),
+            _var("Vendor-ID", 0x1018, 1, dt.UNSIGNED32, access="ro", default=VENDOR_ID),
+            _var("Product code", 0x1018, 2, dt.UNSIGNED32, access="ro", default=PRODUCT_CODE),
+            _var("Revision number", 0x1018, 3, dt.UNSIGNED32, access="ro", default=1),
+            _var("Serial number", 0x1018, 4, dt.UNSIGNED32, access="ro", default=1000 + node_id),
         ],
     )
     mappings = {
@@ -107,30 +119,38 @@ def build_object_dictionary(node_id: int, *, heartbeat_ms: int = 100) -> canopen
             f"TPDO{number} communication parameter",
             com,
             [
-                _var("Highest sub-index supported", com, 0, dt.UNSIGNED8, "const", 5),
-                _var("COB-ID", com, 1, dt.UNSIGNED32, "rw", cob_id),
-                _var("Transmission type", com, 2, dt.UNSIGNED8, "rw", 0xFE),
-                _var("Inhibit time", com, 3, dt.UNSIGNED16, "rw", 0),
-                _var("Event timer", com, 5, dt.UNSIGNED16, "rw", 10),
+                _var("Highest sub-index supported", com, 0, dt.UNSIGNED8, access="const", default=5),
+                _var("COB-ID", com, 1, dt.UNSIGNED32, access="rw", default=cob_id),
+                _var("Transmission type", com, 2, dt.UNSIGNED8, access="rw", default=0xFE),
+                _var("Inhibit time", com, 3, dt.UNSIGNED16, access="rw", default=0),
+                _var("Event timer", com, 5, dt.UNSIGNED16, access="rw", default=10),
             ],
         )
         array = ODArray(f"TPDO{number} mapping parameter", mapping)
-        array.add_member(_var("Number of mapped objects", mapping, 0, dt.UNSIGNED8, "rw", len(entries)))
+        array.add_member(
+            _var("Number of mapped objects", mapping, 0, dt.UNSIGNED8, access="rw", default=len(entries))
+        )
         for sub in range(1, 9):
             value = entries[sub - 1] if sub <= len(entries) else 0
-            array.add_member(_var(f"Mapped object {sub}", mapping, sub, dt.UNSIGNED32, "rw", value))
+            array.add_member(
+                _var(f"Mapped object {sub}", mapping, sub, dt.UNSIGNED32, access="rw", default=value)
+            )
         od.add_object(array)
-    od.add_object(_var("Error code", 0x603F, 0, dt.UNSIGNED16, "ro", 0))
-    od.add_object(_var("Controlword", 0x6040, 0, dt.UNSIGNED16, "rw", 0))
-    od.add_object(_var("Statusword", 0x6041, 0, dt.UNSIGNED16, "ro", 0))
-    od.add_object(_var("Quick stop option code", 0x605A, 0, dt.INTEGER16, "rw", QUICK_STOP_STAY))
-    od.add_object(_var("Modes of operation", 0x6060, 0, dt.INTEGER8, "rw", 3))
-    od.add_object(_var("Modes of operation display", 0x6061, 0, dt.INTEGER8, "ro", 3))
-    od.add_object(_var("Position actual value", 0x6064, 0, dt.INTEGER32, "ro", 0))
-    od.add_object(_var("Velocity actual value", 0x606C, 0, dt.INTEGER32, "ro", 0))
-    od.add_object(_var("Digital inputs", 0x60FD, 0, dt.UNSIGNED32, "ro", 0))
-    od.add_object(_var("Target velocity", 0x60FF, 0, dt.INTEGER32, "rw", DEFAULT_TARGET_VELOCITY))
-    od.add_object(_var("Supported drive modes", 0x6502, 0, dt.UNSIGNED32, "ro", 0x0000000D))
+    od.add_object(_var("Error code", 0x603F, 0, dt.UNSIGNED16, access="ro", default=0))
+    od.add_object(_var("Controlword", 0x6040, 0, dt.UNSIGNED16, access="rw", default=0))
+    od.add_object(_var("Statusword", 0x6041, 0, dt.UNSIGNED16, access="ro", default=0))
+    od.add_object(
+        _var("Quick stop option code", 0x605A, 0, dt.INTEGER16, access="rw", default=QUICK_STOP_STAY)
+    )
+    od.add_object(_var("Modes of operation", 0x6060, 0, dt.INTEGER8, access="rw", default=3))
+    od.add_object(_var("Modes of operation display", 0x6061, 0, dt.INTEGER8, access="ro", default=3))
+    od.add_object(_var("Position actual value", 0x6064, 0, dt.INTEGER32, access="ro", default=0))
+    od.add_object(_var("Velocity actual value", 0x606C, 0, dt.INTEGER32, access="ro", default=0))
+    od.add_object(_var("Digital inputs", 0x60FD, 0, dt.UNSIGNED32, access="ro", default=0))
+    od.add_object(
+        _var("Target velocity", 0x60FF, 0, dt.INTEGER32, access="rw", default=DEFAULT_TARGET_VELOCITY)
+    )
+    od.add_object(_var("Supported drive modes", 0x6502, 0, dt.UNSIGNED32, access="ro", default=0x0000000D))
     return od
 
 
@@ -225,21 +245,25 @@ class Cia402Drive:
     """One simulated CiA 402 drive on a canopen network (see the module docstring)."""
 
     def __init__(self, network: canopen.Network, node_id: int, options: SimOptions) -> None:
-        self.network = network
+        self.network = cast(Any, network)
         self.node_id = node_id
         self.options = options
         self.model = DriveModel()
         self.lock = threading.RLock()
         self.alive = True
         self.tpdo_sent = 0
-        self.last_tpdo_statusword_s: dict[int, float] = {}
-        self.node = canopen.LocalNode(
-            node_id, build_object_dictionary(node_id, heartbeat_ms=options.heartbeat_ms)
+        self.statusword_changes: collections.deque[tuple[int, float]] = collections.deque(maxlen=1024)
+        """(statusword, time.monotonic()) of the first TPDO that carried each new statusword."""
+        self._last_sent_statusword: int | None = None
+        # canopen is only partly typed: the simulator talks to it through Any.
+        self.node = cast(
+            Any,
+            canopen.LocalNode(node_id, build_object_dictionary(node_id, heartbeat_ms=options.heartbeat_ms)),
         )
-        network.add_node(self.node)
+        self.network.add_node(self.node)
         self.node.add_read_callback(self._on_read)
         self.node.add_write_callback(self._on_write)
-        network.subscribe(0, self._on_nmt)
+        self.network.subscribe(0, self._on_nmt)
         self.node.tpdo.read(from_od=True)
 
     # object dictionary hooks (canopen's notifier thread)
@@ -360,7 +384,9 @@ class Cia402Drive:
                 var.raw = values.get(var.index, 0)
             pdo.transmit()
             self.tpdo_sent += 1
-        self.last_tpdo_statusword_s[statusword] = time.monotonic()
+        if statusword != self._last_sent_statusword:
+            self._last_sent_statusword = statusword
+            self.statusword_changes.append((statusword, time.monotonic()))
 
     def status(self) -> dict[str, Any]:
         """A JSON-friendly snapshot."""
@@ -393,7 +419,7 @@ class CanDriveSimulator:
         self.interface = interface
         self.channel = channel
         self.options = options or SimOptions()
-        self.network = canopen.Network()
+        self.network = cast(Any, canopen.Network())
         self.network.connect(interface=interface, channel=channel, **bus_options)
         self.drives = {node_id: Cia402Drive(self.network, node_id, self.options) for node_id in node_ids}
         self._stop = threading.Event()
@@ -492,8 +518,8 @@ class CanDriveSimulator:
 def parse_nodes(text: str) -> list[int]:
     """``"1-3,7"`` -> ``[1, 2, 3, 7]`` (CANopen node ids 1..127)."""
     nodes: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
+    for raw in text.split(","):
+        part = raw.strip()
         if not part:
             continue
         if "-" in part:
@@ -519,6 +545,12 @@ def run_can_cli(
     """``dcud sim drive``: serve until ``quit`` or end of input; one JSON line per control line."""
     source = stdin if stdin is not None else sys.stdin
     sink = stdout if stdout is not None else sys.stdout
+    import os
+
+    if os.environ.get("DCUD_SIM_DEBUG"):  # canopen's own log (SDO server, NMT) on stderr
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
     sim = CanDriveSimulator(interface, channel, nodes, options, **bus_options)
     sim.start()
 
@@ -539,12 +571,473 @@ def run_can_cli(
     return 0
 
 
+# -- Modbus RTU -------------------------------------------------------------------------------------
+
+MODBUS_REGISTERS: dict[str, int] = {
+    "status": 0,
+    "control": 1,
+    "position": 2,
+    "velocity": 4,
+    "fault": 6,
+    "io": 7,
+}
+"""Holding registers of the simulated Modbus drive (position and velocity: 2 registers, high word first).
+The same map as ``[drive.registers]`` ``status = 0, control = 1, position = 2, velocity = 4, fault = 6,
+io = 7``."""
+MODBUS_REGISTER_COUNT = 16
+
+
+@dataclass
+class ModbusSimStats:
+    """What the simulated Modbus drive saw."""
+
+    requests: int = 0
+    answers: int = 0
+    exceptions: int = 0
+    crc_errors: int = 0
+    other_units: int = 0
+    overlaps: int = 0
+    """Requests that arrived while another device on the line was in the middle of a transaction."""
+
+
+class ModbusDriveModel:
+    """A Modbus RTU drive with the CiA 402 state machine behind holding registers (module docstring).
+
+    Requests are cut from the byte stream by silence (as on a real line: a gap of more than
+    ``gap_s`` starts a new frame) and decoded with pymodbus' server-side RTU framer; answers are
+    encoded with pymodbus too. Unknown registers answer exception 02, a bad controlword write is
+    accepted (the state machine ignores it, like a drive).
+    """
+
+    bits_per_char = 11
+
+    def __init__(self, unit: int = 1, baud: int = 9600, *, gap_s: float = 0.02) -> None:
+        from pymodbus.framer import FramerRTU
+        from pymodbus.pdu import DecodePDU
+
+        self.unit = unit
+        self.baud = baud
+        self.gap_s = gap_s
+        self.model = DriveModel()
+        self.stats = ModbusSimStats()
+        self.silent = False
+        self.busy_check: Callable[[], bool] | None = None
+        """Returns True while another device on the line is mid-transaction (for overlap detection)."""
+        self._framer: Any = FramerRTU(DecodePDU(is_server=True))
+        self._buffer = bytearray()
+        self._last_rx_s = 0.0
+        self._last_step_s: float | None = None
+
+    # registers
+
+    def registers(self) -> list[int]:
+        """The holding registers as they read now."""
+        m = self.model
+        regs = [0] * MODBUS_REGISTER_COUNT
+        position = m.position & 0xFFFFFFFF
+        velocity = m.velocity & 0xFFFFFFFF
+        regs[MODBUS_REGISTERS["status"]] = m.statusword
+        regs[MODBUS_REGISTERS["control"]] = m.controlword
+        regs[MODBUS_REGISTERS["position"]] = position >> 16
+        regs[MODBUS_REGISTERS["position"] + 1] = position & 0xFFFF
+        regs[MODBUS_REGISTERS["velocity"]] = velocity >> 16
+        regs[MODBUS_REGISTERS["velocity"] + 1] = velocity & 0xFFFF
+        regs[MODBUS_REGISTERS["fault"]] = m.error_code
+        regs[MODBUS_REGISTERS["io"]] = m.digital_inputs & 0xFFFF
+        return regs
+
+    def _write(self, address: int, value: int) -> bool:
+        if address == MODBUS_REGISTERS["control"]:
+            self.model.write_controlword(value)
+            return True
+        return False
+
+    def step(self, now: float) -> None:
+        """Advance the drive's time (motion, fault reaction)."""
+        if self._last_step_s is not None:
+            self.model.step(now, max(0.0, now - self._last_step_s))
+        self._last_step_s = now
+
+    # SimLine protocol (dcud.sim.serial_sim)
+
+    def inbound_baud(self, data: bytes) -> int:
+        """The line rate."""
+        return self.baud
+
+    def receive(self, data: bytes, now: float) -> list[Any]:
+        """Bytes from the master that finished arriving at ``now``; returns the answers to send."""
+        from dcud.sim.serial_sim import Outgoing
+
+        started = now - len(data) * self.bits_per_char / self.baud
+        if started - self._last_rx_s > self.gap_s:
+            self._buffer.clear()  # silence: a new frame starts
+        self._last_rx_s = now
+        self._buffer += data
+        self.step(now)
+        try:
+            used, pdu = self._framer.handleFrame(bytes(self._buffer), 0, 0)
+        except Exception:  # pymodbus raises ModbusIOException on an undecodable body
+            self.stats.crc_errors += 1
+            self._buffer.clear()
+            return []
+        if pdu is None:
+            if used:
+                self.stats.crc_errors += 1
+                self._buffer.clear()
+            return []
+        del self._buffer[:used]
+        if pdu.dev_id != self.unit:
+            self.stats.other_units += 1
+            return []
+        self.stats.requests += 1
+        if self.busy_check is not None and self.busy_check():
+            self.stats.overlaps += 1
+        if self.silent:
+            return []
+        answer = self._answer(pdu)
+        self.stats.answers += 1
+        return [Outgoing(answer, self.baud, now + 0.002)]
+
+    def _answer(self, pdu: Any) -> bytes:
+        from pymodbus.pdu import ExceptionResponse
+        from pymodbus.pdu.register_message import (
+            ReadHoldingRegistersResponse,
+            WriteMultipleRegistersResponse,
+            WriteSingleRegisterResponse,
+        )
+
+        function = pdu.function_code
+        regs = self.registers()
+        response: Any
+        if function in (3, 4):
+            if pdu.address + pdu.count > len(regs):
+                response = ExceptionResponse(function, 2, self.unit)
+            else:
+                response = ReadHoldingRegistersResponse(
+                    registers=regs[pdu.address : pdu.address + pdu.count], dev_id=self.unit
+                )
+                response.function_code = function
+        elif function == 6:
+            if self._write(pdu.address, pdu.registers[0]):
+                response = WriteSingleRegisterResponse(
+                    address=pdu.address, registers=pdu.registers, dev_id=self.unit
+                )
+            else:
+                response = ExceptionResponse(function, 2, self.unit)
+        elif function == 16:
+            ok = all(self._write(pdu.address + i, v) for i, v in enumerate(pdu.registers))
+            response = (
+                WriteMultipleRegistersResponse(
+                    address=pdu.address, count=len(pdu.registers), dev_id=self.unit
+                )
+                if ok
+                else ExceptionResponse(function, 2, self.unit)
+            )
+        else:
+            response = ExceptionResponse(function, 1, self.unit)
+        if response.function_code & 0x80:
+            self.stats.exceptions += 1
+        response.dev_id = self.unit
+        return bytes(self._framer.buildFrame(response))
+
+    def next_deadline(self) -> float | None:
+        """No timers: the drive answers at once."""
+        return None
+
+    def handle_timer(self, now: float) -> list[Any]:
+        """No timers."""
+        return []
+
+    def set_silent(self, addresses: set[str]) -> None:
+        """Go silent when the unit number is listed (control file of the meter simulator)."""
+        self.silent = str(self.unit) in addresses
+
+    def refresh(self) -> None:
+        """Time-dependent values are computed on each request."""
+
+
+class SharedLineModel:
+    """IEC 62056-21 meters and Modbus RTU drives on one simulated RS485 line.
+
+    Every device hears every byte. A Modbus request that arrives while a meter is between sign-on and
+    the end of its data message counts as an *overlap* (two masters' transactions interleaved).
+    """
+
+    bits_per_char = 11
+
+    def __init__(self, meters: Any, drives: Sequence[ModbusDriveModel]) -> None:
+        self.meters = meters
+        self.drives = list(drives)
+        for drive in self.drives:
+            drive.busy_check = self.meter_busy
+
+    def meter_busy(self) -> bool:
+        """True while a meter is answering a readout (identification sent, data not yet complete)."""
+        return any(
+            getattr(m, "state", "idle") in ("send_ident", "wait_option", "send_data")
+            for m in self.meters.meters
+        )
+
+    def inbound_baud(self, data: bytes) -> int:
+        """Meter requests come at the meters' rate, Modbus at the drives'."""
+        # Sign-on "/", option select ACK + digit, NAK, break SOH "B": the meter protocol's messages.
+        if (
+            data[:1] in (b"/", b"\x15")
+            or data[:2] == b"\x01B"
+            or (data[:1] == b"\x06" and data[1:2].isdigit())
+        ):
+            return int(self.meters.inbound_baud(data))
+        return self.drives[0].baud if self.drives else int(self.meters.inbound_baud(data))
+
+    def receive(self, data: bytes, now: float) -> list[Any]:
+        """Every device hears the bytes."""
+        out: list[Any] = list(self.meters.receive(data, now))
+        for drive in self.drives:
+            out += drive.receive(data, now)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The meters' timers."""
+        deadline: float | None = self.meters.next_deadline()
+        return deadline
+
+    def handle_timer(self, now: float) -> list[Any]:
+        """The meters' timers."""
+        return list(self.meters.handle_timer(now))
+
+    def set_silent(self, addresses: set[str]) -> None:
+        """Silence meters and drives by address/unit."""
+        self.meters.set_silent(addresses)
+        for drive in self.drives:
+            drive.set_silent(addresses)
+
+    def refresh(self) -> None:
+        """Meter values."""
+        self.meters.refresh()
+
+
+def _option_value(text: str) -> str | int | float | bool:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def parse_bus_options(items: Sequence[str]) -> dict[str, str | int | float | bool]:
+    """``["sleep_after_open=0", "tty_baudrate=115200"]`` -> python-can keyword arguments."""
+    options: dict[str, str | int | float | bool] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"bus option {item!r} is not KEY=VALUE")
+        options[key.strip()] = _option_value(value.strip())
+    return options
+
+
+def run_modbus_cli(
+    device: str, link: str, unit: int, baud: int, *, stdin: Any = None, stdout: Any = None
+) -> int:
+    """``dcud sim drive --modbus``: one Modbus RTU drive on a tty or a new pty, controlled from stdin."""
+    import asyncio
+
+    from dcud.sim.serial_sim import SimLineRunner, SimLineSpec
+
+    source = stdin if stdin is not None else sys.stdin
+    sink = stdout if stdout is not None else sys.stdout
+    model = ModbusDriveModel(unit=unit, baud=baud)
+    spec = SimLineSpec("modbus-drive", "iec62056-21", [], link=link, device=device, baud=baud)
+    lock = threading.Lock()
+
+    def say(doc: dict[str, Any]) -> None:
+        sink.write(json.dumps(doc) + "\n")
+        sink.flush()
+
+    def control(line: str) -> dict[str, Any]:
+        words = line.split()
+        with lock:
+            if not words or words[0] == "status":
+                pass
+            elif words[0] == "fault":
+                model.model.inject_fault(int(words[1], 0) if len(words) > 1 else 0x3210, time.monotonic())
+            elif words[0] == "warning":
+                model.model.warning = len(words) < 2 or words[1] in ("on", "1", "true")
+            elif words[0] == "silent":
+                model.silent = len(words) < 2 or words[1] in ("on", "1", "true")
+            else:
+                return {"ok": False, "error": f"unknown command {words[0]!r}"}
+            m = model.model
+            return {
+                "ok": True,
+                "unit": unit,
+                "cia402": str(m.state),
+                "statusword": m.statusword,
+                "position": m.position,
+                "error_code": m.error_code,
+                **model.stats.__dict__,
+            }
+
+    async def main() -> None:
+        runner = SimLineRunner(spec, model=cast(Any, model))
+        task = asyncio.create_task(runner.run())
+        await runner.ready.wait()
+        say({"ready": True, "path": runner.path, "link": link or None, "unit": unit, "baud": baud})
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def reader() -> None:
+            for line in source:
+                if line.strip() in ("quit", "exit"):
+                    break
+                loop.call_soon_threadsafe(say, control(line))
+            loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=reader, daemon=True).start()
+        await done.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+    return 0
+
+
+def cmd_sim_drive(args: Any) -> int:
+    """``dcud sim drive`` (arguments from ``dcud.__main__``)."""
+    if args.modbus or args.link:
+        return run_modbus_cli(args.modbus or "", args.link, args.unit, args.baud)
+    if not args.channel:
+        print("dcud sim drive: --channel is required for CAN (or use --modbus TTY)", file=sys.stderr)
+        return 2
+    options = SimOptions(
+        heartbeat_ms=args.heartbeat_ms, tpdo_period_s=args.tpdo_ms / 1000.0, boot_up=not args.no_boot_up
+    )
+    return run_can_cli(
+        args.interface, args.channel, parse_nodes(args.nodes), options, parse_bus_options(args.option)
+    )
+
+
+# -- demo ----------------------------------------------------------------------------------------------
+
+DEMO_TOML = """
+[[can]]
+name = "can0"
+interface = "slcan"
+channel = "{channel}"
+options = {{ sleep_after_open = 0 }}
+
+[[drive]]
+name = "axis-1"
+bus = "can0"
+protocol = "canopen"
+node_id = 1
+commands = true
+history_interval_s = 60
+
+[[drive]]
+name = "axis-2"
+bus = "can0"
+protocol = "canopen"
+node_id = 2
+commands = true
+history_interval_s = 60
+"""
+
+
+def _prepare_demo_dir(workdir: Any) -> tuple[str, str, str]:
+    import os
+
+    os.makedirs(workdir, exist_ok=True)
+    dcu_end, sim_end = os.path.join(workdir, "can-dcu"), os.path.join(workdir, "can-sim")
+    for path in (dcu_end, sim_end):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return dcu_end, sim_end, os.path.join(workdir, "drive-sim.log")
+
+
+def _links_ready(*paths: str) -> bool:
+    import os
+
+    return all(os.path.exists(p) for p in paths)
+
+
+async def start_demo_drives(workdir: Any) -> tuple[str, Callable[[], Any]]:
+    """Two CiA 402 drives for ``dcud demo``: a socat pty pair carrying slcan, the simulator on one end.
+
+    Returns the dcud.toml snippet (``[[can]]`` ``can0`` and ``[[drive]]`` axis-1/axis-2, commands on)
+    and an async ``cleanup()`` that stops the simulator and socat. The simulator logs to
+    ``workdir/drive-sim.log``.
+    """
+    import asyncio
+    import os
+
+    from dcud.sim.peers import find_program
+
+    dcu_end, sim_end, log_path = _prepare_demo_dir(workdir)
+    socat = await asyncio.create_subprocess_exec(
+        find_program("socat", "socat"),
+        f"pty,raw,echo=0,link={dcu_end}",
+        f"pty,raw,echo=0,link={sim_end}",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    for _ in range(200):
+        if _links_ready(dcu_end, sim_end):
+            break
+        await asyncio.sleep(0.025)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sim = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dcud",
+        "sim",
+        "drive",
+        "--interface",
+        "slcan",
+        "--channel",
+        str(sim_end),
+        "--nodes",
+        "1-2",
+        "--option",
+        "sleep_after_open=0",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=log_fd,
+        stderr=log_fd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    os.close(log_fd)
+
+    async def cleanup() -> None:
+        for proc in (sim, socat):
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 3.0)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
+
+    return DEMO_TOML.format(channel=dcu_end), cleanup
+
+
 __all__ = [
+    "MODBUS_REGISTERS",
     "CanDriveSimulator",
     "Cia402Drive",
     "DriveModel",
+    "ModbusDriveModel",
+    "SharedLineModel",
     "SimOptions",
     "build_object_dictionary",
+    "cmd_sim_drive",
     "parse_nodes",
     "run_can_cli",
+    "start_demo_drives",
 ]

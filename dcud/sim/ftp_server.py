@@ -69,13 +69,22 @@ def _serve(args: argparse.Namespace) -> None:
                 raise AuthenticationFailed("login refused (test knob)")
             super().validate_authentication(username, password, handler)
 
-    class SimDTP(ThrottledDTPHandler):  # type: ignore[misc]
+    dtp_base: Any = ThrottledDTPHandler  # the rate knob; TLS data connections need the TLS handler
+    if args.tls_cert:
+        from pyftpdlib.handlers import TLS_DTPHandler
+
+        dtp_base = TLS_DTPHandler
+
+    class SimDTP(dtp_base):  # type: ignore[misc]
         def __init__(self, sock: Any, cmd_channel: Any) -> None:
             ctl = control()
             self.read_limit = int(ctl.get("rate_bytes_per_s", 0) or 0)
             self._stall_after = int(ctl.get("stall_after_bytes", 0)) if ctl.get("mode") == "stall" else None
             self._stalled = False
             super().__init__(sock, cmd_channel)
+            if self._stall_after is not None:  # read in small chunks so the stall point is exact
+                size: int = int(getattr(self, "ac_in_buffer_size", 65536))
+                self.ac_in_buffer_size = max(1, min(size, self._stall_after))
 
         def handle_read(self) -> None:
             if self._stall_after is not None and self.tot_bytes_received >= self._stall_after:
@@ -88,14 +97,17 @@ def _serve(args: argparse.Namespace) -> None:
                 return
             super().handle_read()
 
+        handle_read_event = handle_read  # the base class binds its own handle_read under this name
+
     base: Any = FTPHandler
     if args.tls_cert:
         from pyftpdlib.handlers import TLS_FTPHandler
 
         base = TLS_FTPHandler
 
-    class Handler(base):  # type: ignore[misc,valid-type]
+    class Handler(base):  # type: ignore[misc]
         dtp_handler = SimDTP
+        auth_failed_timeout = 0.05  # pyftpdlib delays a 530 by 3 s by default; tests count, not wait
         passive_ports = None
         permit_foreign_addresses = False
 
@@ -108,7 +120,7 @@ def _serve(args: argparse.Namespace) -> None:
         def on_login_failed(self, username: str, password: str) -> None:
             record("login_failed", user=username)
 
-        def ftp_STOR(self, file: str, mode: str = "w") -> Any:  # noqa: N802 (pyftpdlib's naming)
+        def ftp_STOR(self, file: str, mode: str = "w") -> Any:  # noqa: N802 (pyftpdlib names)
             record("stor", name=os.path.basename(file))
             return super().ftp_STOR(file, mode)
 

@@ -38,7 +38,7 @@ from dcud.codec.iec62056 import (
     parse_identification,
     tx_time_s,
 )
-from dcud.codec.iec_session import Drain, Send, SetBaud
+from dcud.codec.actions import Drain, Send, SetBaud
 from dcud.errors import NegativeResponse, ProtocolError
 
 MeterAction = Send | Drain | SetBaud

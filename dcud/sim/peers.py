@@ -20,7 +20,7 @@ from dcud.errors import DcudError
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
 
 
-class PeerMissing(DcudError):  # noqa: N818 (reads as a condition, like PeerTimeout)
+class PeerMissing(DcudError):
     """A peer program is not installed; the message says how to install it."""
 
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from dcud.codec.iec62056 import BccMode, DataSet
 from dcud.codec.actions import Drain, Send, SetBaud
+from dcud.codec.iec62056 import BccMode, DataSet, numeric_value
 from dcud.codec.mbus_app import DataField
 from dcud.sim.iec_meter import IecMeter
 from dcud.sim.mbus_slave import MbusBusModel, MbusSlave, SlaveRecord
@@ -195,14 +195,7 @@ def iec_datasets(spec: SimMeterSpec) -> list[DataSet]:
 
 def iec_expected_values(spec: SimMeterSpec) -> dict[str, float | str]:
     """What a reader should decode from a static (``rate_per_h = 0``) meter: OBIS id -> value."""
-    return {ds.address: _numeric(ds.values[0][0]) for ds in iec_datasets(spec)}
-
-
-def _numeric(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    return {ds.address: numeric_value(*ds.values[0]) for ds in iec_datasets(spec)}
 
 
 def make_iec_meter(spec: SimMeterSpec) -> IecMeter:

@@ -1,0 +1,1414 @@
+"""Transparent TCP ports: a head-end's bytes to a meter line and back, untouched, under a line lease.
+
+``tm_server_port`` (default 9000) serves the ``[[line]]`` with ``transparent = "primary"`` at ``tm.baud``,
+``tm2.port`` (default 9002) the one with ``transparent = "secondary"`` at ``tm2.baud``; the EI client
+(:mod:`dcud.service.ei_client`) bridges an outgoing connection the same way. docs/bridge.md is the user
+guide; this docstring is the design.
+
+Data path
+---------
+Client bytes are written to the line from the transport's ``data_received`` callback itself (no task
+switch, no copy) whenever nothing is queued; meter bytes go out from a reader task with
+``transport.write``. TCP_NODELAY is on. Backpressure both ways:
+
+- client -> line: a leaky-bucket model of the UART (``baud / bits per character``) counts what the line
+  has not sent yet; past a quarter second of wire time the session drains the line (tcdrain) before it
+  writes more, and stops reading the socket meanwhile, so the TCP window closes on a fast client;
+- line -> client: when the socket's send buffer is full the reader stops taking bytes from the line;
+  a client that reads nothing for ``unsent_timeout_s`` is dead (``peer_not_reading``).
+
+IEC 62056-21 awareness (:class:`~dcud.codec.iec_sniffer.IecSniffer`) puts the line switches at the right
+byte: the option select is written and drained, then the UART changes rate (and framing for mode E),
+and goes back when the meter does. With ``rfc2217 = true`` the port speaks Telnet COM-PORT-OPTION
+(:mod:`dcud.codec.rfc2217`) and a client that sets the rate itself turns the sniffer off.
+
+Leases (design.md rule 4)
+-------------------------
+A session takes its line's lease (kind ``bridge``, so ``<p>/line/<name>/state`` shows it as owner and
+polls waiting behind it are reported *deferred*). After ``lease_idle_s`` without a byte either way it
+hands the line to whoever waits and takes it back (queueing ahead of polls) when the client sends
+again; the EI client's permanent connection takes the line only while the head-end talks. A session
+that held the line ``lease_max_s`` while readouts wait is ended. Bytes are never interleaved: the line
+is only written under the lease, and each lease starts at the session's settings with input flushed.
+
+Sessions
+--------
+Source allow-list (checked before any TLS work), TLS (handshake bounded, at most ``max_pending``
+handshakes at once), then the second-client policy: ``takeover`` ends the running session
+(``taken_over``) and serves the new client; ``refuse`` sends ``busy_message`` and closes. Sessions end on
+client close, ``idle_timeout_s``, dead peer (TCP keepalive ``keepalive_idle_s``/``_interval_s``/``_count``,
+TCP_USER_TIMEOUT and the unread bound ``unsent_timeout_s``), takeover, line failure or stop. Each
+session leaves one audit record: a ``bridge session`` log line and a ``bridge_session`` event with peer,
+start, end, bytes each way and the reason. An optional hex trace file records the traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ipaddress
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import structlog
+
+from dcud.codec.iec_sniffer import Forward, IecSniffer, SnifferTimings, SwitchLine
+from dcud.codec.rfc2217 import (
+    FLOWCONTROL_RESUME,
+    FLOWCONTROL_SUSPEND,
+    NOTIFY_LINESTATE,
+    NOTIFY_MODEMSTATE,
+    PARITY_CODES,
+    PURGE_DATA,
+    SET_BAUDRATE,
+    SET_CONTROL,
+    SET_DATASIZE,
+    SET_LINESTATE_MASK,
+    SET_MODEMSTATE_MASK,
+    SET_PARITY,
+    SET_STOPSIZE,
+    SIGNATURE,
+    ClientData,
+    PortRequest,
+    Reply,
+    Rfc2217Server,
+    escape,
+    framing_from_settings,
+)
+from dcud.config.model import LineConfig, TransparentConfig
+from dcud.errors import ConfigError, ConfigIssue, DcudError, TransportError
+from dcud.runtime.bus import EventBus
+from dcud.runtime.supervisor import Service, ServiceContext
+from dcud.service.line import LeasedPort, LeaseTimeout, Line, LineBusyError, LineClosedError, LineRegistry
+from dcud.service.tls_banks import (
+    TlsBankError,
+    Verify,
+    fingerprint_sha256,
+    load_bank,
+    self_signed_bank,
+    server_context,
+    verify_from_wme,
+)
+
+if TYPE_CHECKING:
+    from dcud.app import Runtime
+    from dcud.config.loader import LoadedConfig
+
+log = structlog.get_logger("dcud.bridge")
+
+INBOUND_HIGH_BYTES = 64 * 1024
+"""Client bytes queued while the line is not ours (or is switching) before the socket stops being read."""
+INBOUND_LOW_BYTES = 16 * 1024
+LINE_QUEUE_S = 0.25
+"""Wire time the session lets the UART hold before it waits for a drain."""
+LINE_QUEUE_MIN_BYTES = 64
+READ_CHUNK_BYTES = 64 * 1024
+WAITER_POLL_S = 1.0
+"""How often an idle session holding the line looks for waiting readouts."""
+SOCKET_WRITE_HIGH_BYTES = 64 * 1024
+TRACE_LINE_BYTES = 1024
+LOG_SUMMARY_S = 60.0
+STATE_PUBLISH_MIN_S = 1.0
+EOF_LINGER_S = 1.5
+"""After a client's half-close: how long the line must be quiet before the session ends (meter answer)."""
+EOF_LINGER_MAX_S = 10.0
+
+EventSink = Callable[..., Awaitable[None]]
+
+
+def bits_per_char(framing: str) -> int:
+    """Bits one character takes on the wire: start + data + parity + stop (``"7E1"`` -> 10)."""
+    return 1 + int(framing[0]) + (0 if framing[1].upper() == "N" else 1) + int(framing[2])
+
+
+def rfc3339_ms(epoch_s: float) -> str:
+    """UTC time with milliseconds and a ``Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s)) + f".{int(epoch_s % 1 * 1000):03d}Z"
+
+
+# -- configuration slices ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    """Timing and limits of one transparent session (from ``[transparent]``)."""
+
+    idle_timeout_s: float = 300.0
+    lease_idle_s: float = 30.0
+    lease_max_s: float = 900.0
+    lease_wait_s: float = 120.0
+    keepalive_idle_s: int = 60
+    keepalive_interval_s: int = 10
+    keepalive_count: int = 3
+    unsent_timeout_s: float = 30.0
+    iec_aware: bool = True
+    iec_inactivity_s: float = 120.0
+
+    @classmethod
+    def from_toml(cls, t: TransparentConfig) -> SessionPolicy:
+        """The policy part of ``[transparent]``."""
+        return cls(
+            idle_timeout_s=t.idle_timeout_s,
+            lease_idle_s=t.lease_idle_s,
+            lease_max_s=t.lease_max_s,
+            lease_wait_s=t.lease_wait_s,
+            keepalive_idle_s=t.keepalive_idle_s,
+            keepalive_interval_s=t.keepalive_interval_s,
+            keepalive_count=t.keepalive_count,
+            unsent_timeout_s=t.unsent_timeout_s,
+            iec_aware=t.iec_aware,
+            iec_inactivity_s=t.iec_inactivity_s,
+        )
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS of a transparent port (WM-E ``tm.tls_enable``, ``tm.cert``, ``tm.ca_cert``, ``tm.verify``...)."""
+
+    enabled: bool = False
+    cert_bank: int = 0
+    """0: a self-signed device certificate (made on first use) instead of a bank."""
+    ca_bank: int = 0
+    verify: Verify = "none"
+    use_crl: bool = False
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """The slice of one transparent port service."""
+
+    port_name: str
+    """``tm`` (primary) or ``tm2`` (secondary): service name, owner strings, trace file names."""
+    line: LineConfig
+    port: int
+    baud: int
+    host: str = "127.0.0.1"
+    """Listen address; empty: every interface."""
+    allow: tuple[str, ...] = ()
+    second_client: str = "takeover"
+    busy_message: str = "BUSY transparent port in use\r\n"
+    policy: SessionPolicy = field(default_factory=SessionPolicy)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    rfc2217: bool = False
+    trace_file: str = ""
+    trace_max_bytes: int = 16 * 1024 * 1024
+    max_pending: int = 8
+    handshake_timeout_s: float = 10.0
+    state_dir: str = ""
+    device_id: str = "dcud"
+
+
+# -- small helpers -------------------------------------------------------------------------------
+
+
+class AllowList:
+    """Source networks allowed to connect (empty: everybody); IPv4-mapped IPv6 counts as IPv4."""
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        self.networks = [ipaddress.ip_network(e, strict=False) for e in entries]
+
+    def allows(self, host: str) -> bool:
+        """Whether ``host`` (an address string) may connect."""
+        if not self.networks:
+            return True
+        try:
+            addr = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr.version == net.version and addr in net for net in self.networks)
+
+
+def peer_name(transport: asyncio.BaseTransport) -> tuple[str, str]:
+    """``(host, "host:port")`` of a socket transport's peer (IPv6 in brackets)."""
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        shown = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        return host, shown
+    return "", str(peer)
+
+
+def tune_socket(transport: asyncio.BaseTransport, policy: SessionPolicy) -> None:
+    """TCP_NODELAY, keepalive and TCP_USER_TIMEOUT (the dead-peer bound) on a session's socket."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    options = [
+        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", 4), policy.keepalive_idle_s),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", 5), policy.keepalive_interval_s),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", 6), policy.keepalive_count),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", 18), int(policy.unsent_timeout_s * 1000)),
+    ]
+    for level, name, value in options:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(level, name, value)
+
+
+class HexTrace:
+    """Troubleshooting trace: one line per chunk (``time session dir length hex``) or note.
+
+    ``c>m`` is client to meter, ``m>c`` meter to client, ``--`` a note (lease, switch, end). The file is
+    rotated to ``<file>.1`` when it reaches ``max_bytes``; a write error turns the trace off (logged once).
+    """
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self._file: Any = None
+        self._size = 0
+        self.failed = False
+
+    def _open(self) -> Any:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="ascii", buffering=1)
+            self._size = self._file.tell()
+        return self._file
+
+    def _write(self, text: str) -> None:
+        if self.failed:
+            return
+        try:
+            handle = self._open()
+            if self._size + len(text) > self.max_bytes:
+                handle.close()
+                self._file = None
+                self.path.replace(self.path.with_name(self.path.name + ".1"))
+                handle = self._open()
+            handle.write(text)
+            self._size += len(text)
+        except OSError as exc:
+            self.failed = True
+            log.error("hex trace off", file=str(self.path), error=exc.strerror or str(exc))
+
+    def data(self, sid: str, direction: str, data: bytes) -> None:
+        """Record a chunk of traffic."""
+        stamp = rfc3339_ms(time.time())
+        for off in range(0, len(data), TRACE_LINE_BYTES):
+            piece = data[off : off + TRACE_LINE_BYTES]
+            self._write(f"{stamp} {sid} {direction} {len(piece)} {piece.hex()}\n")
+
+    def note(self, sid: str, text: str) -> None:
+        """Record an event of the session."""
+        self._write(f"{rfc3339_ms(time.time())} {sid} -- {text}\n")
+
+    def close(self) -> None:
+        """Close the file (reopened on the next write)."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+
+class _SummaryLog:
+    """Logs the first occurrence at once, then one summary with the count per ``LOG_SUMMARY_S``."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.count = 0
+        self.unlogged = 0
+        self.last_s = -LOG_SUMMARY_S
+
+    def hit(self, **fields: object) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last_s >= LOG_SUMMARY_S:
+            log.warning(self.message, total=self.count, since_last_log=self.unlogged + 1, **fields)
+            self.last_s = now
+            self.unlogged = 0
+        else:
+            self.unlogged += 1
+
+
+# -- the session ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Raw:
+    """Client bytes not yet decoded (Telnet) or sniffed."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Switch:
+    """Drain, then change the line's rate/framing."""
+
+    baud: int
+    framing: str
+    reason: str
+
+
+_LineOp = bytes | _Switch | PortRequest
+_Queued = _Raw | _LineOp
+
+
+class _Ended(Exception):
+    """Internal: the session has ended; unwinds helper tasks."""
+
+
+class BridgeSession(asyncio.Protocol):
+    """One client connection bridged to one line (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        sid: str,
+        port_name: str,
+        peer: str,
+        line: Line,
+        baud: int,
+        framing: str,
+        policy: SessionPolicy,
+        rfc2217: bool = False,
+        trace: HexTrace | None = None,
+        lazy_lease: bool = False,
+        release_when_idle: bool = False,
+        tls: bool = False,
+    ) -> None:
+        self.sid = sid
+        self.port_name = port_name
+        self.peer = peer
+        self.line = line
+        self.baud = baud
+        self.framing = framing
+        self.policy = policy
+        self.trace = trace
+        self.tls = tls
+        self.lazy_lease = lazy_lease
+        self.release_when_idle = release_when_idle
+        self.owner = f"bridge:{port_name}:{peer}"
+        self.telnet = Rfc2217Server() if rfc2217 else None
+        timings = SnifferTimings(
+            programming_idle_s=policy.iec_inactivity_s, hdlc_idle_s=policy.iec_inactivity_s
+        )
+        self.sniffer = IecSniffer(baud, framing, timings) if policy.iec_aware else None
+        self.client_cert: str | None = None
+        self.reason: str | None = None
+        self.detail = ""
+        self.started_s = time.time()
+        self.ended_s: float | None = None
+        self.bytes_c2m = 0
+        self.bytes_m2c = 0
+        self.leases = 0
+        self.yields = 0
+        self.lease_wait_s = 0.0
+        self._loop = asyncio.get_running_loop()
+        self.last_activity = self._loop.time()
+        self._transport: asyncio.Transport | None = None
+        self._port: LeasedPort | None = None
+        self._fast = False
+        self._ops: collections.deque[_Queued] = collections.deque()
+        self._queued_bytes = 0
+        self._reading_paused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._write_paused = False
+        self._suspended = False
+        self._wake = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._finish: tuple[str, str, bool] | None = None
+        """Set when the client sent its last byte: (reason, detail, linger for the meter's answer)."""
+        self._finish_at = 0.0
+        self._client_line: tuple[int, str] | None = None
+        """Rate and framing an RFC 2217 client set (re-applied on every lease); None: session defaults."""
+        self._lease_since = 0.0
+        self._bucket = 0.0
+        self._bucket_t = 0.0
+        self._cps = baud / bits_per_char(framing)
+        self._queue_limit = LINE_QUEUE_MIN_BYTES
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """True once the session has ended (or is ending)."""
+        return self.reason is not None
+
+    def attach(self, transport: asyncio.BaseTransport) -> None:
+        """Start using ``transport`` (after TLS, if any) and greet an RFC 2217 client."""
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.set_write_buffer_limits(high=SOCKET_WRITE_HIGH_BYTES)
+        if self.telnet is not None:
+            self._transport.write(self.telnet.greeting())
+        if self.trace is not None:
+            self.trace.note(self.sid, f"session {self.port_name} from {self.peer} line {self.line.name}")
+
+    def end(self, reason: str, detail: str = "") -> None:
+        """End the session with ``reason`` (the first reason given wins)."""
+        if self.reason is None:
+            self.reason = reason
+            self.detail = detail
+            self._ended.set()
+
+    async def run(self) -> None:
+        """Bridge until the session ends; closes the connection; the caller writes the audit record."""
+        body = asyncio.ensure_future(self._body())
+        ended = asyncio.ensure_future(self._ended.wait())
+        try:
+            await asyncio.wait([body, ended], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self.end("stopping")
+            raise
+        finally:
+            ended.cancel()
+            if not body.done():
+                body.cancel()
+                await asyncio.wait([body])
+            if not body.cancelled() and body.exception() is not None:
+                exc = body.exception()
+                log.error("bridge session failed", session=self.sid, error=repr(exc))
+                self.end("error", repr(exc))
+            self.end("closed")  # a guard: every path that ends the body has set a reason already
+            self._close_transport()
+            self.ended_s = time.time()
+            if self.trace is not None:
+                self.trace.note(self.sid, f"end {self.reason} {self.detail}".rstrip())
+
+    def _close_transport(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self.reason in ("client_closed", "idle_timeout", "stopping", "lease_max"):
+            transport.close()  # what is buffered still goes out, then FIN
+        else:
+            transport.abort()  # dead or replaced peer: do not wait on it
+
+    def record(self) -> dict[str, Any]:
+        """The audit record of this session."""
+        end = self.ended_s if self.ended_s is not None else time.time()
+        doc: dict[str, Any] = {
+            "session": self.sid,
+            "port": self.port_name,
+            "line": self.line.name,
+            "peer": self.peer,
+            "tls": self.tls,
+            "start": rfc3339_ms(self.started_s),
+            "end": rfc3339_ms(end),
+            "duration_s": round(end - self.started_s, 3),
+            "bytes_to_meter": self.bytes_c2m,
+            "bytes_to_client": self.bytes_m2c,
+            "reason": self.reason or "open",
+            "leases": self.leases,
+            "lease_yields": self.yields,
+            "lease_wait_s": round(self.lease_wait_s, 3),
+        }
+        if self.detail:
+            doc["detail"] = self.detail
+        if self.client_cert:
+            doc["client_cert"] = self.client_cert
+        if self.sniffer is not None:
+            stats = self.sniffer.stats
+            doc["iec"] = {
+                "signons": stats.signons,
+                "switches": stats.switches,
+                "readouts": stats.readouts,
+                "bcc_errors": stats.bcc_errors,
+            }
+        return doc
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Plain TCP: the transport is the session's (TLS sessions are attached after the handshake)."""
+        if self._transport is None:
+            self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        """Client bytes: straight to the line when possible, else queued (bounded)."""
+        now = self._loop.time()
+        self.last_activity = now
+        self.bytes_c2m += len(data)
+        if self.trace is not None:
+            self.trace.data(self.sid, "c>m", data)
+        port = self._port
+        if port is not None and self._fast and not self._timer_due(now):
+            items = self._client_ops(data, now)
+            for index, item in enumerate(items):
+                if isinstance(item, bytes) and self._write_now(port, item, now):
+                    continue
+                self._ops.extend(items[index:])
+                self._fast = False
+                self._wake.set()
+                return
+            return
+        self._ops.append(_Raw(data))
+        self._queued_bytes += len(data)
+        if self._queued_bytes > INBOUND_HIGH_BYTES and not self._reading_paused:
+            self._pause_reading()
+        self._wake.set()
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed: its last bytes still go to the line, the meter's answer still comes back.
+
+        The session ends once everything queued is written and the line has been quiet for
+        ``EOF_LINGER_S`` (``echo '/?!' | nc -N dcu 9000`` gets its identification line).
+        """
+        self._client_done("client_closed", "", linger=True)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The connection is gone (a reset or a timeout means a dead peer); queued bytes still go out."""
+        if exc is None:
+            self._client_done("client_closed", "", linger=False)
+        elif isinstance(exc, TimeoutError):
+            self._client_done("peer_dead", str(exc) or "timeout", linger=False)
+        else:
+            self._client_done("client_reset", str(exc) or type(exc).__name__, linger=False)
+        self._writable.set()
+
+    def _client_done(self, reason: str, detail: str, *, linger: bool) -> None:
+        """The client sends no more: end now, or once the queued bytes are on the line (and lingered)."""
+        first = self._finish
+        if first is not None:
+            reason, detail = first[0], first[1]
+            linger = linger and first[2]
+        if first is None:
+            self._finish_at = self._loop.time()
+        self._finish = (reason, detail, linger)
+        if not self._ops and not linger:
+            self.end(reason, detail)
+        self._wake.set()
+
+    def pause_writing(self) -> None:
+        """The socket's send buffer is full: stop taking bytes from the line."""
+        self._write_paused = True
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        """The socket drained: take bytes from the line again."""
+        self._write_paused = False
+        if not self._suspended:
+            self._writable.set()
+
+    # -- client -> line ------------------------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            with contextlib.suppress(RuntimeError):
+                transport.pause_reading()
+        self._reading_paused = True
+
+    def _maybe_resume_reading(self) -> None:
+        if self._reading_paused and self._queued_bytes <= INBOUND_LOW_BYTES:
+            self._reading_paused = False
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                with contextlib.suppress(RuntimeError):
+                    transport.resume_reading()
+
+    def _timer_due(self, now: float) -> bool:
+        sniffer = self.sniffer
+        if sniffer is None:
+            return False
+        deadline = sniffer.next_deadline()
+        return deadline is not None and deadline <= now
+
+    def _client_ops(self, data: bytes, now: float) -> list[_LineOp]:
+        """Decode (Telnet) and sniff client bytes into what must happen on the line, in order."""
+        if self.telnet is None:
+            payloads: list[bytes | PortRequest] = [data]
+        else:
+            payloads = []
+            for event in self.telnet.receive(data):
+                if isinstance(event, ClientData):
+                    payloads.append(event.data)
+                elif isinstance(event, Reply):
+                    self._send_raw(event.data)
+                else:
+                    payloads.append(event)
+        sniffer = self.sniffer
+        if sniffer is None or self._client_line is not None:
+            return list(payloads)
+        items: list[_LineOp] = []
+        for payload in payloads:
+            if isinstance(payload, PortRequest):
+                items.append(payload)
+                continue
+            for action in sniffer.from_client(payload, now):
+                if isinstance(action, Forward):
+                    items.append(action.data)
+                else:
+                    items.append(_Switch(action.baud, action.framing, action.reason))
+        return items
+
+    def _leak(self, now: float) -> None:
+        if self._bucket:
+            self._bucket = max(0.0, self._bucket - (now - self._bucket_t) * self._cps)
+        self._bucket_t = now
+
+    def _write_now(self, port: LeasedPort, data: bytes, now: float) -> bool:
+        """Write if the line's queue has room (no drain needed); False: the pump must do it."""
+        self._leak(now)
+        if self._bucket + len(data) > self._queue_limit and (self._bucket or len(data) > self._queue_limit):
+            return False
+        port.write(data)
+        self._bucket += len(data)
+        return True
+
+    async def _write_line(self, port: LeasedPort, data: bytes) -> None:
+        limit = self._queue_limit
+        for off in range(0, len(data), limit):
+            piece = data[off : off + limit]
+            self._leak(self._loop.time())
+            if self._bucket and self._bucket + len(piece) > limit:
+                await port.drain()
+                self._bucket = 0.0
+            port.write(piece)
+            self._bucket += len(piece)
+
+    def _set_rate(self, baud: int, framing: str) -> None:
+        self._cps = baud / bits_per_char(framing)
+        self._queue_limit = max(LINE_QUEUE_MIN_BYTES, int(self._cps * LINE_QUEUE_S))
+
+    async def _switch(self, port: LeasedPort, baud: int, framing: str, reason: str) -> None:
+        await port.set_framing(framing)
+        await port.set_baud(baud)
+        self._bucket = 0.0
+        self._set_rate(port.baud, port.framing)
+        if self.trace is not None:
+            self.trace.note(self.sid, f"line {port.baud} {port.framing} ({reason})")
+
+    async def _pump(self, port: LeasedPort) -> None:
+        """Carries out queued client bytes, line switches and RFC 2217 requests, in order."""
+        loop = self._loop
+        while True:
+            while self._ops:
+                item = self._ops.popleft()
+                if isinstance(item, _Raw):
+                    self._queued_bytes -= len(item.data)
+                    self._ops.extendleft(reversed(self._client_ops(item.data, loop.time())))
+                    self._maybe_resume_reading()
+                    continue
+                if isinstance(item, bytes):
+                    await self._write_line(port, item)
+                elif isinstance(item, _Switch):
+                    await self._switch(port, item.baud, item.framing, item.reason)
+                else:
+                    await self._port_request(port, item)
+            self._maybe_resume_reading()
+            self._fast = True
+            self._wake.clear()
+            deadline = self.sniffer.next_deadline() if self.sniffer is not None else None
+            if self._finish is not None:
+                reason, detail, linger = self._finish
+                quiet_at = min(self.last_activity + EOF_LINGER_S, self._finish_at + EOF_LINGER_MAX_S)
+                if not linger or loop.time() >= quiet_at:
+                    self.end(reason, detail)
+                    raise _Ended
+                deadline = quiet_at if deadline is None else min(deadline, quiet_at)
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            if self._timer_due(loop.time()) and self.sniffer is not None:
+                for action in self.sniffer.handle_timer(loop.time()):
+                    if isinstance(action, SwitchLine):
+                        self._fast = False
+                        self._ops.append(_Switch(action.baud, action.framing, action.reason))
+
+    async def _port_request(self, port: LeasedPort, request: PortRequest) -> None:
+        """Carry out an RFC 2217 COM-PORT-OPTION command and answer with the value in force."""
+        telnet = self.telnet
+        assert telnet is not None
+        command, value = request.command, request.number
+        reply: bytes | None = None
+        if command == SET_BAUDRATE:
+            if value:
+                with contextlib.suppress(TransportError):
+                    await self._switch(port, value, port.framing, "RFC 2217 client")
+                self._client_line = (port.baud, port.framing)
+            reply = telnet.baud_reply(port.baud)
+        elif command in (SET_DATASIZE, SET_PARITY, SET_STOPSIZE):
+            if value:
+                wanted = framing_from_settings(
+                    port.framing,
+                    data_bits=value if command == SET_DATASIZE else 0,
+                    parity=value if command == SET_PARITY else 0,
+                    stop_bits=value if command == SET_STOPSIZE else 0,
+                )
+                with contextlib.suppress(TransportError, ValueError):
+                    await self._switch(port, port.baud, wanted, "RFC 2217 client")
+                self._client_line = (port.baud, port.framing)
+            framing = port.framing
+            current = {
+                SET_DATASIZE: int(framing[0]),
+                SET_PARITY: PARITY_CODES.get(framing[1], 1),
+                SET_STOPSIZE: int(framing[2]),
+            }[command]
+            reply = telnet.reply(command, current)
+        elif command == SET_CONTROL:
+            # No flow control, break or modem lines on a meter line: queries get "none/off", settings
+            # of DTR/RTS/break are acknowledged as asked (there is nothing to switch).
+            answer = {0: 1, 2: 1, 3: 1, 4: 6, 7: 8, 10: 11, 13: 1, 14: 1, 15: 1, 16: 1, 17: 1, 18: 1, 19: 1}
+            reply = telnet.reply(command, answer.get(value, value))
+        elif command == NOTIFY_LINESTATE:
+            reply = telnet.reply(command, 0)
+        elif command == NOTIFY_MODEMSTATE:
+            reply = telnet.reply(command, 0x30)  # no modem lines: report CTS and DSR as on
+        elif command == FLOWCONTROL_SUSPEND:
+            self._suspended = True
+            self._writable.clear()
+        elif command == FLOWCONTROL_RESUME:
+            self._suspended = False
+            if not self._write_paused:
+                self._writable.set()
+        elif command in (SET_LINESTATE_MASK, SET_MODEMSTATE_MASK):
+            reply = telnet.reply(command, request.value or b"\x00")
+        elif command == PURGE_DATA:
+            if value in (1, 3):
+                port.flush_input()
+            reply = telnet.reply(command, value)
+        elif command == SIGNATURE and not request.value:
+            reply = telnet.signature_reply()
+        if reply is not None:
+            self._send_raw(reply)
+
+    # -- line -> client ------------------------------------------------------------------------
+
+    def _send_raw(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    async def _reader(self, port: LeasedPort) -> None:
+        loop = self._loop
+        telnet = self.telnet
+        while True:
+            if not self._writable.is_set():
+                await self._wait_writable()
+            data = await port.read(READ_CHUNK_BYTES, timeout_s=30.0)
+            if not data:
+                continue
+            now = loop.time()
+            self.last_activity = now
+            self.bytes_m2c += len(data)
+            if self.trace is not None:
+                self.trace.data(self.sid, "m>c", data)
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                continue
+            sniffer = self.sniffer
+            if sniffer is None or self._client_line is not None:
+                transport.write(escape(data) if telnet is not None else data)
+                continue
+            for action in sniffer.from_meter(data, now):
+                if isinstance(action, Forward):
+                    transport.write(escape(action.data) if telnet is not None else action.data)
+                else:
+                    self._fast = False
+                    self._ops.append(_Switch(action.baud, action.framing, action.reason))
+                    self._wake.set()
+
+    async def _wait_writable(self) -> None:
+        if self._suspended and not self._write_paused:
+            await self._writable.wait()
+            return
+        try:
+            async with asyncio.timeout(self.policy.unsent_timeout_s):
+                await self._writable.wait()
+        except TimeoutError:
+            self.end("peer_not_reading", f"client read nothing for {self.policy.unsent_timeout_s:g} s")
+            raise _Ended from None
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    async def _body(self) -> None:
+        lazy = self.lazy_lease
+        loop = self._loop
+        while True:
+            if lazy and not await self._wait_for_client_data():
+                return
+            asked = loop.time()
+            try:
+                async with self.line.lease(self.owner, "bridge", timeout_s=self.policy.lease_wait_s) as port:
+                    self.lease_wait_s += loop.time() - asked
+                    yielded = await self._hold(port)
+            except LeaseTimeout as exc:
+                self.end("line_unavailable", str(exc))
+                return
+            except LineBusyError as exc:
+                self.end("line_busy", str(exc))
+                return
+            except LineClosedError as exc:
+                self.end("line_removed", str(exc))
+                return
+            except (TransportError, DcudError) as exc:
+                self.end("line_error", str(exc))
+                return
+            if not yielded:
+                return
+            self.yields += 1
+            lazy = True
+
+    async def _wait_for_client_data(self) -> bool:
+        """Without the line: wait until the client sends (True) or the session idles out (False)."""
+        loop = self._loop
+        while not self._ops:
+            if self._finish is not None:
+                self.end(self._finish[0], self._finish[1])
+                return False
+            self._wake.clear()
+            idle_s = self.policy.idle_timeout_s
+            timeout = None if not idle_s else max(0.0, self.last_activity + idle_s - loop.time())
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                self.end("idle_timeout")
+                return False
+        return True
+
+    async def _hold(self, port: LeasedPort) -> bool:
+        """Serve the session on the leased line; True when the lease is handed back (idle)."""
+        loop = self._loop
+        self.leases += 1
+        baud, framing = self._client_line or (self.baud, self.framing)
+        await port.set_framing(framing)
+        await port.set_baud(baud)
+        port.flush_input()
+        self._set_rate(port.baud, port.framing)
+        self._bucket = 0.0
+        if self.sniffer is not None:
+            self.sniffer.reset()
+        self._lease_since = loop.time()
+        if self.trace is not None:
+            self.trace.note(self.sid, f"lease {self.line.name} {port.baud} {port.framing}")
+        self._port = port
+        self._fast = not self._ops
+        self._wake.set()
+        tasks = [
+            asyncio.ensure_future(self._reader(port)),
+            asyncio.ensure_future(self._pump(port)),
+        ]
+        watcher = asyncio.ensure_future(self._watch(port))
+        yielded = False
+        try:
+            done, _ = await asyncio.wait([*tasks, watcher], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if exc is None:
+                    yielded = task is watcher and bool(task.result())
+                elif isinstance(exc, _Ended):
+                    pass
+                elif isinstance(exc, DcudError):
+                    self.end("line_error", str(exc))
+                else:
+                    raise exc
+            return yielded
+        finally:
+            self._port = None
+            self._fast = False
+            for task in (*tasks, watcher):
+                task.cancel()
+            await asyncio.wait([*tasks, watcher])
+            if yielded and self.trace is not None:
+                self.trace.note(self.sid, "lease handed back (idle)")
+
+    async def _watch(self, port: LeasedPort) -> bool:
+        """Idle timeout, lease_max and yielding the idle line to waiting readouts."""
+        loop = self._loop
+        policy = self.policy
+        while True:
+            now = loop.time()
+            idle = now - self.last_activity
+            if policy.idle_timeout_s and idle >= policy.idle_timeout_s:
+                self.end("idle_timeout")
+                raise _Ended
+            waiting = port.waiting
+            held = now - self._lease_since
+            if policy.lease_max_s and held >= policy.lease_max_s and waiting:
+                self.end("lease_max", f"held the line {held:.0f} s while {waiting} waited")
+                raise _Ended
+            if idle >= policy.lease_idle_s and (waiting or self.release_when_idle) and not self._ops:
+                return True
+            wake = [
+                now + WAITER_POLL_S
+                if idle >= policy.lease_idle_s
+                else self.last_activity + policy.lease_idle_s
+            ]
+            if policy.idle_timeout_s:
+                wake.append(self.last_activity + policy.idle_timeout_s)
+            if policy.lease_max_s:
+                wake.append(max(self._lease_since + policy.lease_max_s, now + WAITER_POLL_S))
+            await asyncio.sleep(max(0.01, min(wake) - now))
+
+
+# -- the listening service -------------------------------------------------------------------------
+
+
+class _Acceptor(asyncio.Protocol):
+    """First protocol of every accepted connection; hands it to the service at once."""
+
+    def __init__(self, service: BridgeService) -> None:
+        self.service = service
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.service._accept(transport)
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused until handover
+        pass
+
+
+class BridgeService:
+    """Supervised service ``bridge.<port_name>``: one transparent port (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: BridgeConfig,
+        lines: LineRegistry,
+        bus: EventBus | None = None,
+        event: EventSink | None = None,
+    ) -> None:
+        self.config = config
+        self.name = f"bridge.{config.port_name}"
+        self._lines = lines
+        self._bus = bus
+        self._event = event
+        self._allow = AllowList(config.allow)
+        self._ssl: ssl.SSLContext | None = None
+        self._line: Line | None = None
+        self._ctx: ServiceContext | None = None
+        self._active: BridgeSession | None = None
+        self._sessions: set[BridgeSession] = set()
+        self._pending = 0
+        self._seq = 0
+        self.state = "starting"
+        self.tls_error = ""
+        self.counters: dict[str, int] = {
+            "sessions": 0,
+            "refused_busy": 0,
+            "refused_address": 0,
+            "dropped_pending": 0,
+            "tls_failures": 0,
+            "taken_over": 0,
+        }
+        self._refused_address_log = _SummaryLog("connection from a source outside the allow-list dropped")
+        self._tls_log = _SummaryLog("TLS handshake failed")
+        self._busy_log = _SummaryLog("second client refused: port busy")
+        self._pending_log = _SummaryLog("too many connections in admission; dropped")
+        self._publish_handle: asyncio.TimerHandle | None = None
+        self._last_publish = 0.0
+        self.trace: HexTrace | None = None
+        if config.trace_file:
+            self.trace = HexTrace(Path(config.trace_file), config.trace_max_bytes)
+        self.bound_port: int | None = None
+        """The port actually bound (differs from ``config.port`` only when that is 0, in tests)."""
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_document(self) -> dict[str, Any]:
+        """The retained ``<p>/bridge/<port_name>`` document."""
+        active = self._active if self._active is not None and not self._active.done else None
+        cfg = self.config
+        return {
+            "port": cfg.port_name,
+            "tcp_port": self.bound_port or cfg.port,
+            "line": cfg.line.name,
+            "state": self.state,
+            "tls": cfg.tls.enabled,
+            "tls_error": self.tls_error or None,
+            "rfc2217": cfg.rfc2217,
+            "session": None
+            if active is None
+            else {
+                "peer": active.peer,
+                "since": rfc3339_ms(active.started_s),
+                "bytes_to_meter": active.bytes_c2m,
+                "bytes_to_client": active.bytes_m2c,
+            },
+            **self.counters,
+        }
+
+    def _publish(self, *, now: bool = False) -> None:
+        if self._bus is None:
+            return
+        loop = asyncio.get_running_loop()
+        if now or loop.time() - self._last_publish >= STATE_PUBLISH_MIN_S:
+            if self._publish_handle is not None:
+                self._publish_handle.cancel()
+                self._publish_handle = None
+            self._last_publish = loop.time()
+            self._bus.set_state(f"bridge/{self.config.port_name}", self.state_document())
+        elif self._publish_handle is None:
+            self._publish_handle = loop.call_at(
+                self._last_publish + STATE_PUBLISH_MIN_S, self._delayed_publish
+            )
+
+    def _delayed_publish(self) -> None:
+        self._publish_handle = None
+        self._publish(now=True)
+
+    # -- run ------------------------------------------------------------------------------------
+
+    async def _tls_context(self, ctx: ServiceContext) -> ssl.SSLContext | None:
+        """The server context, retried every 30 s while a bank is missing (the port stays closed)."""
+        tls = self.config.tls
+        if not tls.enabled:
+            return None
+        reported = ""
+        while True:
+            try:
+                state_dir = Path(self.config.state_dir)
+                if tls.cert_bank:
+                    cert = load_bank(state_dir, tls.cert_bank)
+                else:
+                    cert = await asyncio.to_thread(self_signed_bank, state_dir, self.config.device_id)
+                ca = load_bank(state_dir, tls.ca_bank) if tls.ca_bank else None
+                context = server_context(cert, ca_bank=ca, verify=tls.verify, use_crl=tls.use_crl)
+                ctx.log.info(
+                    "TLS ready",
+                    port=self.config.port_name,
+                    cert=str(cert),
+                    sha256=fingerprint_sha256(cert),
+                    verify=tls.verify,
+                    crl=tls.use_crl,
+                )
+                self.tls_error = ""
+                return context
+            except (TlsBankError, OSError) as exc:
+                message = str(exc)
+                self.tls_error = message
+                self.state = "tls_error"
+                self._publish(now=True)
+                if message != reported:
+                    reported = message
+                    ctx.log.error(
+                        "TLS not available; port stays closed", port=self.config.port_name, error=message
+                    )
+                    if self._event is not None:
+                        await self._event(
+                            "bridge_tls_error",
+                            f"transparent port {self.config.port_name} closed: {message}",
+                            port=self.config.port_name,
+                        )
+                if await ctx.sleep(30.0):
+                    return None
+
+    async def run(self, ctx: ServiceContext) -> None:
+        """Listen until stopped."""
+        self._ctx = ctx
+        cfg = self.config
+        ctx.set_ready()  # a missing line or certificate is a degraded port, not a failed daemon
+        self._ssl = await self._tls_context(ctx)
+        if cfg.tls.enabled and self._ssl is None:
+            return
+        while (line := self._lines.get(cfg.line.name)) is None:
+            if await ctx.sleep(0.1):
+                return
+        self._line = line
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _Acceptor(self),
+            host=cfg.host or None,
+            port=cfg.port,
+            reuse_address=True,
+            backlog=64,
+        )
+        sockets = server.sockets or ()
+        self.bound_port = sockets[0].getsockname()[1] if sockets else cfg.port
+        self.state = "listening"
+        ctx.log.info(
+            "transparent port listening",
+            port=cfg.port_name,
+            address=cfg.host or "*",
+            tcp_port=self.bound_port,
+            line=cfg.line.name,
+            baud=cfg.baud,
+            tls=cfg.tls.enabled,
+            rfc2217=cfg.rfc2217,
+            second_client=cfg.second_client,
+        )
+        self._publish(now=True)
+        try:
+            await ctx.heartbeat_forever()
+        finally:
+            server.close()
+            for session in list(self._sessions):
+                session.end("stopping")
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await server.wait_closed()
+            self.state = "stopped"
+            self._publish(now=True)
+            if self.trace is not None:
+                self.trace.close()
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def _accept(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # uvloop's transports do not subclass asyncio's
+        host, shown = peer_name(transport)
+        if not self._allow.allows(host):
+            self.counters["refused_address"] += 1
+            self._refused_address_log.hit(port=self.config.port_name, peer=shown)
+            transport.abort()
+            self._publish()
+            return
+        if self._pending >= self.config.max_pending or self._ctx is None or self._line is None:
+            self.counters["dropped_pending"] += 1
+            self._pending_log.hit(port=self.config.port_name, peer=shown, pending=self._pending)
+            transport.abort()
+            self._publish()
+            return
+        transport.pause_reading()  # nothing is read before TLS or the session takes the connection
+        tune_socket(transport, self.config.policy)
+        self._pending += 1
+        self._seq += 1
+        sid = f"{self.config.port_name}#{self._seq}"
+        session = BridgeSession(
+            sid=sid,
+            port_name=self.config.port_name,
+            peer=shown,
+            line=self._line,
+            baud=self.config.baud,
+            framing=self.config.line.effective_framing,
+            policy=self.config.policy,
+            rfc2217=self.config.rfc2217,
+            trace=self.trace,
+            tls=self._ssl is not None,
+        )
+        try:
+            self._ctx.spawn(f"session-{self._seq}", self._admit(session, transport))
+        except RuntimeError:
+            self._pending -= 1
+            transport.abort()
+
+    async def _admit(self, session: BridgeSession, transport: asyncio.Transport) -> None:
+        """TLS, the second-client policy, then the session; never raises (a helper failure fails the port)."""
+        try:
+            try:
+                if self._ssl is not None:
+                    if not await self._handshake(session, transport):
+                        return
+                else:
+                    transport.set_protocol(session)
+                    session.attach(transport)
+                    transport.resume_reading()
+            finally:
+                self._pending -= 1
+            active = self._active
+            if active is not None and not active.done:
+                if self.config.second_client == "refuse":
+                    self.counters["refused_busy"] += 1
+                    self._busy_log.hit(port=self.config.port_name, peer=session.peer, active=active.peer)
+                    session._send_raw(self.config.busy_message.encode("utf-8", "replace"))
+                    if session._transport is not None:
+                        session._transport.close()
+                    self._publish()
+                    return
+                self.counters["taken_over"] += 1
+                active.end("taken_over", f"by {session.peer}")
+            await self._serve(session)
+        except Exception as exc:  # a session's failure must never take the port down
+            log.error("transparent session failed", port=self.config.port_name, error=repr(exc))
+            transport.abort()
+
+    async def _handshake(self, session: BridgeSession, transport: asyncio.Transport) -> bool:
+        loop = asyncio.get_running_loop()
+        assert self._ssl is not None
+        try:
+            tls_transport = await loop.start_tls(
+                transport,
+                session,
+                self._ssl,
+                server_side=True,
+                ssl_handshake_timeout=self.config.handshake_timeout_s,
+            )
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError, RuntimeError) as exc:
+            self.counters["tls_failures"] += 1
+            self._tls_log.hit(port=self.config.port_name, peer=session.peer, error=_tls_reason(exc))
+            transport.abort()
+            self._publish()
+            return False
+        if tls_transport is None:
+            transport.abort()
+            return False
+        cert = tls_transport.get_extra_info("peercert")
+        if isinstance(cert, dict):
+            session.client_cert = _subject(cert)
+        session.attach(tls_transport)
+        return True
+
+    async def _serve(self, session: BridgeSession) -> None:
+        cfg = self.config
+        self._active = session
+        self._sessions.add(session)
+        self.counters["sessions"] += 1
+        log.info("bridge session started", port=cfg.port_name, session=session.sid, peer=session.peer)
+        self._publish(now=True)
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+            if self._active is session:
+                self._active = None
+            self._publish(now=True)
+            await self._audit(session)
+
+    async def _audit(self, session: BridgeSession) -> None:
+        await audit(session, self._event)
+
+
+async def audit(session: BridgeSession, event: EventSink | None) -> None:
+    """Write the session's audit record: a log line and a ``bridge_session`` event."""
+    record = session.record()
+    log.info("bridge session", **record)
+    if event is None:
+        return
+    text = (
+        f"transparent session {record['port']} {record['peer']} ended ({record['reason']}): "
+        f"{record['bytes_to_meter']} B to meter, {record['bytes_to_client']} B to client"
+    )
+    try:
+        await event("bridge_session", text, **record)
+    except Exception as exc:  # the outbox may refuse (full, reject_new): the log line stays
+        log.error("audit event not committed", session=session.sid, error=repr(exc))
+
+
+def _tls_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, TimeoutError):
+        return "handshake timeout"
+    return str(exc) or type(exc).__name__
+
+
+def _subject(cert: dict[str, Any]) -> str:
+    parts = []
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            parts.append(f"{key}={value}")
+    return ",".join(parts)
+
+
+# -- building from the configuration -------------------------------------------------------------
+
+
+def _param(params: Any, name: str, default: Any) -> Any:
+    try:
+        value = params.get(name)
+    except (KeyError, TypeError):
+        return default
+    return default if value is None else value
+
+
+def resolve_listen(listen: str, tls_enabled: bool) -> str:
+    """The bind address for ``[transparent] listen`` (empty string: every interface)."""
+    if listen == "auto":
+        return "" if tls_enabled else "127.0.0.1"
+    if listen == "loopback":
+        return "127.0.0.1"
+    if listen == "any":
+        return ""
+    return listen
+
+
+def tls_settings(params: Any) -> TlsSettings:
+    """TLS of the transparent ports from the WM-E ``tm.*`` parameters."""
+    return TlsSettings(
+        enabled=bool(_param(params, "tm.tls_enable", True)),
+        cert_bank=int(_param(params, "tm.cert", 0)),
+        ca_bank=int(_param(params, "tm.ca_cert", 0)),
+        verify=verify_from_wme(int(_param(params, "tm.verify", 0))),
+        use_crl=bool(_param(params, "tm.use_crl", False)),
+    )
+
+
+def allow_list(toml_path: str, entries: Sequence[str]) -> tuple[str, ...]:
+    """Validated allow-list entries; ConfigError naming the bad one."""
+    issues = []
+    for index, entry in enumerate(entries):
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError as exc:
+            issues.append(ConfigIssue(toml_path, 0, f"transparent.allow[{index}]", str(exc)))
+    if issues:
+        raise ConfigError(issues)
+    return tuple(entries)
+
+
+def trace_path(template: str, state_dir: Path, port_name: str) -> str:
+    """The hex trace file of ``port_name`` (empty: no trace)."""
+    if not template:
+        return ""
+    path = Path(template.replace("{port}", port_name))
+    return str(path if path.is_absolute() else state_dir / path)
+
+
+def build_bridge_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+    """The transparent ports and the EI client (``SERVICE_BUILDERS`` entry)."""
+    from dcud.service.ei_client import build_ei_client
+
+    toml = config.toml
+    params = config.params
+    t = toml.transparent
+    tls = tls_settings(params)
+    allow = allow_list(str(config.path), t.allow)
+    services: list[Service] = []
+    roles = {"primary": ("tm", "tm_server_port", 9000, "tm.baud", 9600)}
+    roles["secondary"] = ("tm2", "tm2.port", 9002, "tm2.baud", 2400)
+    for line in toml.line:
+        if line.transparent is None:
+            continue
+        port_name, port_param, port_default, baud_param, baud_default = roles[line.transparent]
+        port = int(_param(params, port_param, port_default))
+        if not port:
+            continue
+        services.append(
+            BridgeService(
+                BridgeConfig(
+                    port_name=port_name,
+                    line=line,
+                    port=port,
+                    baud=int(_param(params, baud_param, baud_default)),
+                    host=resolve_listen(t.listen, tls.enabled),
+                    allow=allow,
+                    second_client=t.second_client,
+                    busy_message=t.busy_message,
+                    policy=SessionPolicy.from_toml(t),
+                    tls=tls,
+                    rfc2217=t.rfc2217,
+                    trace_file=trace_path(t.trace_file, config.state_dir, port_name),
+                    trace_max_bytes=t.trace_max_bytes,
+                    max_pending=t.max_pending,
+                    handshake_timeout_s=t.handshake_timeout_s,
+                    state_dir=str(config.state_dir),
+                    device_id=config.device_id,
+                ),
+                runtime.lines,
+                runtime.bus,
+                runtime.event,
+            )
+        )
+    services.extend(build_ei_client(config, runtime))
+    return services
+
+
+__all__ = [
+    "AllowList",
+    "BridgeConfig",
+    "BridgeService",
+    "BridgeSession",
+    "HexTrace",
+    "SessionPolicy",
+    "TlsSettings",
+    "audit",
+    "bits_per_char",
+    "build_bridge_services",
+    "resolve_listen",
+    "tls_settings",
+    "tune_socket",
+]

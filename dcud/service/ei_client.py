@@ -1,0 +1,355 @@
+"""EI client: dcud dials out to the head-end and bridges that connection to the primary meter line.
+
+WM-E parameters: ``ei_client_addr``/``ei_client_port`` (off while either is unset/0),
+``ei_client_top_keepalive`` (TCP keepalive idle time; 0 = no keepalive), ``ei_client_auth_mode``
+(``N`` none, ``E`` username/password) with ``ei_client_type`` (the username, despite its name) and
+``ei_client_pass``. ``[transparent]`` adds ``ei_login_timeout_s``, ``ei_reconnect_max_s`` and ``ei_tls``.
+
+The connection is kept open: when it drops (server closed it, keepalive or TCP_USER_TIMEOUT found the
+peer dead, login refused) dcud reconnects with exponential backoff and jitter, from 1 s up to
+``ei_reconnect_max_s``; the backoff restarts after a connection that lasted at least a minute.
+
+Login exchange (``ei_client_auth_mode=E``), line-based ASCII, right after the TCP (or TLS) connect::
+
+    dcud -> HES   USER <ei_client_type> CR LF
+    dcud -> HES   PASS <ei_client_pass> CR LF
+    HES  -> dcud  OK [text] CR LF            login accepted; every later byte is meter traffic
+    HES  -> dcud  anything else, or nothing within ei_login_timeout_s: refused; dcud closes and backs off
+
+The value runs to the end of its line (it may hold spaces, never CR or LF); the reply line may end with
+LF alone. Bytes the HES sends after the ``OK`` line in the same segment are already meter traffic.
+With ``N`` there is no exchange: bridging starts at connect. The password goes over the wire as it is:
+use ``ei_tls = true`` (or a VPN/private APN) when the path is not trusted.
+
+The bridged session is the transparent port's (:class:`~dcud.service.bridge.BridgeSession`): IEC
+62056-21 aware, traced, audited (``bridge_session`` with ``port = "ei"``). Because the connection is
+permanent, it takes the line's lease only while the head-end talks and hands it back after
+``lease_idle_s`` of silence, so scheduled readouts run between the head-end's requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import structlog
+
+from dcud.config.model import LineConfig
+from dcud.runtime.backoff import Backoff
+from dcud.runtime.bus import EventBus
+from dcud.runtime.supervisor import Service, ServiceContext
+from dcud.service.bridge import (
+    BridgeSession,
+    EventSink,
+    HexTrace,
+    SessionPolicy,
+    TlsSettings,
+    _param,
+    audit,
+    rfc3339_ms,
+    tls_settings,
+    trace_path,
+    tune_socket,
+)
+from dcud.service.line import LineRegistry
+from dcud.service.tls_banks import TlsBankError, client_context, load_bank
+
+if TYPE_CHECKING:
+    from dcud.app import Runtime
+    from dcud.config.loader import LoadedConfig
+
+log = structlog.get_logger("dcud.ei_client")
+
+MAX_LOGIN_LINE_BYTES = 512
+CONNECT_TIMEOUT_S = 15.0
+STABLE_CONNECTION_S = 60.0
+"""A connection that lasted this long resets the reconnect backoff."""
+
+
+class LoginRefused(Exception):
+    """The head-end did not answer ``OK`` to the login."""
+
+
+@dataclass(frozen=True)
+class EiClientConfig:
+    """The EI client's slice of the configuration."""
+
+    host: str
+    port: int
+    line: LineConfig
+    baud: int
+    keepalive_s: int = 600
+    auth_mode: str = "N"
+    username: str = ""
+    password: str = field(default="", repr=False)
+    policy: SessionPolicy = field(default_factory=SessionPolicy)
+    login_timeout_s: float = 10.0
+    reconnect_initial_s: float = 1.0
+    reconnect_max_s: float = 300.0
+    tls_enabled: bool = False
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    trace_file: str = ""
+    trace_max_bytes: int = 16 * 1024 * 1024
+    state_dir: str = ""
+
+    def login_lines(self) -> bytes:
+        """What dcud sends to log in (empty for ``N``)."""
+        if self.auth_mode != "E":
+            return b""
+        return f"USER {self.username}\r\nPASS {self.password}\r\n".encode("utf-8", "replace")
+
+
+class _Login(asyncio.Protocol):
+    """First protocol of the connection: collects the login answer (and anything before the handover)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.answer.done():
+            return
+        eol = self.buffer.find(b"\n")
+        if eol >= 0:
+            line = bytes(self.buffer[: eol + 1])
+            del self.buffer[: eol + 1]
+            self.answer.set_result(line)
+        elif len(self.buffer) > MAX_LOGIN_LINE_BYTES:
+            self.answer.set_exception(LoginRefused("login answer too long"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(ConnectionError("closed during login"))
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+class EiClientService:
+    """Supervised service ``ei-client`` (see the module docstring)."""
+
+    name = "ei-client"
+
+    def __init__(
+        self,
+        config: EiClientConfig,
+        lines: LineRegistry,
+        bus: EventBus | None = None,
+        event: EventSink | None = None,
+    ) -> None:
+        self.config = config
+        self._lines = lines
+        self._bus = bus
+        self._event = event
+        self.state = "starting"
+        self.since_s = time.time()
+        self.connects = 0
+        self.failures = 0
+        self.last_error = ""
+        self.session: BridgeSession | None = None
+        self._seq = 0
+        self.trace: HexTrace | None = None
+        if config.trace_file:
+            self.trace = HexTrace(Path(config.trace_file), config.trace_max_bytes)
+
+    def state_document(self) -> dict[str, Any]:
+        """The retained ``<p>/bridge/ei`` document (no credentials)."""
+        cfg = self.config
+        return {
+            "port": "ei",
+            "server": f"{cfg.host}:{cfg.port}",
+            "line": cfg.line.name,
+            "state": self.state,
+            "since": rfc3339_ms(self.since_s),
+            "auth_mode": cfg.auth_mode,
+            "tls": cfg.tls_enabled,
+            "connects": self.connects,
+            "failures": self.failures,
+            "last_error": self.last_error or None,
+        }
+
+    def _set_state(self, state: str, error: str = "") -> None:
+        if state != self.state:
+            self.since_s = time.time()
+        self.state = state
+        if error:
+            self.last_error = error
+        if self._bus is not None:
+            self._bus.set_state("bridge/ei", self.state_document())
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        cfg = self.config
+        if not cfg.tls_enabled:
+            return None
+        state_dir = Path(cfg.state_dir)
+        ca = load_bank(state_dir, cfg.tls.ca_bank) if cfg.tls.ca_bank else None
+        cert = load_bank(state_dir, cfg.tls.cert_bank) if cfg.tls.cert_bank else None
+        return client_context(ca_bank=ca, cert_bank=cert, verify=cfg.tls.verify, use_crl=cfg.tls.use_crl)
+
+    async def run(self, ctx: ServiceContext) -> None:
+        """Keep a bridged connection to the head-end until stopped."""
+        cfg = self.config
+        ctx.set_ready()  # an unreachable head-end is a degraded uplink, not a failed daemon
+        backoff = Backoff(cfg.reconnect_initial_s, cfg.reconnect_max_s)
+        last_logged = ""
+        while not ctx.stopping.is_set():
+            line = self._lines.get(cfg.line.name)
+            if line is None:
+                if await ctx.sleep(0.2):
+                    return
+                continue
+            self._set_state("connecting")
+            started = time.monotonic()
+            try:
+                await self._connect_and_bridge(ctx, line)
+                error = (self.session.reason if self.session is not None else None) or "closed"
+            except (OSError, TimeoutError, ssl.SSLError, LoginRefused, TlsBankError) as exc:
+                error = _describe(exc)
+                self.failures += 1
+            if ctx.stopping.is_set():
+                return
+            if time.monotonic() - started >= STABLE_CONNECTION_S:
+                backoff.reset()
+            delay = backoff.next_delay_s()
+            if error != last_logged:  # once per state change, not once per retry
+                ctx.log.warning(
+                    "EI connection down; reconnecting", server=f"{cfg.host}:{cfg.port}", error=error
+                )
+                last_logged = error
+            self._set_state("backoff", error)
+            if await ctx.sleep(delay):
+                return
+
+    async def _connect_and_bridge(self, ctx: ServiceContext, line: Any) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        context = self._ssl_context()
+        login = _Login()
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            transport, _ = await loop.create_connection(
+                lambda: login,
+                cfg.host,
+                cfg.port,
+                ssl=context,
+                server_hostname=cfg.host if context is not None else None,
+            )
+        try:
+            tune_socket(transport, cfg.policy)
+            if cfg.keepalive_s == 0:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+            greeting = cfg.login_lines()
+            if greeting:
+                transport.write(greeting)
+                async with asyncio.timeout(cfg.login_timeout_s):
+                    answer = await login.answer
+                if not answer.rstrip(b"\r\n").split(b" ", 1)[0] == b"OK":
+                    raise LoginRefused(f"login refused: {answer[:60].decode('ascii', 'replace').strip()!r}")
+        except BaseException:
+            transport.abort()
+            raise
+        self.connects += 1
+        self._seq += 1
+        peer = f"{cfg.host}:{cfg.port}"
+        session = BridgeSession(
+            sid=f"ei#{self._seq}",
+            port_name="ei",
+            peer=peer,
+            line=line,
+            baud=cfg.baud,
+            framing=cfg.line.effective_framing,
+            policy=cfg.policy,
+            trace=self.trace,
+            lazy_lease=True,
+            release_when_idle=True,
+            tls=context is not None,
+        )
+        self.session = session
+        transport.set_protocol(session)
+        session.attach(transport)
+        if login.lost.done():
+            session.connection_lost(login.lost.result())
+        rest = bytes(login.buffer)
+        login.buffer.clear()
+        if rest:
+            session.data_received(rest)
+        ctx.log.info("EI connection up", server=peer, auth=cfg.auth_mode, tls=context is not None)
+        self._set_state("connected")
+        stop = asyncio.ensure_future(ctx.stopping.wait())
+        run = asyncio.ensure_future(session.run())
+        try:
+            await asyncio.wait([stop, run], return_when=asyncio.FIRST_COMPLETED)
+            if not run.done():
+                session.end("stopping")
+                await run
+        finally:
+            stop.cancel()
+            await audit(session, self._event)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return str(exc) or type(exc).__name__
+
+
+def build_ei_client(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+    """The EI client when ``ei_client_addr`` and ``ei_client_port`` are set and a primary line exists."""
+    params = config.params
+    host = _param(params, "ei_client_addr", None)
+    port = int(_param(params, "ei_client_port", 0))
+    if not host or not port:
+        return []
+    primary = [line for line in config.toml.line if line.transparent == "primary"]
+    if not primary:
+        log.warning('EI client configured but no line has transparent = "primary"; EI client off')
+        return []
+    t = config.toml.transparent
+    keepalive = int(_param(params, "ei_client_top_keepalive", 600))
+    base = SessionPolicy.from_toml(t)
+    policy = dataclasses.replace(
+        base,
+        idle_timeout_s=0.0,  # the connection is kept: only the line lease idles
+        keepalive_idle_s=max(1, keepalive) if keepalive else base.keepalive_idle_s,
+        keepalive_interval_s=min(base.keepalive_interval_s, max(1, keepalive // 4)) if keepalive else 10,
+        lease_max_s=t.lease_max_s,
+    )
+    slice_ = EiClientConfig(
+        host=str(host),
+        port=port,
+        line=primary[0],
+        baud=int(_param(params, "tm.baud", 9600)),
+        keepalive_s=keepalive,
+        auth_mode=str(_param(params, "ei_client_auth_mode", "N")),
+        username=str(_param(params, "ei_client_type", "")),
+        password=str(_param(params, "ei_client_pass", "")),
+        policy=policy,
+        login_timeout_s=t.ei_login_timeout_s,
+        reconnect_max_s=t.ei_reconnect_max_s,
+        tls_enabled=t.ei_tls,
+        tls=tls_settings(params),
+        trace_file=trace_path(t.trace_file, config.state_dir, "ei"),
+        trace_max_bytes=t.trace_max_bytes,
+        state_dir=str(config.state_dir),
+    )
+    return [EiClientService(slice_, runtime.lines, runtime.bus, runtime.event)]
+
+
+__all__ = ["EiClientConfig", "EiClientService", "LoginRefused", "build_ei_client"]

@@ -1,0 +1,465 @@
+"""Transparent ports end to end: bytes untouched, IEC mode C followed, leases, sessions, audit, trace."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dcud.codec.iec62056 import compute_bcc, encode_option_select, encode_request, parse_data_message
+from dcud.config.model import MeterConfig
+from dcud.service.bridge import AllowList, HexTrace, bits_per_char, resolve_listen
+from dcud.service.polling import PollingConfig, PollingService
+from dcud.sim.peers import find_program
+from dcud.sim.serial_sim import IecSimLine, SimConfig, SimLineRunner, SimLineSpec, SimMeterSpec
+
+from bridge_helpers import (
+    PtyDevice,
+    bridge_harness,
+    connect,
+    exchange,
+    policy,
+    read_exactly,
+    tty_speed,
+)
+from meter_helpers import FakeOutbox, simulators, wait_until
+
+ALL_BYTES = bytes(range(256))
+
+
+@pytest.mark.parametrize(
+    ("transparent", "kind", "baud", "framing"),
+    [("primary", "rs232", 9600, "8N1"), ("secondary", "mbus", 2400, "8E1")],
+)
+async def test_all_256_values_and_large_frames_both_ports(
+    tmp_path: Path, transparent: str, kind: str, baud: int, framing: str
+) -> None:
+    rng = random.Random(4)
+    payload = ALL_BYTES * 256 + rng.randbytes(256 * 1024) + ALL_BYTES[::-1] * 64
+    async with bridge_harness(
+        tmp_path, kind=kind, line_baud=baud, framing=framing, transparent=transparent
+    ) as h:
+        device = PtyDevice(h.pair.b)
+        device.start()
+        try:
+            echoed = await exchange(h.port, payload, chunk=65536)
+            assert echoed == payload  # nothing lost, nothing reordered, every value
+            assert bytes(device.received) == payload
+            (record,) = await h.wait_audits(1)
+        finally:
+            device.stop()
+    assert record["port"] == ("tm" if transparent == "primary" else "tm2")
+    assert record["bytes_to_meter"] == len(payload)
+    assert record["bytes_to_client"] == len(payload)
+    assert record["reason"] == "client_closed"
+    assert record["peer"].startswith("127.0.0.1:")
+
+
+def _dlms_like_responder(buffer: bytearray) -> tuple[int, bytes]:
+    """Answers each length-prefixed binary request (2-byte length) with its bytes reversed, framed."""
+    if len(buffer) < 2:
+        return 0, b""
+    size = int.from_bytes(buffer[:2], "big")
+    if len(buffer) < 2 + size:
+        return 0, b""
+    body = bytes(buffer[2 : 2 + size])
+    answer = b"\x7e\xff\x00" + body[::-1] + b"\x7e"
+    return 2 + size, len(answer).to_bytes(2, "big") + answer
+
+
+async def test_dlms_like_binary_exchange(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    async with bridge_harness(tmp_path) as h:
+        device = PtyDevice(h.pair.b, _dlms_like_responder)
+        device.start()
+        reader, writer = await connect(h.port)
+        try:
+            for size in [1, 2, 13, 64, 255, 256, 1024, 2048, 4000, *[rng.randrange(1, 3000) for _ in range(30)]]:
+                body = rng.randbytes(size - 3) + b"\xff\x7e\x00" if size > 3 else ALL_BYTES[-size:]
+                writer.write(len(body).to_bytes(2, "big") + body)
+                await writer.drain()
+                length = int.from_bytes(await read_exactly(reader, 2), "big")
+                answer = await read_exactly(reader, length)
+                assert answer == b"\x7e\xff\x00" + body[::-1] + b"\x7e"
+        finally:
+            writer.close()
+            device.stop()
+
+
+async def _mode_c_readout(
+    port: int, address: str = "12345678"
+) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A head-end's IEC 62056-21 mode C readout through the port; returns the data message (STX..BCC)."""
+    reader, writer = await connect(port)
+    writer.write(encode_request(address))
+    ident = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
+    assert ident.startswith(b"/") and ident[4:5] == b"5", ident
+    await asyncio.sleep(0.25)  # tr_min before the option select
+    writer.write(encode_option_select("5"))
+    message = await asyncio.wait_for(reader.readuntil(b"\x03"), 15)
+    bcc = await read_exactly(reader, 1)
+    return message[message.index(b"\x02") :] + bcc, reader, writer
+
+
+async def test_iec_mode_c_readout_switches_the_uart(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.log"
+    async with bridge_harness(
+        tmp_path, kind="rs485", line_baud=300, framing="7E1", bridge={"trace_file": str(trace)}
+    ) as h:
+        sim = SimConfig([SimLineSpec("m", "iec62056-21", [SimMeterSpec("12345678")], device=str(h.pair.b))])
+        async with simulators(sim):
+            message, _reader, writer = await _mode_c_readout(h.port)
+            # Right after the readout the UART still runs at the agreed 9600 Bd ...
+            assert tty_speed(h.pair.a) == 9600
+            # ... and goes back to the initial 300 Bd once the meter has (after its NAK window),
+            # while the session (and its lease) goes on.
+            await wait_until(lambda: tty_speed(h.pair.a) == 300, 10)
+            assert h.line.holder is not None and h.line.holder.kind == "bridge"
+            # A second readout in the same session works the same way.
+            writer.close()
+            second, _r, w2 = await _mode_c_readout(h.port)
+            w2.close()
+            records = await h.wait_audits(2)
+    for data in (message, second):
+        assert compute_bcc(data[1:-1]) == data[-1]
+        parsed = parse_data_message(data)
+        assert parsed.bcc_ok and parsed.readout
+        assert {ds.address for ds in parsed.datasets} >= {"1.8.0", "F.F"}
+    assert records[0]["iec"] == {"signons": 1, "switches": 2, "readouts": 1, "bcc_errors": 0}
+    assert records[1]["iec"]["readouts"] == 1
+    lines = trace.read_text().splitlines()
+    option = next(i for i, ln in enumerate(lines) if " c>m 6 063035300d0a" in ln)
+    switch = next(i for i, ln in enumerate(lines) if ln.endswith("-- line 9600 7E1 (option select 050)"))
+    data = next(i for i, ln in enumerate(lines) if " m>c " in ln and ln.split()[4].startswith("02"))
+    back = next(i for i, ln in enumerate(lines) if "-- line 300 7E1 (back to initial" in ln)
+    assert option < switch < data < back
+
+
+async def test_line_state_shows_the_bridge_as_lease_owner(tmp_path: Path) -> None:
+    async with bridge_harness(tmp_path) as h:
+        device = PtyDevice(h.pair.b)
+        device.start()
+        reader, writer = await connect(h.port)
+        writer.write(b"x")
+        assert await read_exactly(reader, 1) == b"x"
+        doc = h.bus.states["line/rs485-1"]
+        assert doc["lease"]["kind"] == "bridge"
+        assert doc["lease"]["owner"].startswith("bridge:tm:127.0.0.1:")
+        assert h.bus.states["bridge/tm"]["session"]["peer"].startswith("127.0.0.1:")
+        writer.close()
+        await wait_until(lambda: h.bus.states["line/rs485-1"]["lease"] is None, 10)
+        device.stop()
+
+
+async def test_second_client_takeover(tmp_path: Path) -> None:
+    async with bridge_harness(tmp_path, bridge={"second_client": "takeover"}) as h:
+        device = PtyDevice(h.pair.b)
+        device.start()
+        r1, w1 = await connect(h.port)
+        w1.write(b"one")
+        assert await read_exactly(r1, 3) == b"one"
+        r2, w2 = await connect(h.port)
+        w2.write(b"two")
+        assert await read_exactly(r2, 3) == b"two"
+        assert await asyncio.wait_for(r1.read(), 10) == b""  # the old client was closed
+        records = await h.wait_audits(1)
+        assert records[0]["reason"] == "taken_over"
+        assert "by 127.0.0.1:" in records[0]["detail"]
+        w2.close()
+        await h.wait_audits(2)
+        device.stop()
+        assert h.bridge.counters["taken_over"] == 1
+
+
+async def test_second_client_refused_with_a_message(tmp_path: Path) -> None:
+    async with bridge_harness(tmp_path, bridge={"second_client": "refuse", "busy_message": "BUSY\r\n"}) as h:
+        device = PtyDevice(h.pair.b)
+        device.start()
+        r1, w1 = await connect(h.port)
+        w1.write(b"one")
+        assert await read_exactly(r1, 3) == b"one"
+        r2, w2 = await connect(h.port)
+        w2.write(b"not for the meter")
+        assert await asyncio.wait_for(r2.read(), 10) == b"BUSY\r\n"
+        w1.write(b"still")
+        assert await read_exactly(r1, 5) == b"still"
+        assert b"not for the meter" not in device.received
+        w1.close()
+        w2.close()
+        device.stop()
+        assert h.bridge.counters["refused_busy"] == 1
+
+
+async def test_source_allow_list_drops_others_before_anything(tmp_path: Path) -> None:
+    async with bridge_harness(tmp_path, bridge={"allow": ("10.0.0.0/8",)}) as h:
+        reader, writer = await connect(h.port)
+        writer.write(b"hello")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert h.bridge.counters["refused_address"] == 1
+        assert h.line.holder is None
+        assert h.audits() == []
+
+
+async def test_idle_timeout_ends_the_session(tmp_path: Path) -> None:
+    async with bridge_harness(tmp_path, policy=policy(idle_timeout_s=0.5, lease_idle_s=0.2)) as h:
+        reader, _writer = await connect(h.port)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        (record,) = await h.wait_audits(1)
+        assert record["reason"] == "idle_timeout"
+
+
+async def test_client_that_reads_nothing_is_dead_within_the_unsent_bound(tmp_path: Path) -> None:
+    """The meter keeps talking, the client never reads: the session ends (peer_not_reading)."""
+    async with bridge_harness(tmp_path, policy=policy(unsent_timeout_s=1.0)) as h:
+        chunk = bytes(range(256)) * 256
+
+        def chatty(buffer: bytearray) -> tuple[int, bytes]:
+            return len(buffer), chunk * 128 * len(buffer)  # 8 MiB per byte received
+
+        device = PtyDevice(h.pair.b, chatty)
+        device.start()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", h.port))
+        try:
+            sock.send(b"????")  # and never read
+            (record,) = await h.wait_audits(1, timeout_s=60)
+            assert record["reason"] in ("peer_not_reading", "peer_dead")
+            await wait_until(lambda: h.line.holder is None, 10)
+        finally:
+            sock.close()
+            device.stop()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+async def test_rfc2217_client_sets_the_rate_and_data_passes_escaped(tmp_path: Path) -> None:
+    import serial
+
+    async with bridge_harness(tmp_path, bridge={"rfc2217": True}) as h:
+        device = PtyDevice(h.pair.b)
+        device.start()
+
+        def client() -> bytes:
+            port = serial.serial_for_url(f"rfc2217://127.0.0.1:{h.port}", baudrate=4800, timeout=5)
+            try:
+                port.write(ALL_BYTES * 4)
+                got = port.read(1024)
+                speed_seen = tty_speed(h.pair.a)
+                port.baudrate = 19200
+                return got + speed_seen.to_bytes(4, "big") + tty_speed(h.pair.a).to_bytes(4, "big")
+            finally:
+                port.close()
+
+        result = await asyncio.to_thread(client)
+        device.stop()
+    assert result[:1024] == ALL_BYTES * 4
+    assert int.from_bytes(result[1024:1028], "big") == 4800
+    assert int.from_bytes(result[1028:1032], "big") == 19200
+
+
+async def test_hex_trace_records_both_directions(tmp_path: Path) -> None:
+    trace = tmp_path / "t" / "trace-tm.log"
+    async with bridge_harness(tmp_path, bridge={"trace_file": str(trace)}) as h:
+        device = PtyDevice(h.pair.b)
+        device.start()
+        assert await exchange(h.port, b"\x00\xff\x7e", chunk=256) == b"\x00\xff\x7e"
+        await h.wait_audits(1)
+        device.stop()
+    text = trace.read_text()
+    assert " tm#1 c>m 3 00ff7e\n" in text and " tm#1 m>c 3 00ff7e\n" in text
+    assert "-- session tm from 127.0.0.1:" in text and "-- end client_closed" in text
+
+
+def test_hex_trace_rotates_at_its_size(tmp_path: Path) -> None:
+    trace = HexTrace(tmp_path / "trace.log", 4096)
+    for i in range(100):
+        trace.data("s#1", "c>m", bytes([i]) * 100)
+    trace.close()
+    assert (tmp_path / "trace.log").stat().st_size <= 4096
+    assert (tmp_path / "trace.log.1").stat().st_size <= 4096
+    assert "636363" in (tmp_path / "trace.log").read_text()
+
+
+def test_allow_list_and_listen_rules() -> None:
+    allow = AllowList(["10.0.0.0/8", "2001:db8::/32", "192.168.1.7"])
+    assert allow.allows("10.1.2.3") and allow.allows("::ffff:10.1.2.3") and allow.allows("192.168.1.7")
+    assert allow.allows("2001:db8::1") and not allow.allows("127.0.0.1") and not allow.allows("bogus")
+    assert AllowList([]).allows("203.0.113.9")
+    assert resolve_listen("auto", True) == "" and resolve_listen("auto", False) == "127.0.0.1"
+    assert resolve_listen("any", False) == "" and resolve_listen("10.0.0.1", False) == "10.0.0.1"
+    assert bits_per_char("7E1") == 10 and bits_per_char("8E1") == 11 and bits_per_char("8N2") == 11
+
+
+async def test_session_waits_for_the_line_and_ends_when_it_never_comes(tmp_path: Path) -> None:
+    async with bridge_harness(tmp_path, policy=policy(lease_wait_s=0.5)) as h:
+        line = h.line
+        async with line.lease("poll:someone", "poll", timeout_s=5):
+            reader, writer = await connect(h.port)
+            writer.write(b"queued")
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        (record,) = await h.wait_audits(1)
+        assert record["reason"] == "line_unavailable"
+        with contextlib.suppress(Exception):
+            writer.close()
+
+
+# -- leases against real scheduled readouts -------------------------------------------------------
+
+
+class _Recording:
+    """Wraps a simulator line model: records when (loop time) every chunk was read off the pty."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.bits_per_char = model.bits_per_char
+        self.chunks: list[tuple[float, bytes]] = []
+
+    def inbound_baud(self, data: bytes) -> int:
+        self.chunks.append((asyncio.get_running_loop().time(), bytes(data)))
+        return int(self.model.inbound_baud(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+@contextlib.asynccontextmanager
+async def _polled_line(tmp_path: Path, session_policy: Any) -> AsyncIterator[tuple[Any, Any, _Recording]]:
+    """A bridged IEC line with one meter that the polling service reads every 10 s."""
+    outbox = FakeOutbox()
+    meter = MeterConfig(name="flat-12", line="rs485-1", protocol="iec62056-21", address="12345678", interval_s=10)
+
+    def polling(h: Any) -> list[Any]:
+        config = PollingConfig(meters=(meter,), lines=(h.line_config,), lease_timeout_s=1.0, state_dir="")
+        return [PollingService(config, h.lines, h.bus, outbox, event=h.events)]
+
+    async with bridge_harness(
+        tmp_path, kind="rs485", line_baud=300, framing="7E1", policy=session_policy, extra_services=polling
+    ) as h:
+        spec = SimLineSpec("m", "iec62056-21", [SimMeterSpec("12345678")], device=str(h.pair.b), baud=300)
+        recording = _Recording(IecSimLine(spec.meters, 300))
+        runner = SimLineRunner(spec, recording)  # type: ignore[arg-type]
+        task = asyncio.create_task(runner.run())
+        try:
+            await asyncio.wait_for(runner.ready.wait(), 10)
+            yield h, outbox, recording
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _meter_state(h: Any) -> dict[str, Any]:
+    return dict(h.bus.states.get("meter/flat-12", {}))
+
+
+async def test_polling_is_deferred_during_a_session_and_resumes_after(tmp_path: Path) -> None:
+    async with _polled_line(tmp_path, policy(lease_idle_s=600, idle_timeout_s=600)) as (h, outbox, _rec):
+        reader, writer = await connect(h.port)
+        await wait_until(lambda: h.line.holder is not None and h.line.holder.kind == "bridge", 10)
+        await wait_until(lambda: _meter_state(h).get("status") == "deferred", 30)
+        assert _meter_state(h)["counters"]["deferred"] >= 1
+        assert _meter_state(h)["counters"]["failed"] == 0  # deferred, never failed
+        assert outbox.readings() == []
+        assert h.bus.states["line/rs485-1"]["lease"]["kind"] == "bridge"
+        writer.close()
+        await wait_until(lambda: len(outbox.readings("flat-12")) >= 1, 30)
+        assert _meter_state(h)["status"] == "ok"
+        del reader
+
+
+async def test_idle_session_yields_to_readouts_and_takes_the_line_back(tmp_path: Path) -> None:
+    async with _polled_line(tmp_path, policy(lease_idle_s=1.0, idle_timeout_s=600)) as (h, outbox, _rec):
+        reader, writer = await connect(h.port)
+        # The client stays connected but silent: a readout gets the line once the session is idle.
+        await wait_until(lambda: len(outbox.readings("flat-12")) >= 1, 30)
+        # The client talks again: the session takes the line back and a mode C readout works.
+        writer.write(encode_request("12345678"))
+        ident = await asyncio.wait_for(reader.readuntil(b"\r\n"), 15)
+        assert ident.startswith(b"/")
+        await asyncio.sleep(0.25)
+        writer.write(encode_option_select("5"))
+        message = await asyncio.wait_for(reader.readuntil(b"\x03"), 15)
+        bcc = await read_exactly(reader, 1)
+        data = message[message.index(b"\x02") :] + bcc
+        assert parse_data_message(data).bcc_ok
+        writer.close()
+        (record,) = await h.wait_audits(1)
+        assert record["leases"] >= 2 and record["lease_yields"] >= 1
+
+
+async def test_a_session_never_interleaves_with_a_readout(tmp_path: Path) -> None:
+    marker = b"\xaa\x55SESSION\x55\xaa"
+    async with _polled_line(tmp_path, policy(lease_idle_s=600, idle_timeout_s=600)) as (h, outbox, rec):
+        transitions: list[tuple[float, str | None]] = []
+        line = h.line
+        publish = line.on_change
+
+        def on_change(changed: Any) -> None:
+            holder = changed.holder.kind if changed.holder is not None else None
+            if not transitions or transitions[-1][1] != holder:
+                transitions.append((asyncio.get_running_loop().time(), holder))
+            if publish is not None:
+                publish(changed)
+
+        line.on_change = on_change
+        # Connect in the middle of a scheduled readout: the session must queue behind it.
+        await wait_until(lambda: line.holder is not None and line.holder.kind == "poll", 30)
+        reader, writer = await connect(h.port)
+        writer.write(marker)
+        await wait_until(lambda: any(marker in c for _t, c in rec.chunks), 30)
+        await wait_until(lambda: len(outbox.readings("flat-12")) >= 1, 30)
+        writer.close()
+        (record,) = await h.wait_audits(1)
+    assert record["lease_wait_s"] > 0  # it really waited for the readout to finish
+    reading = outbox.readings("flat-12")[0]
+    assert {v["id"] for v in reading["values"]} >= {"1.8.0"}
+
+    def holder_at(t: float) -> str | None:
+        current = None
+        for when, holder in transitions:
+            if when <= t:
+                current = holder
+        return current
+
+    kinds = [(holder_at(t), chunk) for t, chunk in rec.chunks]
+    assert kinds, "the meter heard nothing"
+    for holder, chunk in kinds:
+        if marker in chunk:
+            assert holder == "bridge", kinds
+        else:
+            assert holder == "poll", kinds  # sign-ons and option selects only ever under the poll lease
+
+
+async def test_a_vanished_client_frees_the_line_within_the_bound(tmp_path: Path) -> None:
+    """In a private network namespace the client's packets are black-holed (no FIN, no RST)."""
+    unshare = find_program("unshare", "util-linux")
+    find_program("ip", "iproute2")
+    script = Path(__file__).with_name("bridge_vanish_proc.py")
+    proc = await asyncio.create_subprocess_exec(
+        unshare,
+        "-rn",
+        sys.executable,
+        str(script),
+        str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=str(Path(__file__).parent.parent),
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    text = out.decode(errors="replace")
+    results = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0, text[-3000:]
+    assert {r["case"] for r in results} == {"idle", "unacked"}, text[-3000:]
+    for result in results:
+        assert result["freed"], result
+        assert result["reason"] == "peer_dead", result

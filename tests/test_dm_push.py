@@ -1,0 +1,196 @@
+"""Device-manager push against a real TCP/TLS server on loopback: framing, content, certificate banks,
+verify modes 0/1/2 and a client certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import json
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from dcud.config.loader import load_config
+from dcud.runtime.bus import EventBus
+from dcud.runtime.supervisor import ServiceContext
+from dcud.service.dm_push import DmPushConfig, DmPushService, cert_bank
+
+
+def make_cert(common_name: str) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(san, False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@dataclass
+class DmServer:
+    port: int = 0
+    connections: list[list[bytes]] = field(default_factory=list)
+    peer_certs: list[Any] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ssl_object = writer.get_extra_info("ssl_object")
+        self.peer_certs.append(ssl_object.getpeercert() if ssl_object is not None else None)
+        chunks: list[bytes] = []
+        try:
+            async with asyncio.timeout(5):
+                while line := await reader.readline():
+                    chunks.append(line)
+        except (ConnectionError, ssl.SSLError):
+            pass
+        self.connections.append(chunks)
+        self.arrived.set()
+        writer.close()
+
+
+async def serve(context: ssl.SSLContext | None = None) -> AsyncIterator[DmServer]:
+    server_state = DmServer()
+    server = await asyncio.start_server(server_state.handle, "127.0.0.1", 0, ssl=context)
+    server_state.port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield server_state
+
+
+def dm_config(tmp_path: Path, port: int, extra: str = "") -> DmPushConfig:
+    (tmp_path / "wme.conf").write_text(
+        f"dm.push_enable=1\ndm.server=127.0.0.1\ndm.port={port}\ndm.push_interval=1\n{extra}"
+    )
+    (tmp_path / "dcud.toml").write_text('device_id = "dcu-7"\nstate_dir = "state"\n')
+    config = DmPushConfig.from_config(load_config(tmp_path / "dcud.toml"))
+    assert config is not None
+    return config
+
+
+def status() -> dict[str, Any]:
+    return {"state": "online", "device_id": "dcu-7", "outbox": {"depth": 3}}
+
+
+def test_disabled_without_enable_server_or_port(tmp_path: Path) -> None:
+    (tmp_path / "dcud.toml").write_text('device_id = "d"\nstate_dir = "s"\n')
+    for wme in ("dm.server=127.0.0.1\ndm.port=5\n", "dm.push_enable=1\ndm.port=5\n", "dm.push_enable=1\n"):
+        (tmp_path / "wme.conf").write_text(wme)
+        assert DmPushConfig.from_config(load_config(tmp_path / "dcud.toml")) is None
+
+
+async def test_plain_push_framing_and_content(tmp_path: Path) -> None:
+    async for server in serve():
+        bus = EventBus()
+        bus.set_state("line/rs485-1", {"state": "open", "errors": 0})
+        bus.set_state("line/rs485-1/scan", {"state": "done"})  # not a line's health: left out
+        bus.set_state("meter/flat-12", {"quality": "ok"})
+        bus.set_state("push/ftp", {"phase": "waiting", "backlog": 0})
+        service = DmPushService(dm_config(tmp_path, server.port), bus, status)
+        ctx = ServiceContext("dm", 30.0, lambda: None)
+        task = asyncio.create_task(service.run(ctx))  # pushes at once, then every dm.push_interval
+        async with asyncio.timeout(10):
+            await server.arrived.wait()
+        assert await service.push_once(ctx)
+        ctx.stopping.set()
+        await task
+        for _ in range(100):
+            if len(server.connections) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(server.connections) >= 2
+        for seq, chunks in enumerate(server.connections[:2], start=1):
+            assert len(chunks) == 1 and chunks[0].endswith(b"\n")  # one JSON line per connection
+            doc = json.loads(chunks[0])
+            assert doc["type"] == "dcud.dm.status" and doc["version"] == 1 and doc["seq"] == seq
+            assert doc["device_id"] == "dcu-7" and doc["status"] == status()
+            assert doc["lines"] == {"rs485-1": {"state": "open", "errors": 0}}
+            assert doc["meters"] == {"flat-12": {"quality": "ok"}}
+            assert doc["push"]["ftp"]["phase"] == "waiting"
+        state = bus.states["push/dm"]
+        assert state["pushes"] >= 2 and state["failures"] == 0 and state["last_error"] is None
+
+
+def write_bank(state_dir: Path, bank: int, **files: bytes) -> None:
+    directory = cert_bank(state_dir, bank)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (directory / f"{name}.pem").write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("verify", "ca", "expect_ok", "expect_verified"),
+    [
+        (2, "right", True, True),
+        (2, "wrong", False, None),
+        (1, "wrong", True, False),  # optional: goes on unverified
+        (1, "right", True, True),
+        (0, "wrong", True, False),
+    ],
+)
+async def test_tls_banks_and_verify_modes(
+    tmp_path: Path, verify: int, ca: str, expect_ok: bool, expect_verified: bool | None
+) -> None:
+    server_cert, server_key = make_cert("dm-server")
+    other_cert, _ = make_cert("someone-else")
+    client_cert, client_key = make_cert("dcu-7")
+    (tmp_path / "server.pem").write_bytes(server_cert)
+    (tmp_path / "server.key").write_bytes(server_key)
+    (tmp_path / "client-ca.pem").write_bytes(client_cert)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    context.load_verify_locations(cafile=tmp_path / "client-ca.pem")
+    context.verify_mode = ssl.CERT_REQUIRED  # the device manager wants our client certificate
+    async for server in serve(context):
+        config = dm_config(
+            tmp_path, server.port, f"dm.tls_enable=1\ndm.cert=1\ndm.ca_cert=2\ndm.verify={verify}\n"
+        )
+        write_bank(config.state_dir, 1, cert=client_cert, key=client_key)
+        write_bank(config.state_dir, 2, ca=server_cert if ca == "right" else other_cert)
+        bus = EventBus()
+        service = DmPushService(config, bus, status)
+        ctx = ServiceContext("dm", 30.0, lambda: None)
+        ok = await service.push_once(ctx)
+        assert ok is expect_ok, bus.states["push/dm"]
+        assert bus.states["push/dm"]["verified"] is expect_verified
+        if expect_ok:
+            for _ in range(200):
+                if server.connections and server.connections[-1]:
+                    break
+                await asyncio.sleep(0.01)
+            assert json.loads(server.connections[-1][0])["device_id"] == "dcu-7"
+            subject = dict(x[0] for x in server.peer_certs[-1]["subject"])
+            assert subject["commonName"] == "dcu-7"
+        else:
+            assert "CERTIFICATE_VERIFY_FAILED" in bus.states["push/dm"]["last_error"]["message"]
+
+
+async def test_unreachable_server_is_recorded_not_raised(tmp_path: Path) -> None:
+    async for server in serve():
+        port = server.port
+    bus = EventBus()
+    service = DmPushService(dm_config(tmp_path, port), bus, status)
+    ctx = ServiceContext("dm", 30.0, lambda: None)
+    assert not await service.push_once(ctx)
+    assert not await service.push_once(ctx)
+    assert bus.states["push/dm"]["failures"] == 2 and bus.states["push/dm"]["pushes"] == 0
