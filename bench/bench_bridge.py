@@ -264,7 +264,10 @@ def run_latency(
             for size in SIZES:
                 result = measure(port, size)
                 results[size] = result
-                print(json.dumps({"bench": "bridge_latency", "bridge": name, "frame_bytes": size, **result}), flush=True)
+                print(
+                    json.dumps({"bench": "bridge_latency", "bridge": name, "frame_bytes": size, **result}),
+                    flush=True,
+                )
                 time.sleep(0.2)
         finally:
             stop(proc)
@@ -296,7 +299,9 @@ def multi_main(count: int) -> None:
             keep.append((master, slave))
             line = LineConfig(name=f"l{i}", device=os.ttyname(slave), kind="rs232", baud=BAUD, framing="8N1")
             bridge = BridgeService(
-                BridgeConfig(port_name=f"p{i}", line=line, port=0, baud=BAUD, policy=SessionPolicy()), lines, bus
+                BridgeConfig(port_name=f"p{i}", line=line, port=0, baud=BAUD, policy=SessionPolicy()),
+                lines,
+                bus,
             )
             bridges.append(bridge)
             services += [LineService(LineServiceConfig(line), lines, bus), bridge]

@@ -55,6 +55,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         f"{len(config.toml.can)} CAN buses, {len(config.toml.drive)} drives, "
         f"{len(config.params.raw)} parameters set)"
     )
+    print(f"parameter file in force: {config.params.path}")  # the remote copy once there is one
     return EXIT_OK
 
 

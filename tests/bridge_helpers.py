@@ -12,13 +12,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from meter_helpers import Events, SocatPair, supervised, wait_until
+
 from dcud.config.model import LineConfig
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import Service
 from dcud.service.bridge import BridgeConfig, BridgeService, SessionPolicy
 from dcud.service.line import Line, LineRegistry, LineService, LineServiceConfig
-
-from meter_helpers import Events, SocatPair, supervised, wait_until
 
 
 class PtyDevice:
@@ -88,7 +88,9 @@ def tty_speed(path: Path) -> int:
         speed = termios.tcgetattr(fd)[5]
     finally:
         os.close(fd)
-    names = {getattr(termios, f"B{b}"): b for b in (300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)}
+    names = {
+        getattr(termios, f"B{b}"): b for b in (300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
+    }
     return names.get(speed, -1)
 
 
@@ -222,3 +224,11 @@ async def exchange(port: int, payload: bytes, chunk: int = 4096, **kw: Any) -> b
 
 def policy(**changes: Any) -> SessionPolicy:
     return replace(FAST_POLICY, **changes)
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, timeout_s: float = 15.0) -> bool:
+    """True once the port closed the connection (FIN or reset) without sending anything."""
+    try:
+        return await asyncio.wait_for(reader.read(), timeout_s) == b""
+    except ConnectionResetError:
+        return True

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bridge_helpers import PtyDevice, bridge_harness, policy  # noqa: E402
-from meter_helpers import wait_until  # noqa: E402
+from bridge_helpers import PtyDevice, bridge_harness, policy
+from meter_helpers import wait_until
 
 BOUND_S = 20.0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import socket
 import sys
@@ -14,17 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from dcud.codec.iec62056 import compute_bcc, encode_option_select, encode_request, parse_data_message
-from dcud.config.model import MeterConfig
-from dcud.service.bridge import AllowList, HexTrace, bits_per_char, resolve_listen
-from dcud.service.polling import PollingConfig, PollingService
-from dcud.sim.peers import find_program
-from dcud.sim.serial_sim import IecSimLine, SimConfig, SimLineRunner, SimLineSpec, SimMeterSpec
-
 from bridge_helpers import (
     PtyDevice,
     bridge_harness,
+    closed_by_peer,
     connect,
     exchange,
     policy,
@@ -32,6 +24,13 @@ from bridge_helpers import (
     tty_speed,
 )
 from meter_helpers import FakeOutbox, simulators, wait_until
+
+from dcud.codec.iec62056 import compute_bcc, encode_option_select, encode_request, parse_data_message
+from dcud.config.model import MeterConfig
+from dcud.service.bridge import AllowList, HexTrace, bits_per_char, resolve_listen
+from dcud.service.polling import PollingConfig, PollingService
+from dcud.sim.peers import find_program
+from dcud.sim.serial_sim import IecSimLine, SimConfig, SimLineRunner, SimLineSpec, SimMeterSpec
 
 ALL_BYTES = bytes(range(256))
 
@@ -83,7 +82,18 @@ async def test_dlms_like_binary_exchange(tmp_path: Path) -> None:
         device.start()
         reader, writer = await connect(h.port)
         try:
-            for size in [1, 2, 13, 64, 255, 256, 1024, 2048, 4000, *[rng.randrange(1, 3000) for _ in range(30)]]:
+            for size in [
+                1,
+                2,
+                13,
+                64,
+                255,
+                256,
+                1024,
+                2048,
+                4000,
+                *[rng.randrange(1, 3000) for _ in range(30)],
+            ]:
                 body = rng.randbytes(size - 3) + b"\xff\x7e\x00" if size > 3 else ALL_BYTES[-size:]
                 writer.write(len(body).to_bytes(2, "big") + body)
                 await writer.drain()
@@ -203,7 +213,7 @@ async def test_source_allow_list_drops_others_before_anything(tmp_path: Path) ->
     async with bridge_harness(tmp_path, bridge={"allow": ("10.0.0.0/8",)}) as h:
         reader, writer = await connect(h.port)
         writer.write(b"hello")
-        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert await closed_by_peer(reader, 10)
         assert h.bridge.counters["refused_address"] == 1
         assert h.line.holder is None
         assert h.audits() == []
@@ -212,7 +222,7 @@ async def test_source_allow_list_drops_others_before_anything(tmp_path: Path) ->
 async def test_idle_timeout_ends_the_session(tmp_path: Path) -> None:
     async with bridge_harness(tmp_path, policy=policy(idle_timeout_s=0.5, lease_idle_s=0.2)) as h:
         reader, _writer = await connect(h.port)
-        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert await closed_by_peer(reader, 10)
         (record,) = await h.wait_audits(1)
         assert record["reason"] == "idle_timeout"
 
@@ -306,7 +316,7 @@ async def test_session_waits_for_the_line_and_ends_when_it_never_comes(tmp_path:
         async with line.lease("poll:someone", "poll", timeout_s=5):
             reader, writer = await connect(h.port)
             writer.write(b"queued")
-            assert await asyncio.wait_for(reader.read(), 10) == b""
+            assert await closed_by_peer(reader, 10)
         (record,) = await h.wait_audits(1)
         assert record["reason"] == "line_unavailable"
         with contextlib.suppress(Exception):
@@ -336,7 +346,9 @@ class _Recording:
 async def _polled_line(tmp_path: Path, session_policy: Any) -> AsyncIterator[tuple[Any, Any, _Recording]]:
     """A bridged IEC line with one meter that the polling service reads every 10 s."""
     outbox = FakeOutbox()
-    meter = MeterConfig(name="flat-12", line="rs485-1", protocol="iec62056-21", address="12345678", interval_s=10)
+    meter = MeterConfig(
+        name="flat-12", line="rs485-1", protocol="iec62056-21", address="12345678", interval_s=10
+    )
 
     def polling(h: Any) -> list[Any]:
         config = PollingConfig(meters=(meter,), lines=(h.line_config,), lease_timeout_s=1.0, state_dir="")
@@ -414,7 +426,7 @@ async def test_a_session_never_interleaves_with_a_readout(tmp_path: Path) -> Non
         line.on_change = on_change
         # Connect in the middle of a scheduled readout: the session must queue behind it.
         await wait_until(lambda: line.holder is not None and line.holder.kind == "poll", 30)
-        reader, writer = await connect(h.port)
+        _reader, writer = await connect(h.port)
         writer.write(marker)
         await wait_until(lambda: any(marker in c for _t, c in rec.chunks), 30)
         await wait_until(lambda: len(outbox.readings("flat-12")) >= 1, 30)

@@ -1,4 +1,4 @@
-"""TLS on the transparent port: certificate banks, verify none/optional/mandatory, CRL, self-signed default."""
+"""TLS on the transparent port: certificate banks, verify none/optional/mandatory, CRL, self-signed."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from bridge_helpers import PtyDevice, bridge_harness, connect, read_exactly
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from meter_helpers import wait_until
 
 from dcud.service.bridge import TlsSettings
 from dcud.service.tls_banks import (
@@ -24,9 +26,6 @@ from dcud.service.tls_banks import (
     server_context,
     verify_from_wme,
 )
-
-from bridge_helpers import PtyDevice, bridge_harness, connect, read_exactly
-from meter_helpers import wait_until
 
 NOW = datetime.datetime.now(datetime.UTC)
 
@@ -67,7 +66,9 @@ def _cert(
         )
     if server:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
             critical=False,
         )
     return builder.sign(issuer_key, hashes.SHA256())

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dcud.service.ei_client import EiClientConfig, EiClientService
-from dcud.sim.peers import free_port
-
 from bridge_helpers import FAST_POLICY, Harness, PtyDevice, bridge_harness, policy
 from meter_helpers import wait_until
+
+from dcud.service.ei_client import EiClientConfig, EiClientService
+from dcud.sim.peers import free_port
 
 
 @dataclass
@@ -123,7 +123,11 @@ async def test_connects_logs_in_bridges_and_reconnects_after_a_server_restart(tm
 async def test_refused_login_backs_off_and_never_bridges(tmp_path: Path) -> None:
     head_end = HeadEnd(free_port(), expect_login=b"USER u\r\nPASS wrong\r\n", answer=b"ERR bad password\r\n")
     await head_end.start()
-    async with ei_setup(tmp_path, head_end, auth_mode="E", username="u", password="wrong") as (h, service, dev):
+    async with ei_setup(tmp_path, head_end, auth_mode="E", username="u", password="wrong") as (
+        h,
+        service,
+        dev,
+    ):
         await wait_until(lambda: len(head_end.logins) >= 3, 20)
         assert service.failures >= 2
         assert "login refused" in service.last_error

@@ -499,6 +499,10 @@ def test_numeric_value() -> None:
     assert numeric_value("00000000") == "00000000"  # a unitless id keeps its zeros
     assert numeric_value("00012345") == "00012345"
     assert numeric_value("12345") == 12345.0
+    assert numeric_value("12345678", None, "0.0.0") == "12345678"  # device address
+    assert numeric_value("42", None, "1-0:96.1.0*255") == "42"
+    assert numeric_value("42", None, "C.7.0") == "42"
+    assert numeric_value("42", "kWh", "0.0.0") == 42.0
     assert numeric_value("12 345") == 12345.0
     for text in ("", "170102192002W", "24-03-12 08:15", "4B38", "inf", "nan", "1e3", "1.2.3"):
         assert numeric_value(text) == text

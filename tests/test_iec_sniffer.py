@@ -210,7 +210,9 @@ def test_hdlc_payload_with_flag_bytes_does_not_confuse_the_tracker() -> None:
     ident = encode_identification("DCU", "5", "HDLC", escapes=["2"])
     body = bytes([0x03, 0x21, 0x10, 0x7E, 0x53, 0x7E, 0x43, 0x00])  # I-frame whose payload holds 7E 53
     frame = bytes([0x7E, 0xA0, len(body) + 2]) + body + b"\x7e"
-    out = run(sniffer, [("c", REQUEST), ("m", ident), ("c", b"\x06252\r\n"), ("c", frame), ("m", _hdlc(0x73))])
+    out = run(
+        sniffer, [("c", REQUEST), ("m", ident), ("c", b"\x06252\r\n"), ("c", frame), ("m", _hdlc(0x73))]
+    )
     assert sniffer.state is SnifferState.HDLC
     assert out[-1] == ("m", _hdlc(0x73))
 

@@ -466,6 +466,19 @@ def test_secondary_scan_exact_mask_and_budget() -> None:
     assert result.probes == 5 and not result.complete
 
 
+def test_secondary_scan_descends_when_aligned_acks_hide_a_collision() -> None:
+    # Two slaves answer the select with perfectly aligned E5s (one clean E5 on the wire); only their
+    # RSP_UDs collide. The scan must search deeper (as libmbus does), not give up on "unreadable".
+    twins = [
+        MbusSlave(ident="12345671", manufacturer="ACW", reply_delay_bits=11),
+        MbusSlave(ident="12345672", manufacturer="KAM", reply_delay_bits=11),
+    ]
+    result = done(Line(MbusBusModel(twins)).run(MbusScan.secondary(retries=0))[0])
+    assert isinstance(result, MbusScanResult)
+    assert sorted(h.secondary_address[:8] for h in result.found) == ["12345671", "12345672"]
+    assert result.unreadable == [] and result.collisions == []
+
+
 def test_secondary_scan_unreadable_slave() -> None:
     slave = MbusSlave(ident="12345678")
     line = Line(MbusBusModel([slave]))

@@ -483,3 +483,25 @@ async def test_a_failed_write_changes_nothing(harness: Harness, monkeypatch: pyt
         await harness.reloader.apply_text("ntp_interval=300\n", partial=True, who="t", via="mqtt")
     assert harness.reloader.current.params.get("ntp_interval") == 600
     assert harness.events == []
+
+
+@pytest.mark.parametrize(
+    ("listen", "ok"), [("auto", True), ("::1", True), ("10.0.0.1", True), ("999.1.1.1", False)]
+)
+def test_config_port_listen_is_checked_at_load(tmp_path: Path, listen: str, ok: bool) -> None:
+    site = write_site(tmp_path / "site", toml_extra=f'[config_port]\nlisten = "{listen}"\n')
+    if ok:
+        load_config(site)
+    else:
+        with pytest.raises(ConfigError, match=r"config_port\.listen"):
+            load_config(site)
+
+
+def test_bind_host_default_deny() -> None:
+    from dcud.service.config_port import bind_host
+
+    assert bind_host("auto", encrypt=False) == "127.0.0.1"
+    assert bind_host("auto", encrypt=True) is None  # every interface, only with the key
+    assert bind_host("loopback", encrypt=True) == "127.0.0.1"
+    assert bind_host("any", encrypt=False) is None
+    assert bind_host("10.1.2.3", encrypt=False) == "10.1.2.3"

@@ -741,18 +741,25 @@ def normalize_unit(unit: str | None) -> str | None:
     return _UNITS.get(unit.lower(), unit)
 
 
-def numeric_value(value: str, unit: str | None = None) -> float | str:
+# OBIS value groups C that hold identifiers and status words, not quantities: 0 and 96 (general and
+# service entries: device address, serial number, firmware...), C and F (manufacturer/error registers).
+_IDENTIFIER_GROUPS = frozenset({"0", "96", "C", "F"})
+
+
+def numeric_value(value: str, unit: str | None = None, address: str = "") -> float | str:
     """The value as a float when it is a plain decimal number (spaces ignored), else the string.
 
-    A unitless whole number with a leading zero (``0.0.0(00012345)``: serial numbers, ids) stays a
-    string, because its zeros are part of the identifier; a measurement with a unit or a decimal
-    point (``0012345.6*kWh``) is a number.
+    A unitless whole number stays a string when it has a leading zero (``00012345``) or when its OBIS
+    address names an identifier or status register (``0.0.0``, ``96.1.0``, ``C.1.0``, ``F.F``):
+    those digits are an id, not a quantity. A value with a unit (``0012345.6*kWh``) is a number.
     """
     compact = value.replace(" ", "")
     if not _NUMBER_RE.fullmatch(compact):
         return value
-    if unit is None and len(compact) > 1 and compact[0] == "0" and compact.isdigit():
-        return value
+    if unit is None and compact.isdigit():
+        group_c = address.rpartition(":")[2].partition(".")[0]
+        if (len(compact) > 1 and compact[0] == "0") or group_c in _IDENTIFIER_GROUPS:
+            return value
     return float(compact)
 
 
@@ -764,7 +771,7 @@ def dataset_values(datasets: Sequence[DataSet]) -> list[dict[str, str | float | 
             out.append(
                 {
                     "id": ds.address,
-                    "value": numeric_value(value, unit),
+                    "value": numeric_value(value, unit, ds.address),
                     "unit": normalize_unit(unit),
                     "raw": value if unit is None else f"{value}*{unit}",
                 }

@@ -743,6 +743,12 @@ class MbusSecondaryScan(MbusScan):
         return self._next_probe(now)
 
     def _on_failure(self, error: DcudError, now: float) -> list[Action]:
+        if self._step is _SecondaryStep.READ and isinstance(error, RemoteProtocolError):
+            # Two slaves' E5s can merge into one clean E5; their RSP_UDs then collide. libmbus treats
+            # a garbled answer to the read as a collision too: fix the digit and search deeper.
+            level = self._stack[-1]
+            self._push(level.pos + 1, self._probe_mask)
+            return self._next_probe(now)
         # The selected slave did not deliver its RSP_UD: note it and keep scanning.
         self._unreadable.append(self._probe_mask)
         return self._next_probe(now)

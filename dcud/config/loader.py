@@ -215,7 +215,17 @@ def _cross_check(toml: DcudToml, file: str, locator: LineLocator) -> list[Config
         message = _address_problem(meter.protocol, meter.address)
         if message:
             issue("meter", index, meter.name, "address", message)
+    drive_addresses: dict[tuple[str, int], str] = {}
     for index, drive in enumerate(toml.drive):
+        other = drive_addresses.setdefault((drive.bus, drive.node_id), drive.name)
+        if other != drive.name:
+            issue(
+                "drive",
+                index,
+                drive.name,
+                "node_id",
+                f'node {drive.node_id} on "{drive.bus}" is also drive "{other}"',
+            )
         if drive.protocol == "canopen":
             if drive.bus not in cans:
                 issue("drive", index, drive.name, "bus", f'no [[can]] named "{drive.bus}"')

@@ -127,6 +127,17 @@ class TpdoConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     cob_id: Annotated[int, msgspec.Meta(ge=1, le=0x7FF)] | None = None
     """Default: the predefined connection set (0x180 + 0x100 * (number - 1) + node_id)."""
 
+    def __post_init__(self) -> None:
+        from dcud.codec.canopen import parse_object_ref
+        from dcud.errors import ProtocolError
+
+        try:
+            bits = sum(parse_object_ref(ref).bits for ref in self.objects)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+        if not self.objects or bits > 64:
+            raise ValueError(f"a TPDO maps 1..64 bits of objects, got {bits}")
+
 
 class DriveConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One servo drive on a CAN bus (CANopen) or a serial line (Modbus RTU)."""

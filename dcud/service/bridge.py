@@ -50,6 +50,7 @@ import contextlib
 import ipaddress
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -237,10 +238,14 @@ def peer_name(transport: asyncio.BaseTransport) -> tuple[str, str]:
 
 
 def tune_socket(transport: asyncio.BaseTransport, policy: SessionPolicy) -> None:
-    """TCP_NODELAY, keepalive and TCP_USER_TIMEOUT (the dead-peer bound) on a session's socket."""
+    """:func:`tune_socket_options` on a transport's socket (when it has one)."""
     sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
+    if sock is not None:
+        tune_socket_options(sock, policy)
+
+
+def tune_socket_options(sock: Any, policy: SessionPolicy) -> None:
+    """TCP_NODELAY, keepalive and TCP_USER_TIMEOUT (the dead-peer bound) on a session's socket."""
     options = [
         (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
         (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
@@ -949,19 +954,6 @@ class BridgeSession(asyncio.Protocol):
 # -- the listening service -------------------------------------------------------------------------
 
 
-class _Acceptor(asyncio.Protocol):
-    """First protocol of every accepted connection; hands it to the service at once."""
-
-    def __init__(self, service: BridgeService) -> None:
-        self.service = service
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.service._accept(transport)
-
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused until handover
-        pass
-
-
 class BridgeService:
     """Supervised service ``bridge.<port_name>``: one transparent port (see the module docstring)."""
 
@@ -1097,6 +1089,24 @@ class BridgeService:
                 if await ctx.sleep(30.0):
                     return None
 
+    def _listen_socket(self) -> socket.socket:
+        """The listening socket: ``host``, or every interface (IPv6 dual-stack where the host has IPv6)."""
+        cfg = self.config
+        if cfg.host:
+            family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+            sock = socket.create_server((cfg.host, cfg.port), family=family, backlog=64, reuse_port=False)
+        elif socket.has_dualstack_ipv6():
+            try:
+                sock = socket.create_server(
+                    ("", cfg.port), family=socket.AF_INET6, backlog=64, dualstack_ipv6=True
+                )
+            except OSError:  # IPv6 disabled on this host
+                sock = socket.create_server(("", cfg.port), family=socket.AF_INET, backlog=64)
+        else:
+            sock = socket.create_server(("", cfg.port), family=socket.AF_INET, backlog=64)
+        sock.setblocking(False)
+        return sock
+
     async def run(self, ctx: ServiceContext) -> None:
         """Listen until stopped."""
         self._ctx = ctx
@@ -1109,16 +1119,8 @@ class BridgeService:
             if await ctx.sleep(0.1):
                 return
         self._line = line
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: _Acceptor(self),
-            host=cfg.host or None,
-            port=cfg.port,
-            reuse_address=True,
-            backlog=64,
-        )
-        sockets = server.sockets or ()
-        self.bound_port = sockets[0].getsockname()[1] if sockets else cfg.port
+        listener = self._listen_socket()
+        self.bound_port = listener.getsockname()[1]
         self.state = "listening"
         ctx.log.info(
             "transparent port listening",
@@ -1132,15 +1134,14 @@ class BridgeService:
             second_client=cfg.second_client,
         )
         self._publish(now=True)
+        accepting = ctx.spawn("accept", self._accept_loop(listener))
         try:
             await ctx.heartbeat_forever()
         finally:
-            server.close()
+            accepting.cancel()
+            listener.close()
             for session in list(self._sessions):
                 session.end("stopping")
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2.0):
-                    await server.wait_closed()
             self.state = "stopped"
             self._publish(now=True)
             if self.trace is not None:
@@ -1148,28 +1149,44 @@ class BridgeService:
 
     # -- admission ------------------------------------------------------------------------------
 
-    def _accept(self, base: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, base)  # uvloop's transports do not subclass asyncio's
-        host, shown = peer_name(transport)
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept connections; each is checked before asyncio (or TLS) ever reads from it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, address = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS...: back off a little, keep serving
+                self._pending_log.hit(port=self.config.port_name, error=exc.strerror or str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            self._accepted(sock, address)
+
+    def _drop(self, sock: socket.socket) -> None:
+        """Close at once with a reset: no FIN_WAIT/TIME_WAIT state kept for unwanted connections."""
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        self._publish()
+
+    def _accepted(self, sock: socket.socket, address: Any) -> None:
+        host = str(address[0]) if isinstance(address, tuple) and address else ""
+        shown = f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
         if not self._allow.allows(host):
             self.counters["refused_address"] += 1
             self._refused_address_log.hit(port=self.config.port_name, peer=shown)
-            transport.abort()
-            self._publish()
+            self._drop(sock)
             return
         if self._pending >= self.config.max_pending or self._ctx is None or self._line is None:
             self.counters["dropped_pending"] += 1
             self._pending_log.hit(port=self.config.port_name, peer=shown, pending=self._pending)
-            transport.abort()
-            self._publish()
+            self._drop(sock)
             return
-        transport.pause_reading()  # nothing is read before TLS or the session takes the connection
-        tune_socket(transport, self.config.policy)
+        sock.setblocking(False)
+        tune_socket_options(sock, self.config.policy)
         self._pending += 1
         self._seq += 1
-        sid = f"{self.config.port_name}#{self._seq}"
         session = BridgeSession(
-            sid=sid,
+            sid=f"{self.config.port_name}#{self._seq}",
             port_name=self.config.port_name,
             peer=shown,
             line=self._line,
@@ -1181,32 +1198,43 @@ class BridgeService:
             tls=self._ssl is not None,
         )
         try:
-            self._ctx.spawn(f"session-{self._seq}", self._admit(session, transport))
+            self._ctx.spawn(f"session-{self._seq}", self._admit(session, sock))
         except RuntimeError:
             self._pending -= 1
-            transport.abort()
+            sock.close()
 
-    async def _admit(self, session: BridgeSession, transport: asyncio.Transport) -> None:
+    async def _admit(self, session: BridgeSession, sock: socket.socket) -> None:
         """TLS, the second-client policy, then the session; never raises (a helper failure fails the port)."""
+        loop = asyncio.get_running_loop()
         try:
             try:
-                if self._ssl is not None:
-                    if not await self._handshake(session, transport):
-                        return
-                else:
-                    transport.set_protocol(session)
-                    session.attach(transport)
-                    transport.resume_reading()
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: session,
+                    sock,
+                    ssl=self._ssl,
+                    ssl_handshake_timeout=self.config.handshake_timeout_s if self._ssl is not None else None,
+                )
+            except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+                self.counters["tls_failures" if self._ssl is not None else "dropped_pending"] += 1
+                self._tls_log.hit(port=self.config.port_name, peer=session.peer, error=_tls_reason(exc))
+                with contextlib.suppress(OSError):
+                    sock.close()
+                self._publish()
+                return
             finally:
                 self._pending -= 1
+            if self._ssl is not None:
+                cert = transport.get_extra_info("peercert")
+                if isinstance(cert, dict) and cert:
+                    session.client_cert = _subject(cert)
+            session.attach(transport)
             active = self._active
             if active is not None and not active.done:
                 if self.config.second_client == "refuse":
                     self.counters["refused_busy"] += 1
                     self._busy_log.hit(port=self.config.port_name, peer=session.peer, active=active.peer)
                     session._send_raw(self.config.busy_message.encode("utf-8", "replace"))
-                    if session._transport is not None:
-                        session._transport.close()
+                    transport.close()
                     self._publish()
                     return
                 self.counters["taken_over"] += 1
@@ -1214,33 +1242,8 @@ class BridgeService:
             await self._serve(session)
         except Exception as exc:  # a session's failure must never take the port down
             log.error("transparent session failed", port=self.config.port_name, error=repr(exc))
-            transport.abort()
-
-    async def _handshake(self, session: BridgeSession, transport: asyncio.Transport) -> bool:
-        loop = asyncio.get_running_loop()
-        assert self._ssl is not None
-        try:
-            tls_transport = await loop.start_tls(
-                transport,
-                session,
-                self._ssl,
-                server_side=True,
-                ssl_handshake_timeout=self.config.handshake_timeout_s,
-            )
-        except (ssl.SSLError, OSError, TimeoutError, ConnectionError, RuntimeError) as exc:
-            self.counters["tls_failures"] += 1
-            self._tls_log.hit(port=self.config.port_name, peer=session.peer, error=_tls_reason(exc))
-            transport.abort()
-            self._publish()
-            return False
-        if tls_transport is None:
-            transport.abort()
-            return False
-        cert = tls_transport.get_extra_info("peercert")
-        if isinstance(cert, dict):
-            session.client_cert = _subject(cert)
-        session.attach(tls_transport)
-        return True
+            with contextlib.suppress(OSError):
+                sock.close()
 
     async def _serve(self, session: BridgeSession) -> None:
         cfg = self.config
@@ -1411,4 +1414,5 @@ __all__ = [
     "resolve_listen",
     "tls_settings",
     "tune_socket",
+    "tune_socket_options",
 ]

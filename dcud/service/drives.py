@@ -821,7 +821,7 @@ class CanopenDrive(DriveBase):
             self._wake.set()
 
     async def manage(self, stopping: asyncio.Event) -> None:
-        """Configure, start and poll the node until ``stopping`` (heartbeat: :meth:`watch_heartbeat`)."""
+        """Configure, start and poll the node until ``stopping`` (heartbeat: the service's watcher)."""
         backoff = Backoff(0.5, 10.0)
         while not stopping.is_set():
             now = time.monotonic()
@@ -859,16 +859,6 @@ class CanopenDrive(DriveBase):
                 except DRIVE_ERRORS as exc:
                     self._problem(exc)
             await self._sleep(stopping, self.config.poll_interval_s)
-
-    async def watch_heartbeat(self, stopping: asyncio.Event) -> None:
-        """Heartbeat consumer: checks every quarter of the timeout, apart from the (SDO-bound) manager."""
-        while not stopping.is_set():
-            self._check_heartbeat(time.monotonic())
-            timeout = self.heartbeat_timeout_s
-            delay = timeout / 4 if timeout is not None else 0.25
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.01, delay)):
-                    await stopping.wait()
 
     async def _sleep(self, stopping: asyncio.Event, delay_s: float) -> None:
         """Sleep until ``delay_s`` passed, a frame asked for attention (``_wake``) or stopping."""
@@ -1204,6 +1194,18 @@ class CanDriveService:
             },
         )
 
+    async def _watch_heartbeats(self) -> None:
+        """Heartbeat consumer of every drive on the bus, apart from their (SDO-bound) managers.
+
+        Checks every quarter of the shortest consumer timeout: a loss shows within 1.25 x its timeout.
+        """
+        while True:
+            now = time.monotonic()
+            timeouts = [d.heartbeat_timeout_s for d in self.drives.values() if d.heartbeat_timeout_s]
+            for drive in self.drives.values():
+                drive._check_heartbeat(now)
+            await asyncio.sleep(max(0.01, min(timeouts, default=1.0) / 4))
+
     async def _event_loop(self) -> None:
         while True:
             event_type, text, fields = await self._events.get()
@@ -1229,10 +1231,13 @@ class CanDriveService:
             self.route(co.HEARTBEAT_BASE + cfg.node_id, drive.on_heartbeat)
             self.route(co.EMCY_BASE + cfg.node_id, drive.on_emcy)
             self.route(co.SDO_TX_BASE + cfg.node_id, drive.on_sdo)
-        tasks = [ctx.spawn("events", self._event_loop()), ctx.spawn("bus", port.run(ctx.stopping, ctx.beat))]
+        tasks = [
+            ctx.spawn("events", self._event_loop()),
+            ctx.spawn("bus", port.run(ctx.stopping, ctx.beat)),
+            ctx.spawn("heartbeats", self._watch_heartbeats()),
+        ]
         for drive in self.drives.values():
             tasks.append(ctx.spawn(drive.name, drive.manage(ctx.stopping)))
-            tasks.append(ctx.spawn(f"{drive.name}:heartbeat", drive.watch_heartbeat(ctx.stopping)))
             tasks.append(ctx.spawn(f"{drive.name}:history", drive.history_loop(ctx, self._history)))
             self._registry.add(drive)
             drive.publish()

@@ -75,7 +75,7 @@ def _record(od: Any, name: str, index: int, members: Sequence[ODVariable]) -> No
     od.add_object(record)
 
 
-def build_object_dictionary(node_id: int, *, heartbeat_ms: int = 100) -> Any:
+def build_object_dictionary(node_id: int, *, heartbeat_ms: int = 100, tpdos: Sequence[int] = (1, 2)) -> Any:
     """The object dictionary of a simulated CiA 402 servo drive (TPDO1: 6041+6064, TPDO2: 606C+603F+6061)."""
     od: Any = canopen.ObjectDictionary()  # type: ignore[no-untyped-call]
     od.node_id = node_id
@@ -112,7 +112,7 @@ def build_object_dictionary(node_id: int, *, heartbeat_ms: int = 100) -> Any:
     }
     for number in (1, 2, 3, 4):
         com, mapping = 0x1800 + number - 1, 0x1A00 + number - 1
-        entries = mappings.get(number, [])
+        entries = mappings.get(number, []) if number in tpdos else []
         cob_id = (0x180 + 0x100 * (number - 1) + node_id) | (0 if entries else 0x80000000)
         _record(
             od,
@@ -239,6 +239,8 @@ class SimOptions:
     tpdo_period_s: float = 0.01
     boot_up: bool = True
     """Send a boot-up message and enter pre-operational at start (else start pre-operational silently)."""
+    tpdos: tuple[int, ...] = (1, 2)
+    """Which TPDOs exist (1: statusword + position, 2: velocity + error code + mode display)."""
 
 
 class Cia402Drive:
@@ -258,7 +260,10 @@ class Cia402Drive:
         # canopen is only partly typed: the simulator talks to it through Any.
         self.node = cast(
             Any,
-            canopen.LocalNode(node_id, build_object_dictionary(node_id, heartbeat_ms=options.heartbeat_ms)),
+            canopen.LocalNode(
+                node_id,
+                build_object_dictionary(node_id, heartbeat_ms=options.heartbeat_ms, tpdos=options.tpdos),
+            ),
         )
         self.network.add_node(self.node)
         self.node.add_read_callback(self._on_read)
@@ -376,6 +381,10 @@ class Cia402Drive:
                 0x6061: m.mode,
             }
             statusword = m.statusword
+        if statusword != self._last_sent_statusword:
+            # Stamped before sending: a master may react before this thread runs again.
+            self._last_sent_statusword = statusword
+            self.statusword_changes.append((statusword, time.monotonic()))
         for number in (1, 2):
             pdo = self.node.tpdo[number]
             if not pdo.enabled:
@@ -384,9 +393,6 @@ class Cia402Drive:
                 var.raw = values.get(var.index, 0)
             pdo.transmit()
             self.tpdo_sent += 1
-        if statusword != self._last_sent_statusword:
-            self._last_sent_statusword = statusword
-            self.statusword_changes.append((statusword, time.monotonic()))
 
     def status(self) -> dict[str, Any]:
         """A JSON-friendly snapshot."""

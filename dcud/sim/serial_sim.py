@@ -195,7 +195,7 @@ def iec_datasets(spec: SimMeterSpec) -> list[DataSet]:
 
 def iec_expected_values(spec: SimMeterSpec) -> dict[str, float | str]:
     """What a reader should decode from a static (``rate_per_h = 0``) meter: OBIS id -> value."""
-    return {ds.address: numeric_value(*ds.values[0]) for ds in iec_datasets(spec)}
+    return {ds.address: numeric_value(*ds.values[0], ds.address) for ds in iec_datasets(spec)}
 
 
 def make_iec_meter(spec: SimMeterSpec) -> IecMeter:

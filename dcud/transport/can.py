@@ -5,9 +5,9 @@ DCU, ``virtual`` inside one process, ``slcan``/``serial`` over a tty or a pty pa
 
 - the bus is opened in a worker thread (some interfaces sleep or talk to an adapter while opening);
 - frames arrive through python-can's :class:`can.Notifier`: socketcan is read by the asyncio loop
-  itself (``add_reader``, one non-blocking ``recvmsg`` per frame); every other interface by the
-  Notifier's reader thread, whose frames reach the loop in batches (one wake-up per ``batch_s``, a
-  bounded queue); either way the ``on_frame`` callback runs in the loop and nothing blocks it;
+  itself (``add_reader``, non-blocking, every waiting frame per wake-up); every other interface by the
+  Notifier's reader thread, whose frames reach the loop in batches (a bounded queue, one wake-up per
+  ``batch_s``); either way the ``on_frame`` callback runs in the loop and nothing blocks it;
 - frames go out through one dedicated sender thread per open bus, at most ``max_pending_sends`` queued
   (beyond that :meth:`CanPort.send` fails at once with :class:`~dcud.errors.TransportError`, counted);
 - health: SocketCAN error frames (error warning, error passive, bus-off, restarted) and, for the
@@ -55,12 +55,15 @@ CAN_ERR_CRTL_RX_PASSIVE = 0x10
 CAN_ERR_CRTL_TX_PASSIVE = 0x20
 CAN_ERR_CRTL_ACTIVE = 0x40
 
-LOOP_READ_INTERFACES: frozenset[str] = frozenset()
+LOOP_READ_INTERFACES = frozenset({"socketcan", "udp_multicast"})
 """Interfaces the event loop reads itself (``add_reader``): one non-blocking datagram per frame.
 
 Every other interface is read by the Notifier's thread: python-can's serial-framed parsers (slcan,
 serial) read byte by byte and may wait for the rest of a frame, and driver-based ones have no
 descriptor. Their frames reach the loop in batches (:class:`_Batcher`)."""
+
+MAX_DRAIN_FRAMES = 256
+"""Frames read per readiness of a descriptor-driven bus before the loop gets to do something else."""
 
 MALFORMED_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
@@ -115,6 +118,26 @@ class _Batcher:
             self._armed = False
         for msg in frames:
             self._port._on_message(msg)
+
+
+class _DrainingNotifier(can.Notifier):
+    """python-can's Notifier for descriptor-driven buses, reading every waiting frame per wake-up.
+
+    The stock Notifier reads one frame per readiness of the descriptor, i.e. one loop iteration per
+    frame; this one reads all that wait (bounded), so a burst of TPDOs after a SYNC costs one
+    iteration. (Resting the descriptor for a few ms between reads was measured too: it cost more CPU
+    than it saved, see docs/drives.md.)
+    """
+
+    def __init__(self, bus: can.BusABC, listener: Callable[[can.Message], None]) -> None:
+        super().__init__(bus, [listener], timeout=0.2, loop=asyncio.get_running_loop())
+
+    def _on_message_available(self, bus: can.BusABC) -> None:
+        for _ in range(MAX_DRAIN_FRAMES):
+            msg = bus.recv(0)
+            if msg is None:
+                return
+            self._on_message_received(msg)
 
 
 class CanBusState(enum.StrEnum):
@@ -389,7 +412,7 @@ class CanPort:
                 batcher = _Batcher(self, loop, self.settings.batch_s, self.settings.max_queued_frames)
                 notifier = can.Notifier(cast(can.BusABC, guard), [batcher], timeout=0.2)
             else:
-                notifier = can.Notifier(cast(can.BusABC, guard), [self._on_message], timeout=0.2, loop=loop)
+                notifier = _DrainingNotifier(cast(can.BusABC, guard), self._on_message)
             self._notifier = notifier
             self._bus = bus
             self._guard = guard
