@@ -43,6 +43,7 @@ SIZES = (64, 1024)
 BAUD = 115200
 IDLE_SESSIONS = int(os.environ.get("BENCH_IDLE_SESSIONS", "20"))
 IDLE_S = float(os.environ.get("BENCH_IDLE_S", "10"))
+BLOCK = 100
 ROUND_TIMEOUT_S = 5.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 REPO = Path(__file__).resolve().parent.parent
@@ -68,18 +69,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
-    """Wait until ``port`` listens; the probe connection is closed at once."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bridge exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -215,63 +204,61 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(buf)
 
 
-def measure(port: int, size: int) -> dict[str, object]:
-    """WARMUP + ROUNDS round trips of ``size``-byte frames; latency percentiles and integrity."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=ROUND_TIMEOUT_S)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    samples: list[float] = []
-    lost = reordered = 0
+def round_trip(sock: socket.socket, frame: bytes) -> tuple[float, str]:
+    """One frame out and back: (microseconds, "ok" | "lost" | "reordered")."""
+    started = time.perf_counter_ns()
+    sock.sendall(frame)
     try:
-        for index, frame in enumerate(frames(size, WARMUP + ROUNDS, seed=size)):
-            started = time.perf_counter_ns()
-            sock.sendall(frame)
-            try:
-                echoed = recv_exactly(sock, size)
-            except (TimeoutError, ConnectionError):
-                lost += 1
-                break
-            elapsed = time.perf_counter_ns() - started
-            if echoed != frame:
-                if sorted(echoed) == sorted(frame):
-                    reordered += 1
-                else:
-                    lost += 1
-            if index >= WARMUP:
-                samples.append(elapsed / 1000.0)
-    finally:
-        sock.close()
-    samples.sort()
+        echoed = recv_exactly(sock, len(frame))
+    except (TimeoutError, ConnectionError):
+        return (time.perf_counter_ns() - started) / 1000.0, "lost"
+    elapsed = (time.perf_counter_ns() - started) / 1000.0
+    if echoed == frame:
+        return elapsed, "ok"
+    return elapsed, "reordered" if sorted(echoed) == sorted(frame) else "lost"
+
+
+def summary(samples: list[float], lost: int, reordered: int) -> dict[str, object]:
+    ordered = sorted(samples)
     return {
-        "rounds": len(samples),
-        "p50_us": round(statistics.median(samples), 1) if samples else None,
-        "p99_us": round(samples[min(len(samples) - 1, int(len(samples) * 0.99))], 1) if samples else None,
-        "mean_us": round(statistics.fmean(samples), 1) if samples else None,
+        "rounds": len(ordered),
+        "p50_us": round(statistics.median(ordered), 1) if ordered else None,
+        "p99_us": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 1) if ordered else None,
+        "mean_us": round(statistics.fmean(ordered), 1) if ordered else None,
         "lost": lost,
         "reordered": reordered,
     }
 
 
-def run_latency(
-    name: str, start: Callable[[Path, str, int], subprocess.Popen[bytes]], workdir: Path
-) -> dict[int, dict[str, object]]:
-    results: dict[int, dict[str, object]] = {}
-    with echo_device() as tty_path:
-        port = free_port()
-        proc = start(workdir, tty_path, port)
-        try:
-            wait_port_quiet(port, proc)
-            time.sleep(0.5)
-            for size in SIZES:
-                result = measure(port, size)
-                results[size] = result
-                print(
-                    json.dumps({"bench": "bridge_latency", "bridge": name, "frame_bytes": size, **result}),
-                    flush=True,
-                )
-                time.sleep(0.2)
-        finally:
-            stop(proc)
-    return results
+def measure_interleaved(socks: dict[str, socket.socket], size: int) -> dict[str, dict[str, object]]:
+    """WARMUP + ROUNDS frames per bridge in blocks of BLOCK, the bridges taken in turn (rotating order),
+    so that whatever else the machine does at the time hits every bridge alike."""
+    names = list(socks)
+    stream = frames(size, WARMUP + ROUNDS, seed=size)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    bad: dict[str, dict[str, int]] = {n: {"lost": 0, "reordered": 0} for n in names}
+    broken: set[str] = set()
+    for block, start in enumerate(range(0, len(stream), BLOCK)):
+        order = names[block % len(names) :] + names[: block % len(names)]
+        for name in order:
+            if name in broken:
+                continue
+            for index in range(start, min(start + BLOCK, len(stream))):
+                elapsed, verdict = round_trip(socks[name], stream[index])
+                if verdict != "ok":
+                    bad[name][verdict] += 1
+                    if verdict == "lost":
+                        broken.add(name)  # out of step from here on: stop measuring this bridge
+                        break
+                if index >= WARMUP:
+                    samples[name].append(elapsed)
+    return {n: summary(samples[n], bad[n]["lost"], bad[n]["reordered"]) for n in names}
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=ROUND_TIMEOUT_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 # -- idle sessions ------------------------------------------------------------------------------------
@@ -287,7 +274,7 @@ def multi_main(count: int) -> None:
     from dcud.service.bridge import BridgeConfig, BridgeService, SessionPolicy
     from dcud.service.line import LineRegistry, LineService, LineServiceConfig
 
-    async def main() -> None:
+    async def serve() -> None:
         lines = LineRegistry()
         bus = EventBus()
         services: list[object] = []
@@ -298,11 +285,8 @@ def multi_main(count: int) -> None:
             tty.setraw(master)
             keep.append((master, slave))
             line = LineConfig(name=f"l{i}", device=os.ttyname(slave), kind="rs232", baud=BAUD, framing="8N1")
-            bridge = BridgeService(
-                BridgeConfig(port_name=f"p{i}", line=line, port=0, baud=BAUD, policy=SessionPolicy()),
-                lines,
-                bus,
-            )
+            config = BridgeConfig(port_name=f"p{i}", line=line, port=0, baud=BAUD, policy=SessionPolicy())
+            bridge = BridgeService(config, lines, bus)
             bridges.append(bridge)
             services += [LineService(LineServiceConfig(line), lines, bus), bridge]
         supervisor = Supervisor(services)  # type: ignore[arg-type]
@@ -320,18 +304,19 @@ def multi_main(count: int) -> None:
 
     import uvloop
 
-    uvloop.run(main())
+    uvloop.run(serve())
 
 
-def idle_cost(name: str, pids: Callable[[], list[int]], ports: list[int]) -> dict[str, object]:
-    """RSS and CPU of the bridge process(es) with IDLE_SESSIONS idle sessions connected."""
+def idle_cost(name: str, pids: Callable[[], list[int]], ports: list[int], echoed: bool) -> dict[str, object]:
+    """RSS and CPU of the bridge process(es) while IDLE_SESSIONS idle sessions are connected."""
     time.sleep(1.0)
     rss_before = sum(rss_kib(p) for p in pids())
     clients = []
     for port in ports:
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        sock.sendall(b"\x00")  # one byte each way: the session is really up and bridged
-        recv_exactly(sock, 1)
+        sock.sendall(b"\x00")  # one byte: the session is really up and bridged
+        if echoed:
+            recv_exactly(sock, 1)
         clients.append(sock)
     time.sleep(1.0)
     cpu_before = sum(cpu_s(p) for p in pids())
@@ -345,6 +330,7 @@ def idle_cost(name: str, pids: Callable[[], list[int]], ports: list[int]) -> dic
         "bridge": name,
         "sessions": len(ports),
         "processes": len(pids()),
+        "idle_s": IDLE_S,
         "rss_kib": rss_after,
         "rss_delta_kib": rss_after - rss_before,
         "cpu_ms_per_s": round((cpu_after - cpu_before) * 1000 / IDLE_S, 3),
@@ -362,16 +348,21 @@ def echo_ptys(count: int) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
 
 
 def run_idle(workdir: Path) -> None:
+    """``bridge_idle_sessions`` for dcud, ser2net and socat."""
     n = IDLE_SESSIONS
-    # dcud: one process serving n transparent ports (its own ptys: idle sessions need no far end
-    # traffic; one byte is echoed by nobody, so here the probe byte is not waited for).
+    # dcud: one process serving n transparent ports on ptys of its own (nothing answers the probe).
     proc = subprocess.Popen(
         [sys.executable, __file__, "--dcud-multi", str(n)], stdout=subprocess.PIPE, cwd=REPO
     )
     try:
         assert proc.stdout is not None
-        ports = json.loads(proc.stdout.readline())
-        print(json.dumps(idle_cost_noecho("dcud", lambda: [proc.pid], ports)), flush=True)
+        line = b""
+        for _ in range(1000):  # skip the service's log lines up to the port list
+            line = proc.stdout.readline()
+            if line.startswith(b"[") or not line:
+                break
+        ports = json.loads(line)
+        print(json.dumps(idle_cost("dcud", lambda: [proc.pid], ports, echoed=False)), flush=True)
     finally:
         stop(proc)
     echoes, paths = echo_ptys(n)
@@ -379,8 +370,8 @@ def run_idle(workdir: Path) -> None:
         ports = [free_port() for _ in range(n)]
         s2n = start_ser2net(workdir, list(zip(ports, paths, strict=True)))
         try:
-            wait_port(ports[0], s2n)
-            print(json.dumps(idle_cost("ser2net", lambda: [s2n.pid], ports)), flush=True)
+            wait_port_quiet(ports[0], s2n)
+            print(json.dumps(idle_cost("ser2net", lambda: [s2n.pid], ports, echoed=True)), flush=True)
         finally:
             stop(s2n)
         ports = [free_port() for _ in range(n)]
@@ -388,7 +379,8 @@ def run_idle(workdir: Path) -> None:
         try:
             for port, sp in zip(ports, socats, strict=True):
                 wait_port_quiet(port, sp)
-            print(json.dumps(idle_cost("socat", lambda: [s.pid for s in socats], ports)), flush=True)
+            pids = [s.pid for s in socats]
+            print(json.dumps(idle_cost("socat", lambda: pids, ports, echoed=True)), flush=True)
         finally:
             for sp in socats:
                 stop(sp)
@@ -397,91 +389,88 @@ def run_idle(workdir: Path) -> None:
             stop(echo)
 
 
-def wait_port_quiet(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    """Wait until ``port`` listens without connecting (a socat without fork serves one connection)."""
+def wait_port_quiet(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    """Wait until ``port`` listens, without connecting (a socat without fork serves one connection)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("socat exited")
+            raise RuntimeError(f"bridge exited with {proc.returncode}")
         out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=False)
-        if str(port) in out.stdout:
+        if f":{port}" in out.stdout:
             return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def idle_cost_noecho(name: str, pids: Callable[[], list[int]], ports: list[int]) -> dict[str, object]:
-    time.sleep(1.0)
-    rss_before = sum(rss_kib(p) for p in pids())
-    clients = []
-    for port in ports:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        sock.sendall(b"\x00")
-        clients.append(sock)
-    time.sleep(1.0)
-    cpu_before = sum(cpu_s(p) for p in pids())
-    time.sleep(IDLE_S)
-    cpu_after = sum(cpu_s(p) for p in pids())
-    rss_after = sum(rss_kib(p) for p in pids())
-    for sock in clients:
-        sock.close()
-    return {
-        "bench": "bridge_idle_sessions",
-        "bridge": name,
-        "sessions": len(ports),
-        "processes": len(pids()),
-        "rss_kib": rss_after,
-        "rss_delta_kib": rss_after - rss_before,
-        "cpu_ms_per_s": round((cpu_after - cpu_before) * 1000 / IDLE_S, 3),
-    }
-
-
 # -- main ------------------------------------------------------------------------------------------
 
 
+STARTERS: dict[str, Callable[[Path, str, int], subprocess.Popen[bytes]]] = {
+    "dcud": start_dcud,
+    "ser2net": lambda w, t, p: start_ser2net(w, [(p, t)]),
+    "socat": lambda _w, t, p: start_socat(t, p),
+}
+
+
+def ratio_line(size: int, group: dict[str, dict[str, object]]) -> dict[str, object]:
+    """dcud over the better of ser2net and socat, for one frame size."""
+
+    def value(result: dict[str, object], key: str) -> float:
+        number = result[key]
+        return float(number) if isinstance(number, (int, float)) else float("inf")
+
+    dcud = group["dcud"]
+    others = {name: group[name] for name in ("ser2net", "socat")}
+    best_p50 = min(others, key=lambda n: value(others[n], "p50_us"))
+    best_p99 = min(others, key=lambda n: value(others[n], "p99_us"))
+    p50_ratio = value(dcud, "p50_us") / value(others[best_p50], "p50_us")
+    p99_ratio = value(dcud, "p99_us") / value(others[best_p99], "p99_us")
+    return {
+        "bench": "bridge_latency_ratio",
+        "frame_bytes": size,
+        "dcud_p50_us": dcud["p50_us"],
+        "dcud_p99_us": dcud["p99_us"],
+        "best_p50": best_p50,
+        "best_p99": best_p99,
+        "p50_ratio": round(p50_ratio, 3),
+        "p99_ratio": round(p99_ratio, 3),
+        "ratios": {
+            name: {
+                "p50": round(value(dcud, "p50_us") / value(r, "p50_us"), 3),
+                "p99": round(value(dcud, "p99_us") / value(r, "p99_us"), 3),
+            }
+            for name, r in others.items()
+        },
+        "target_p50": 1.1,
+        "target_p99": 1.5,
+        "meets_target": p50_ratio <= 1.1 and p99_ratio <= 1.5,
+        "lost": sum(int(str(r["lost"])) for r in group.values()),
+        "reordered": sum(int(str(r["reordered"])) for r in group.values()),
+        "load_avg_1m": os.getloadavg()[0],
+    }
+
+
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        results = {
-            "dcud": run_latency("dcud", start_dcud, workdir),
-            "ser2net": run_latency("ser2net", lambda w, t, p: start_ser2net(w, [(p, t)]), workdir),
-            "socat": run_latency("socat", lambda _w, t, p: start_socat(t, p), workdir),
-        }
+        ports: dict[str, int] = {}
+        for name, starter in STARTERS.items():
+            tty_path = stack.enter_context(echo_device())
+            ports[name] = free_port()
+            proc = starter(workdir, tty_path, ports[name])
+            stack.callback(stop, proc)
+            wait_port_quiet(ports[name], proc)
+        time.sleep(1.0)
+        socks = {name: connect(port) for name, port in ports.items()}
         for size in SIZES:
-            dcud = results["dcud"][size]
-            others = {name: results[name][size] for name in ("ser2net", "socat")}
-            best_p50 = min(others, key=lambda n: float(others[n]["p50_us"] or 1e12))  # type: ignore[arg-type]
-            best_p99 = min(others, key=lambda n: float(others[n]["p99_us"] or 1e12))  # type: ignore[arg-type]
-            p50_ratio = float(dcud["p50_us"]) / float(others[best_p50]["p50_us"])  # type: ignore[arg-type]
-            p99_ratio = float(dcud["p99_us"]) / float(others[best_p99]["p99_us"])  # type: ignore[arg-type]
-            print(
-                json.dumps(
-                    {
-                        "bench": "bridge_latency_ratio",
-                        "frame_bytes": size,
-                        "dcud_p50_us": dcud["p50_us"],
-                        "dcud_p99_us": dcud["p99_us"],
-                        "best_p50": best_p50,
-                        "best_p99": best_p99,
-                        "p50_ratio": round(p50_ratio, 3),
-                        "p99_ratio": round(p99_ratio, 3),
-                        "ratios": {
-                            name: {
-                                "p50": round(float(dcud["p50_us"]) / float(r["p50_us"]), 3),  # type: ignore[arg-type]
-                                "p99": round(float(dcud["p99_us"]) / float(r["p99_us"]), 3),  # type: ignore[arg-type]
-                            }
-                            for name, r in others.items()
-                        },
-                        "target_p50": 1.1,
-                        "target_p99": 1.5,
-                        "meets_target": p50_ratio <= 1.1 and p99_ratio <= 1.5,
-                        "lost": sum(int(r[size]["lost"]) for r in results.values()),  # type: ignore[call-overload]
-                        "reordered": sum(int(r[size]["reordered"]) for r in results.values()),  # type: ignore[call-overload]
-                    }
-                ),
-                flush=True,
-            )
-        run_idle(workdir)
+            group = measure_interleaved(socks, size)
+            for name, result in group.items():
+                print(json.dumps({"bench": "bridge_latency", "bridge": name, "frame_bytes": size, **result}))
+            print(json.dumps(ratio_line(size, group)), flush=True)
+        for sock in socks.values():
+            sock.close()
+    with tempfile.TemporaryDirectory(prefix="bench-bridge-idle-") as tmp:
+        run_idle(Path(tmp))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ import json
 import random
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,19 +21,34 @@ from bridge_helpers import (
     connect,
     exchange,
     policy,
+    push_line_api,
     read_exactly,
     tty_speed,
 )
-from meter_helpers import FakeOutbox, simulators, wait_until
+from conftest import daemon_log, start_daemon, write_site
+from meter_helpers import FakeOutbox, SocatPair, simulators, wait_until
 
 from dcud.codec.iec62056 import compute_bcc, encode_option_select, encode_request, parse_data_message
+from dcud.config.loader import load_config
 from dcud.config.model import MeterConfig
-from dcud.service.bridge import AllowList, HexTrace, bits_per_char, resolve_listen
+from dcud.runtime.bus import EventBus
+from dcud.service.bridge import AllowList, HexTrace, bits_per_char, build_bridge_services, resolve_listen
+from dcud.service.line import LineRegistry
 from dcud.service.polling import PollingConfig, PollingService
-from dcud.sim.peers import find_program
+from dcud.sim.peers import find_program, free_port
 from dcud.sim.serial_sim import IecSimLine, SimConfig, SimLineRunner, SimLineSpec, SimMeterSpec
 
 ALL_BYTES = bytes(range(256))
+
+
+@pytest.fixture(params=["read_loop", "push"])
+def line_api(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Both ways the bridge can take bytes from its line: the read loop, and the port's push API."""
+    if request.param == "push":
+        with push_line_api():
+            yield "push"
+    else:
+        yield "read_loop"
 
 
 @pytest.mark.parametrize(
@@ -40,7 +56,7 @@ ALL_BYTES = bytes(range(256))
     [("primary", "rs232", 9600, "8N1"), ("secondary", "mbus", 2400, "8E1")],
 )
 async def test_all_256_values_and_large_frames_both_ports(
-    tmp_path: Path, transparent: str, kind: str, baud: int, framing: str
+    tmp_path: Path, transparent: str, kind: str, baud: int, framing: str, line_api: str
 ) -> None:
     rng = random.Random(4)
     payload = ALL_BYTES * 256 + rng.randbytes(256 * 1024) + ALL_BYTES[::-1] * 64
@@ -75,7 +91,7 @@ def _dlms_like_responder(buffer: bytearray) -> tuple[int, bytes]:
     return 2 + size, len(answer).to_bytes(2, "big") + answer
 
 
-async def test_dlms_like_binary_exchange(tmp_path: Path) -> None:
+async def test_dlms_like_binary_exchange(tmp_path: Path, line_api: str) -> None:
     rng = random.Random(7)
     async with bridge_harness(tmp_path) as h:
         device = PtyDevice(h.pair.b, _dlms_like_responder)
@@ -120,7 +136,7 @@ async def _mode_c_readout(
     return message[message.index(b"\x02") :] + bcc, reader, writer
 
 
-async def test_iec_mode_c_readout_switches_the_uart(tmp_path: Path) -> None:
+async def test_iec_mode_c_readout_switches_the_uart(tmp_path: Path, line_api: str) -> None:
     trace = tmp_path / "trace.log"
     async with bridge_harness(
         tmp_path, kind="rs485", line_baud=300, framing="7E1", bridge={"trace_file": str(trace)}
@@ -227,7 +243,9 @@ async def test_idle_timeout_ends_the_session(tmp_path: Path) -> None:
         assert record["reason"] == "idle_timeout"
 
 
-async def test_client_that_reads_nothing_is_dead_within_the_unsent_bound(tmp_path: Path) -> None:
+async def test_client_that_reads_nothing_is_dead_within_the_unsent_bound(
+    tmp_path: Path, line_api: str
+) -> None:
     """The meter keeps talking, the client never reads: the session ends (peer_not_reading)."""
     async with bridge_harness(tmp_path, policy=policy(unsent_timeout_s=1.0)) as h:
         chunk = bytes(range(256)) * 256
@@ -305,6 +323,7 @@ def test_allow_list_and_listen_rules() -> None:
     assert allow.allows("10.1.2.3") and allow.allows("::ffff:10.1.2.3") and allow.allows("192.168.1.7")
     assert allow.allows("2001:db8::1") and not allow.allows("127.0.0.1") and not allow.allows("bogus")
     assert AllowList([]).allows("203.0.113.9")
+    assert not AllowList(["10.0.0.0/99"]).allows("10.0.0.1")  # a typo narrows access, never widens it
     assert resolve_listen("auto", True) == "" and resolve_listen("auto", False) == "127.0.0.1"
     assert resolve_listen("any", False) == "" and resolve_listen("10.0.0.1", False) == "10.0.0.1"
     assert bits_per_char("7E1") == 10 and bits_per_char("8E1") == 11 and bits_per_char("8N2") == 11
@@ -475,3 +494,78 @@ async def test_a_vanished_client_frees_the_line_within_the_bound(tmp_path: Path)
     for result in results:
         assert result["freed"], result
         assert result["reason"] == "peer_dead", result
+
+
+# -- configuration and the real daemon ---------------------------------------------------------
+
+
+def test_builder_reads_the_wme_parameters(tmp_path: Path) -> None:
+    toml = (
+        '[transparent]\nallow = ["10.0.0.0/8"]\nsecond_client = "refuse"\ntrace_file = "trace-{port}.log"\n'
+        '[[line]]\nname = "rs485-1"\ndevice = "/dev/ttyS1"\ntransparent = "primary"\n'
+        '[[line]]\nname = "mbus-1"\ndevice = "/dev/ttyS2"\nkind = "mbus"\ntransparent = "secondary"\n'
+    )
+    wme = (
+        "tm.baud=300\ntm2.port=9012\ntm.tls_enable=0\nei_client_addr=192.0.2.10\nei_client_port=7000\n"
+        "ei_client_top_keepalive=5\nei_client_auth_mode=E\nei_client_type=hes\nei_client_pass=secret\n"
+    )
+    loaded = load_config(write_site(tmp_path, toml_extra=toml, wme=wme))
+    runtime = SimpleNamespace(lines=LineRegistry(), bus=EventBus(), event=None)
+    services = {s.name: s for s in build_bridge_services(loaded, runtime)}  # type: ignore[arg-type]
+    assert set(services) == {"bridge.tm", "bridge.tm2", "ei-client"}
+    tm = services["bridge.tm"].config
+    assert (tm.port, tm.baud, tm.line.name, tm.host, tm.tls.enabled) == (
+        9000,
+        300,
+        "rs485-1",
+        "127.0.0.1",
+        False,
+    )
+    assert tm.second_client == "refuse" and tm.allow == ("10.0.0.0/8",)
+    assert tm.trace_file == str(loaded.state_dir / "trace-tm.log")
+    tm2 = services["bridge.tm2"].config
+    assert (tm2.port, tm2.baud, tm2.line.name) == (9012, 2400, "mbus-1")
+    ei = services["ei-client"].config
+    assert (ei.host, ei.port, ei.keepalive_s, ei.policy.keepalive_idle_s) == ("192.0.2.10", 7000, 300, 300)
+    assert (ei.auth_mode, ei.username, ei.password, ei.line.name) == ("E", "hes", "secret", "rs485-1")
+    assert ei.policy.idle_timeout_s == 0  # the EI connection is kept
+
+
+def test_tls_default_listens_everywhere_with_a_device_certificate(tmp_path: Path) -> None:
+    toml = '[[line]]\nname = "rs485-1"\ndevice = "/dev/ttyS1"\ntransparent = "primary"\n'
+    loaded = load_config(write_site(tmp_path, toml_extra=toml, wme="ntp_interval=600\n"))
+    runtime = SimpleNamespace(lines=LineRegistry(), bus=EventBus(), event=None)
+    (service,) = build_bridge_services(loaded, runtime)  # type: ignore[arg-type]
+    config = service.config  # type: ignore[attr-defined]
+    assert config.tls.enabled and config.tls.cert_bank == 0 and config.host == ""
+
+
+async def test_the_daemon_serves_the_transparent_port(tmp_path: Path) -> None:
+    pair = SocatPair(tmp_path / "a", tmp_path / "b")
+    pair.start()
+    port = free_port()
+    toml = (
+        '[transparent]\nlisten = "loopback"\n[[line]]\nname = "rs485-1"\n'
+        f'device = "{pair.a}"\nkind = "rs232"\nbaud = 9600\nframing = "8N1"\ntransparent = "primary"\n'
+    )
+    wme = f"tm_server_port={port}\ntm2.port={free_port()}\nfw_server_port={free_port()}\ntm.tls_enable=0\n"
+    config = write_site(tmp_path / "site", toml_extra=toml, wme=wme)
+    device = PtyDevice(pair.b)
+    device.start()
+    proc = start_daemon(config)
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError):
+                _r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            await asyncio.sleep(0.05)
+        assert await exchange(port, ALL_BYTES * 16) == ALL_BYTES * 16
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        device.stop()
+        pair.kill()
+    log_text = daemon_log(config)
+    assert proc.returncode == 0, log_text[-2000:]
+    assert "bridge session" in log_text and '"bytes_to_meter": 4096' in log_text

@@ -78,7 +78,7 @@ async def test_garbage_then_a_clean_readout(tmp_path: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def _two_lines(tmp_path: Path, **bridge: Any) -> Any:
-    """tm on line rs485-1 (a sink), tm2 on line rs485-2 (a polled IEC meter)."""
+    """tm on line rs485-1 (115200 Bd, a sink), tm2 on line rs485-2 (a polled IEC meter)."""
     pair2 = SocatPair(tmp_path / "l2-a", tmp_path / "l2-b")
     pair2.start()
     line2 = LineConfig(name="rs485-2", device=str(pair2.a), baud=300, framing="7E1", transparent="secondary")
@@ -107,7 +107,7 @@ async def _two_lines(tmp_path: Path, **bridge: Any) -> Any:
         ]
 
     try:
-        async with bridge_harness(tmp_path, bridge=bridge, extra_services=extra) as h:
+        async with bridge_harness(tmp_path, line_baud=115200, bridge=bridge, extra_services=extra) as h:
             sim = SimConfig(
                 [SimLineSpec("m", "iec62056-21", [SimMeterSpec("12345678")], device=str(pair2.b))]
             )

@@ -422,3 +422,123 @@ async def test_daemon_publishes_state_events_and_serves_commands(
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# -- configuration and the demo ------------------------------------------------------------------------
+
+
+def test_drive_configuration_errors(tmp_path: Path) -> None:
+    from dcud.config.loader import load_config
+    from dcud.errors import ConfigError
+
+    base = '[[can]]\nname = "can0"\n'
+    bad_tpdo = base + (
+        '[[drive]]\nname = "a"\nbus = "can0"\nprotocol = "canopen"\nnode_id = 1\n'
+        '[[drive.tpdo]]\nnumber = 1\nobjects = ["2000", "6064"]\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write_site(tmp_path / "one", toml_extra=bad_tpdo))
+    assert "drive[a].tpdo[0]" in str(info.value) and "no known size" in str(info.value)
+    twice = base + "".join(
+        f'[[drive]]\nname = "{n}"\nbus = "can0"\nprotocol = "canopen"\nnode_id = 3\n' for n in ("a", "b")
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write_site(tmp_path / "two", toml_extra=twice))
+    assert 'drive[b].node_id: node 3 on "can0" is also drive "a"' in str(info.value)
+
+
+async def test_demo_drives_snippet_runs(tmp_path: Path) -> None:
+    import tomllib
+
+    from dcud.sim.drive import start_demo_drives
+
+    snippet, cleanup = await start_demo_drives(tmp_path / "demo")
+    try:
+        data = tomllib.loads(snippet)
+        can = CanConfig(**data["can"][0])
+        drives = tuple(DriveConfig(**d) for d in data["drive"])
+        h = Harness(Path(can.channel), drives)
+        async with running(h):
+            await wait_until(lambda: operational(h) and operational(h, "axis-2"), 30)
+            assert (await h.command("enable"))["ok"]
+    finally:
+        await cleanup()
+
+
+async def test_bus_lost_and_reopened(pty_pair: SocatPair) -> None:
+    h = Harness(pty_pair.a, (drive(),))
+    async with running(h):
+        async with simulator(pty_pair.b):
+            await wait_until(lambda: operational(h), 20)
+        pty_pair.kill()  # the adapter is unplugged: the tty goes away under dcud
+        await wait_until(lambda: h.bus.states["can/can0"]["state"] == "closed", 15)
+        await wait_until(lambda: h.state()["online"] is False, 15)
+        assert h.service.port is not None and h.service.port.stats.failures >= 1
+        pty_pair.start()  # plugged in again: dcud reopens the bus (backoff) and sets the drive up again
+        async with simulator(pty_pair.b):
+            await wait_until(lambda: operational(h), 40)
+            assert h.service.port.stats.opens >= 2
+            assert (await h.command("enable"))["ok"]
+
+
+async def test_error_frames_error_passive_and_bus_off_reopen() -> None:
+    import can
+
+    from dcud.transport.can import (
+        CAN_ERR_BUSOFF,
+        CAN_ERR_CRTL,
+        CAN_ERR_RESTARTED,
+        CanBusState,
+        CanPort,
+        CanSettings,
+    )
+
+    states: list[CanBusState] = []
+    port = CanPort(
+        CanSettings("v", "virtual", "err-test", reopen_initial_s=0.05, reopen_max_s=0.1),
+        lambda *_: None,
+        lambda state, _error: states.append(state),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(port.run(stop))
+    peer = can.Bus(interface="virtual", channel="err-test")
+    try:
+        await wait_until(lambda: port.state is CanBusState.ACTIVE, 5)
+
+        def error_frame(error_class: int, data: bytes = b"") -> can.Message:
+            return can.Message(
+                arbitration_id=error_class, data=data, is_error_frame=True, is_extended_id=True
+            )
+
+        peer.send(error_frame(CAN_ERR_CRTL, bytes([0, 0x10])))  # controller: RX error passive
+        await wait_until(lambda: port.state is CanBusState.ERROR_PASSIVE, 5)
+        peer.send(error_frame(CAN_ERR_RESTARTED))
+        await wait_until(lambda: port.state is CanBusState.ACTIVE, 5)
+        peer.send(error_frame(CAN_ERR_BUSOFF))
+        await wait_until(lambda: port.stats.opens >= 2 and port.state is CanBusState.ACTIVE, 10)
+        assert CanBusState.BUS_OFF in states and CanBusState.CLOSED in states
+        assert port.stats.error_frames == 3 and port.stats.failures >= 1
+        await port.send(0x601, bytes(8))  # works again
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        peer.shutdown()
+
+
+async def test_state_published_on_change_and_at_a_bounded_rate() -> None:
+    from dcud.service.drives import DriveBase
+
+    bus = EventBus()
+    published: list[dict[str, Any]] = []
+    bus.listen(lambda subtopic, payload: published.append(dict(payload)))
+    base = DriveBase(drive(state_interval_s=0.5), bus, asyncio.Queue(4), {})
+    for position in range(200):  # PDO-rate position changes: first at once, then one trailing message
+        base.position = position
+        base.changed(False)
+    assert len(published) == 1 and published[0]["position"] == 0
+    await wait_until(lambda: len(published) == 2, 5)
+    assert published[1]["position"] == 199  # the latest value, not a backlog
+    base.set_statusword(0x0237)  # a state change goes out at once, whatever the interval
+    base.changed(True)
+    assert len(published) == 3 and published[2]["cia402"] == "operation_enabled"
+    base.stop_publishing()

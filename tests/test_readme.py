@@ -8,7 +8,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-import gen_params_table
+import build_readme  # noqa: E402 (scripts/ is put on the path first)
+import gen_params_table  # noqa: E402
 
 
 def test_readme_parameter_table_is_generated_from_the_catalogue() -> None:
@@ -18,6 +19,12 @@ def test_readme_parameter_table_is_generated_from_the_catalogue() -> None:
     assert text[start:end] == gen_params_table.render_compact(), (
         "run scripts/gen_params_table.py --readme README.md"
     )
+
+
+def test_readme_includes_are_current() -> None:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "<!-- include: docs/" in text
+    assert text == build_readme.render(text), "run python scripts/build_readme.py"
 
 
 def test_full_parameter_table_is_current() -> None:

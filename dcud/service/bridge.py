@@ -83,7 +83,7 @@ from dcud.codec.rfc2217 import (
     framing_from_settings,
 )
 from dcud.config.model import LineConfig, TransparentConfig
-from dcud.errors import ConfigError, ConfigIssue, DcudError, TransportError
+from dcud.errors import DcudError, TransportError
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.service.line import LeasedPort, LeaseTimeout, Line, LineBusyError, LineClosedError, LineRegistry
@@ -209,14 +209,25 @@ class BridgeConfig:
 
 
 class AllowList:
-    """Source networks allowed to connect (empty: everybody); IPv4-mapped IPv6 counts as IPv4."""
+    """Source networks allowed to connect (empty: everybody); IPv4-mapped IPv6 counts as IPv4.
+
+    An entry that is no address/network matches nothing (logged): a typo narrows access, never widens it.
+    """
 
     def __init__(self, entries: Iterable[str]) -> None:
-        self.networks = [ipaddress.ip_network(e, strict=False) for e in entries]
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.invalid: list[str] = []
+        for entry in entries:
+            try:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self.invalid.append(entry)
+        if self.invalid:
+            log.error("allow-list entries that match nothing", entries=self.invalid)
 
     def allows(self, host: str) -> bool:
         """Whether ``host`` (an address string) may connect."""
-        if not self.networks:
+        if not self.networks and not self.invalid:
             return True
         try:
             addr = ipaddress.ip_address(host.split("%", 1)[0])
@@ -418,6 +429,9 @@ class BridgeSession(asyncio.Protocol):
         self._reading_paused = False
         self._writable = asyncio.Event()
         self._writable.set()
+        self._blocked = asyncio.Event()
+        """Set while the client cannot take more (the inverse of ``_writable``)."""
+        self._output_pending: Callable[[], int] | None = None
         self._write_paused = False
         self._suspended = False
         self._wake = asyncio.Event()
@@ -541,8 +555,12 @@ class BridgeSession(asyncio.Protocol):
         if port is not None and self._fast and not self._timer_due(now):
             items = self._client_ops(data, now)
             for index, item in enumerate(items):
-                if isinstance(item, bytes) and self._write_now(port, item, now):
-                    continue
+                try:
+                    if isinstance(item, bytes) and self._write_now(port, item, now):
+                        continue
+                except DcudError as exc:  # the line failed under us: this session is over
+                    self.end("line_error", str(exc))
+                    return
                 self._ops.extend(items[index:])
                 self._fast = False
                 self._wake.set()
@@ -572,6 +590,7 @@ class BridgeSession(asyncio.Protocol):
         else:
             self._client_done("client_reset", str(exc) or type(exc).__name__, linger=False)
         self._writable.set()
+        self._blocked.clear()
 
     def _client_done(self, reason: str, detail: str, *, linger: bool) -> None:
         """The client sends no more: end now, or once the queued bytes are on the line (and lingered)."""
@@ -590,12 +609,14 @@ class BridgeSession(asyncio.Protocol):
         """The socket's send buffer is full: stop taking bytes from the line."""
         self._write_paused = True
         self._writable.clear()
+        self._blocked.set()
 
     def resume_writing(self) -> None:
         """The socket drained: take bytes from the line again."""
         self._write_paused = False
         if not self._suspended:
             self._writable.set()
+            self._blocked.clear()
 
     # -- client -> line ------------------------------------------------------------------------
 
@@ -654,10 +675,18 @@ class BridgeSession(asyncio.Protocol):
             self._bucket = max(0.0, self._bucket - (now - self._bucket_t) * self._cps)
         self._bucket_t = now
 
+    def _line_backlog(self, now: float) -> float:
+        """Bytes written to the line and not on the wire yet: the port's count, else the model's."""
+        pending = self._output_pending
+        if pending is not None:
+            return float(pending())
+        self._leak(now)
+        return self._bucket
+
     def _write_now(self, port: LeasedPort, data: bytes, now: float) -> bool:
         """Write if the line's queue has room (no drain needed); False: the pump must do it."""
-        self._leak(now)
-        if self._bucket + len(data) > self._queue_limit and (self._bucket or len(data) > self._queue_limit):
+        queued = self._line_backlog(now)
+        if queued + len(data) > self._queue_limit and (queued or len(data) > self._queue_limit):
             return False
         port.write(data)
         self._bucket += len(data)
@@ -667,8 +696,8 @@ class BridgeSession(asyncio.Protocol):
         limit = self._queue_limit
         for off in range(0, len(data), limit):
             piece = data[off : off + limit]
-            self._leak(self._loop.time())
-            if self._bucket and self._bucket + len(piece) > limit:
+            queued = self._line_backlog(self._loop.time())
+            if queued and queued + len(piece) > limit:
                 await port.drain()
                 self._bucket = 0.0
             port.write(piece)
@@ -766,10 +795,12 @@ class BridgeSession(asyncio.Protocol):
         elif command == FLOWCONTROL_SUSPEND:
             self._suspended = True
             self._writable.clear()
+            self._blocked.set()
         elif command == FLOWCONTROL_RESUME:
             self._suspended = False
             if not self._write_paused:
                 self._writable.set()
+                self._blocked.clear()
         elif command in (SET_LINESTATE_MASK, SET_MODEMSTATE_MASK):
             reply = telnet.reply(command, request.value or b"\x00")
         elif command == PURGE_DATA:
@@ -788,27 +819,25 @@ class BridgeSession(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(data)
 
-    async def _reader(self, port: LeasedPort) -> None:
-        loop = self._loop
-        telnet = self.telnet
-        while True:
-            if not self._writable.is_set():
-                await self._wait_writable()
-            data = await port.read(READ_CHUNK_BYTES, timeout_s=30.0)
-            if not data:
-                continue
-            now = loop.time()
+    def _on_line_data(self, data: bytes) -> None:
+        """Meter bytes to the client (through the sniffer); never raises (it may run in a port callback)."""
+        if not data:  # the port closed (push API: an empty chunk is its end of file)
+            self.end("line_error", "line closed")
+            return
+        try:
+            now = self._loop.time()
             self.last_activity = now
             self.bytes_m2c += len(data)
             if self.trace is not None:
                 self.trace.data(self.sid, "m>c", data)
             transport = self._transport
             if transport is None or transport.is_closing():
-                continue
+                return
+            telnet = self.telnet
             sniffer = self.sniffer
             if sniffer is None or self._client_line is not None:
                 transport.write(escape(data) if telnet is not None else data)
-                continue
+                return
             for action in sniffer.from_meter(data, now):
                 if isinstance(action, Forward):
                     transport.write(escape(action.data) if telnet is not None else action.data)
@@ -816,6 +845,34 @@ class BridgeSession(asyncio.Protocol):
                     self._fast = False
                     self._ops.append(_Switch(action.baud, action.framing, action.reason))
                     self._wake.set()
+        except Exception as exc:  # a bug here must end this session, not the line's reader
+            log.error("bridge session failed on line data", session=self.sid, error=repr(exc))
+            self.end("error", repr(exc))
+
+    async def _reader(self, port: LeasedPort) -> None:
+        """Line -> client, reading from the leased port; stops taking bytes while the client is full."""
+        set_receiver = getattr(port, "set_receiver", None)
+        if callable(set_receiver):
+            await self._push_reader(set_receiver)
+            return
+        while True:
+            if not self._writable.is_set():
+                await self._wait_writable()
+            data = await port.read(READ_CHUNK_BYTES, timeout_s=30.0)
+            if data:
+                self._on_line_data(data)
+
+    async def _push_reader(self, set_receiver: Callable[[Callable[[bytes], None] | None], None]) -> None:
+        """The port hands received bytes over at once; while the client is full they wait in the port."""
+        try:
+            while True:
+                set_receiver(self._on_line_data)
+                await self._blocked.wait()
+                set_receiver(None)
+                await self._wait_writable()
+        finally:
+            with contextlib.suppress(Exception):
+                set_receiver(None)
 
     async def _wait_writable(self) -> None:
         if self._suspended and not self._write_paused:
@@ -886,6 +943,8 @@ class BridgeSession(asyncio.Protocol):
         port.flush_input()
         self._set_rate(port.baud, port.framing)
         self._bucket = 0.0
+        pending = getattr(port, "output_pending", None)
+        self._output_pending = pending if callable(pending) else None
         if self.sniffer is not None:
             self.sniffer.reset()
         self._lease_since = loop.time()
@@ -1330,19 +1389,6 @@ def tls_settings(params: Any) -> TlsSettings:
     )
 
 
-def allow_list(toml_path: str, entries: Sequence[str]) -> tuple[str, ...]:
-    """Validated allow-list entries; ConfigError naming the bad one."""
-    issues = []
-    for index, entry in enumerate(entries):
-        try:
-            ipaddress.ip_network(entry, strict=False)
-        except ValueError as exc:
-            issues.append(ConfigIssue(toml_path, 0, f"transparent.allow[{index}]", str(exc)))
-    if issues:
-        raise ConfigError(issues)
-    return tuple(entries)
-
-
 def trace_path(template: str, state_dir: Path, port_name: str) -> str:
     """The hex trace file of ``port_name`` (empty: no trace)."""
     if not template:
@@ -1359,7 +1405,7 @@ def build_bridge_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Se
     params = config.params
     t = toml.transparent
     tls = tls_settings(params)
-    allow = allow_list(str(config.path), t.allow)
+    allow = tuple(t.allow)
     services: list[Service] = []
     roles = {"primary": ("tm", "tm_server_port", 9000, "tm.baud", 9600)}
     roles["secondary"] = ("tm2", "tm2.port", 9002, "tm2.baud", 2400)

@@ -59,10 +59,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from cryptography.hazmat.primitives import hashes, padding
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from dcud.config.wme import key_bytes
 from dcud.errors import DcudError
 
@@ -119,6 +115,10 @@ class EnvelopeKeys:
     @classmethod
     def from_secret(cls, key: bytes) -> EnvelopeKeys:
         """Derive from the 32 key bytes (see the module docstring)."""
+        # cryptography costs ~9 MB of RSS: imported only when a DCU actually uses encryption.
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
         if len(key) != 32:
             raise ValueError("fw_server_key must be 32 bytes (AES-256)")
         mac_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=MAC_INFO).derive(key)
@@ -169,6 +169,9 @@ def seal(
     iv: bytes | None = None,
 ) -> bytes:
     """Encrypt and authenticate ``plaintext`` for ``context``; ``now_s`` defaults to the wall clock."""
+    from cryptography.hazmat.primitives import padding
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
     if kind not in (KIND_REQUEST, KIND_RESPONSE):
         raise ValueError(f"unknown kind {kind}")
     nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_BYTES)
@@ -235,6 +238,9 @@ def open_envelope(
 
 def decrypt(keys: EnvelopeKeys, iv: bytes, ciphertext: bytes) -> bytes:
     """AES-256-CBC decryption and PKCS#7 unpadding of an already authenticated ciphertext."""
+    from cryptography.hazmat.primitives import padding
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
     decryptor = Cipher(algorithms.AES(keys.enc_key), modes.CBC(iv)).decryptor()
     padded = decryptor.update(ciphertext) + decryptor.finalize()
     unpadder = padding.PKCS7(BLOCK_BYTES * 8).unpadder()
@@ -249,6 +255,9 @@ class StreamDecryptor:
     """Incremental AES-256-CBC decryption + PKCS#7 unpadding for large bodies whose tag was checked."""
 
     def __init__(self, keys: EnvelopeKeys, iv: bytes) -> None:
+        from cryptography.hazmat.primitives import padding
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         self._decryptor = Cipher(algorithms.AES(keys.enc_key), modes.CBC(iv)).decryptor()
         self._unpadder = padding.PKCS7(BLOCK_BYTES * 8).unpadder()
 

@@ -17,8 +17,9 @@ Per drive, the master:
   SDO every ``poll_interval_s``;
 - decodes EMCY into ``drive_fault`` events; raises ``drive_boot_up``, ``drive_heartbeat_lost``,
   ``drive_heartbeat_restored`` and ``drive_fault_cleared``;
-- publishes ``<p>/drive/<name>/state`` (retained) at once on a change of NMT/CiA 402 state, error code,
-  heartbeat or warning, and at most every ``state_interval_s`` for position/velocity alone;
+- publishes the retained state (event bus subtopic ``drive/<name>``) at once on a change of NMT/CiA 402
+  state, error code, heartbeat or warning, and at most every ``state_interval_s`` for position and
+  velocity alone (never at PDO rate);
 - commits a history record (kind ``drive``, subtopic ``drive/<name>/history``) every ``history_interval_s``.
 
 Commands (``<p>/cmd/drive/<verb>``, the drive named in the payload: ``{"drive": "axis-1"}``) are served by

@@ -80,8 +80,10 @@ class _Batcher:
 
     Handing every frame over with ``call_soon_threadsafe`` costs a self-pipe write and a loop wake-up
     per frame (8 drives x 2 TPDOs every 10 ms is 1600 a second); here the reader thread queues frames
-    and the loop takes everything queued once per ``batch_s``. The queue is bounded: when the loop
-    falls ``max_frames`` behind, new frames are dropped and counted (``rx_dropped``).
+    and the loop takes everything queued at most once per ``batch_s``: a frame after a quiet spell
+    (an SDO answer) is taken at once, a flood of TPDOs costs one wake-up per ``batch_s``. The queue is
+    bounded: when the loop falls ``max_frames`` behind, new frames are dropped and counted
+    (``rx_dropped``).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class _Batcher:
         self._frames: collections.deque[can.Message] = collections.deque()
         self._lock = threading.Lock()
         self._armed = False
+        self._last_drain_s = 0.0
 
     def __call__(self, msg: can.Message) -> None:
         """A frame from the reader thread."""
@@ -109,9 +112,14 @@ class _Batcher:
             self._loop.call_soon_threadsafe(self._arm)
 
     def _arm(self) -> None:
-        self._loop.call_later(self._batch_s, self._drain)
+        delay = self._last_drain_s + self._batch_s - self._loop.time()
+        if delay <= 0:
+            self._drain()
+        else:
+            self._loop.call_later(delay, self._drain)
 
     def _drain(self) -> None:
+        self._last_drain_s = self._loop.time()
         with self._lock:
             frames = list(self._frames)
             self._frames.clear()

@@ -220,7 +220,7 @@ def _corpus() -> list[tuple[str, Path]]:
         for target in REGRESSIONS.iterdir()
         if target.is_dir()
         for path in target.iterdir()
-        if path.is_file() and path.suffix != ".md"
+        if path.is_file() and path.suffix != ".md" and not path.name.startswith(".")
     )
 
 
