@@ -21,7 +21,8 @@ from pathlib import Path
 import aiomqtt
 
 from dcud.sim.demo_site import render_reading, render_state, site_toml, start_simulators, stop_process
-from dcud.sim.peers import Mosquitto, PeerMissing, start_mosquitto
+from dcud.sim.drive import start_demo_drives
+from dcud.sim.peers import Mosquitto, PeerMissing, free_port, start_mosquitto
 
 DEVICE_ID = "dcu-demo"
 
@@ -57,6 +58,12 @@ def _render(message: aiomqtt.Message) -> str:
         return render_reading(topic, payload)
     if isinstance(payload, dict) and (state := render_state(topic, payload)) is not None:
         return state
+    if "/drive/" in topic and topic.endswith("/state") and isinstance(payload, dict):
+        return (
+            f"{topic}  online={payload.get('online')} nmt={payload.get('nmt')} "
+            f"cia402={payload.get('cia402')} position={payload.get('position')} "
+            f"velocity={payload.get('velocity')} error={payload.get('error_text')}"
+        )
     if topic.endswith("/status") and isinstance(payload, dict):
         outbox = payload.get("outbox", {})
         return (
@@ -102,6 +109,18 @@ def _start_ftp(workdir: Path, stack: contextlib.ExitStack) -> tuple[str, Path] |
     return ftp.url("/push"), ftp.root / "push"
 
 
+async def _enable_first_drive(broker: Mosquitto, drives_toml: str) -> None:
+    """After a few seconds, enable operation of axis-1 over MQTT, as an operator would; it then moves."""
+    if "axis-1" not in drives_toml:
+        return
+    await asyncio.sleep(8)
+    with contextlib.suppress(aiomqtt.MqttError):
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="dcud-demo-operator") as client:
+            print("dcud demo: operator sends cmd/drive/enable {drive: axis-1}", flush=True)
+            request = json.dumps({"id": 1, "drive": "axis-1"})
+            await client.publish(f"dcu/{DEVICE_ID}/cmd/drive/enable", request, qos=1)
+
+
 def run_demo(duration_s: float | None = None, workdir: Path | None = None) -> int:
     """Run the demo; returns the process exit code."""
     with contextlib.ExitStack() as stack:
@@ -125,11 +144,23 @@ def run_demo(duration_s: float | None = None, workdir: Path | None = None) -> in
             print(f"dcud demo: {exc}", file=sys.stderr)
             return 1
         stack.callback(stop_process, simulators)
+        # One event loop for the whole demo: the drive simulator's processes belong to it.
+        runner = stack.enter_context(asyncio.Runner())
+        drives_toml = ""
+        try:
+            drives_toml, drives_cleanup = runner.run(start_demo_drives(workdir))
+        except (OSError, PeerMissing, TimeoutError) as exc:
+            print(f"dcud demo: no simulated drives ({exc})", file=sys.stderr)
+        else:
+            stack.callback(lambda: runner.run(drives_cleanup()))
         config.write_text(
             DEMO_TOML.format(device_id=DEVICE_ID, state_dir=workdir / "state", mqtt_url=broker.url)
             + site_toml(workdir)
+            + drives_toml
         )
-        (workdir / "wme.conf").write_text(DEMO_WME + push_wme)
+        # Listening ports on free loopback ports, so the demo never clashes with a real DCU's 9000-9002.
+        ports = f"tm_server_port={free_port()}\ntm2.port={free_port()}\nfw_server_port={free_port()}\n"
+        (workdir / "wme.conf").write_text(DEMO_WME + push_wme + ports)
         print(f"dcud demo: broker {broker.url}, files in {workdir}", flush=True)
         if ftp_root is not None:
             print(f"dcud demo: FTP data push every minute into {ftp_root[1]}", flush=True)
@@ -159,9 +190,11 @@ def run_demo(duration_s: float | None = None, workdir: Path | None = None) -> in
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGTERM, stop.set)
+            drive_demo = asyncio.create_task(_enable_first_drive(broker, drives_toml))
             await _watch(broker, duration_s, stop)
+            drive_demo.cancel()
 
-        asyncio.run(main())
+        runner.run(main())
         stop_daemon()
         print(f"dcud demo: stopped (daemon exit {daemon.returncode}); daemon log: {workdir / 'dcud.log'}")
         return 0 if daemon.returncode == 0 else 1

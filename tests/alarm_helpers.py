@@ -116,9 +116,9 @@ class EventSubscriber:
     async def _run(self) -> None:
         async with aiomqtt.Client("127.0.0.1", self.port, identifier=f"sub-{time.monotonic_ns()}") as client:
             await client.subscribe(f"{PREFIX}/event", qos=1)
-            await client.subscribe(f"{PREFIX}/power", qos=1)
-            await client.subscribe(f"{PREFIX}/snmp", qos=1)
-            await client.subscribe(f"{PREFIX}/clock", qos=1)
+            await client.subscribe(f"{PREFIX}/power/state", qos=1)
+            await client.subscribe(f"{PREFIX}/snmp/state", qos=1)
+            await client.subscribe(f"{PREFIX}/clock/state", qos=1)
             self._ready.set()
             async for message in client.messages:
                 assert isinstance(message.payload, bytes)
@@ -127,7 +127,7 @@ class EventSubscriber:
                 if topic.endswith("/event"):
                     self.events.append((time.monotonic(), payload))
                 else:
-                    self.states[topic.rsplit("/", 1)[1]] = payload
+                    self.states[topic.removesuffix("/state").rsplit("/", 1)[1]] = payload
                 self._changed.set()
 
     async def wait_event(self, event_type: str, timeout_s: float = 10.0, after: int = 0) -> dict[str, Any]:

@@ -380,15 +380,12 @@ async def test_daemon_publishes_state_events_and_serves_commands(
                 async with asyncio.timeout(timeout_s):
                     async for message in client.messages:
                         if isinstance(message.payload, bytes) and message.payload[:1] == b"{":
-                            # Retained states go to <p>/<subtopic> (drive/axis-1); design.md's table
-                            # writes <p>/drive/<name>/state: accept both spellings.
-                            topic = message.topic.value.removesuffix("/state")
-                            seen.setdefault(topic, []).append(json.loads(message.payload))
+                            seen.setdefault(message.topic.value, []).append(json.loads(message.payload))
                         if until():
                             return
 
             def state() -> dict[str, Any]:
-                states = seen.get(f"{PREFIX}/drive/axis-1", [])
+                states = seen.get(f"{PREFIX}/drive/axis-1/state", [])
                 return states[-1] if states else {}
 
             def events(kind: str) -> list[dict[str, Any]]:

@@ -167,8 +167,8 @@ async def test_daemon_polls_simulated_meters_into_mqtt(simulators: Path, broker:
                 spec = SimMeterSpec("12345678", base=20411.5, fast_reaction=True)
                 assert {v["id"]: v["value"] for v in flat["values"]} == iec_expected_values(spec)
                 assert flat["raw"].startswith("\x02") and flat["ident"].startswith("/SIm5")
-                assert watcher.retained[f"{PREFIX}/line/mbus-1"]["state"] == "open"
-                assert watcher.retained[f"{PREFIX}/meter/heat-1"]["quality"] == "ok"
+                assert watcher.retained[f"{PREFIX}/line/mbus-1/state"]["state"] == "open"
+                assert watcher.retained[f"{PREFIX}/meter/heat-1/state"]["quality"] == "ok"
 
                 # The MQTT read command goes through the daemon's lease on the line.
                 via = await asyncio.to_thread(
@@ -196,12 +196,12 @@ async def test_daemon_polls_simulated_meters_into_mqtt(simulators: Path, broker:
                 write_control(site_dir / "control.json", ["1"])
                 await until(lambda: watcher.events("meter_silent"), 40, "meter_silent")
                 await until(
-                    lambda: watcher.retained[f"{PREFIX}/meter/heat-1"]["counters"]["failed"] >= 2,
+                    lambda: watcher.retained[f"{PREFIX}/meter/heat-1/state"]["counters"]["failed"] >= 2,
                     40,
                     "a second failed cycle",
                 )
                 assert len(watcher.events("meter_silent")) == 1
-                assert watcher.retained[f"{PREFIX}/meter/heat-1"]["quality"] == "failing"
+                assert watcher.retained[f"{PREFIX}/meter/heat-1/state"]["quality"] == "failing"
                 readings_while_silent = len(watcher.of("/meter/heat-1/reading"))
                 write_control(site_dir / "control.json", [])
                 await until(lambda: watcher.events("meter_back"), 40, "meter_back")

@@ -162,7 +162,7 @@ async def test_monitoring_gets_readings_while_push_broker_is_down_then_push_catc
         log = daemon_log(config)
         assert "data push failed" in log and "data push recovered" in log
         # the push state is retained on the monitoring broker: backlog, retries, last error and success
-        states = Collector(broker.port, "dcu/dcu-test/push/mqtt")
+        states = Collector(broker.port, "dcu/dcu-test/push/mqtt/state")
         await states.start()
 
         def caught_up() -> bool:

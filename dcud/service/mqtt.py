@@ -178,7 +178,10 @@ class MqttService:
             while True:
                 for update in await watcher.next_batch():
                     payload = json.dumps(dict(update.payload), separators=(",", ":"), default=str)
-                    await client.publish(f"{self.config.topic_prefix}/{update.subtopic}", payload, 1, True)
+                    # Every retained state document lives at <p>/<subtopic>/state (design.md section 6:
+                    # <p>/line/<name>/state, <p>/meter/<name>/state, <p>/drive/<name>/state...).
+                    topic = f"{self.config.topic_prefix}/{update.subtopic}/state"
+                    await client.publish(topic, payload, 1, True)
                     ctx.beat()
         finally:
             watcher.close()
