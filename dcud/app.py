@@ -118,6 +118,8 @@ def _mqtt_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
 
 
 def _polling_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+    if not config.toml.line:  # nothing to poll: keep the codecs out of a small DCU's memory
+        return []
     from dcud.service.polling import build_polling_services
 
     return build_polling_services(config, runtime)
@@ -171,6 +173,8 @@ def _drive_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]
 
 def _bridge_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
     """Transparent ports tm/tm2 and the EI client (issue 4, dcud.service.bridge)."""
+    if not any(line.transparent for line in config.toml.line):  # both bridge to a transparent line
+        return []
     from dcud.service.bridge import build_bridge_services
 
     return build_bridge_services(config, runtime)

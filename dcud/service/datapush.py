@@ -655,12 +655,12 @@ def _make_uploader(slice_: DataPushServiceConfig) -> Uploader:
 
 def _source_meter_services(config: LoadedConfig, runtime: Runtime) -> list[Service]:
     """The WM-E modem case: one IEC meter on the only serial line, without a [[meter]] list."""
+    toml, params = config.toml, config.params
+    if toml.meter or len(toml.line) != 1:
+        return []
     from dcud.config.model import MeterConfig
     from dcud.service.polling import FALLBACK_INTERVAL_S, PollingConfig, PollingService
 
-    toml, params = config.toml, config.params
-    if toml.meter:
-        return []
     lines = [line for line in toml.line if line.kind != "mbus"]
     address = params.get_opt_str("datapush_iec_address")
     if len(lines) != 1 or len(toml.line) != 1:
