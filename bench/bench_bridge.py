@@ -10,7 +10,8 @@ count the frames that did not).
   line (``tm.tls_enable=0``, defaults otherwise: IEC awareness, leases, audit on);
 - ser2net 4 (``chardelay: false``, ``tcp(nodelay)``), socat (``TCP-LISTEN,nodelay`` to ``FILE:...,raw``).
 
-Groups (one JSON line each): ``bridge_latency`` per bridge and frame size (p50/p99 in microseconds),
+Groups (one JSON line each): ``bridge_latency`` per bridge and frame size (p50/p99 in microseconds, and
+the bridge process's CPU time per round trip, which a busy machine disturbs far less than latency),
 ``bridge_latency_ratio`` per frame size (dcud over the better of ser2net and socat; targets 1.1 / 1.5),
 and ``bridge_idle_sessions`` per bridge: RSS and CPU of 20 idle sessions held on 20 other ports
 (dcud: one process with 20 transparent-port services; ser2net: one process, 20 connections; socat: one
@@ -218,9 +219,10 @@ def round_trip(sock: socket.socket, frame: bytes) -> tuple[float, str]:
     return elapsed, "reordered" if sorted(echoed) == sorted(frame) else "lost"
 
 
-def summary(samples: list[float], lost: int, reordered: int) -> dict[str, object]:
+def summary(samples: list[float], lost: int, reordered: int, cpu_s_total: float) -> dict[str, object]:
     ordered = sorted(samples)
     return {
+        "cpu_us_per_round_trip": round(cpu_s_total * 1e6 / len(ordered), 1) if ordered else None,
         "rounds": len(ordered),
         "p50_us": round(statistics.median(ordered), 1) if ordered else None,
         "p99_us": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 1) if ordered else None,
@@ -230,7 +232,9 @@ def summary(samples: list[float], lost: int, reordered: int) -> dict[str, object
     }
 
 
-def measure_interleaved(socks: dict[str, socket.socket], size: int) -> dict[str, dict[str, object]]:
+def measure_interleaved(
+    socks: dict[str, socket.socket], size: int, pids: dict[str, int]
+) -> dict[str, dict[str, object]]:
     """WARMUP + ROUNDS frames per bridge in blocks of BLOCK, the bridges taken in turn (rotating order),
     so that whatever else the machine does at the time hits every bridge alike."""
     names = list(socks)
@@ -238,11 +242,14 @@ def measure_interleaved(socks: dict[str, socket.socket], size: int) -> dict[str,
     samples: dict[str, list[float]] = {n: [] for n in names}
     bad: dict[str, dict[str, int]] = {n: {"lost": 0, "reordered": 0} for n in names}
     broken: set[str] = set()
+    cpu = dict.fromkeys(names, 0.0)
     for block, start in enumerate(range(0, len(stream), BLOCK)):
         order = names[block % len(names) :] + names[: block % len(names)]
         for name in order:
             if name in broken:
                 continue
+            measured = start >= WARMUP
+            cpu_before = cpu_s(pids[name]) if measured else 0.0
             for index in range(start, min(start + BLOCK, len(stream))):
                 elapsed, verdict = round_trip(socks[name], stream[index])
                 if verdict != "ok":
@@ -252,7 +259,9 @@ def measure_interleaved(socks: dict[str, socket.socket], size: int) -> dict[str,
                         break
                 if index >= WARMUP:
                     samples[name].append(elapsed)
-    return {n: summary(samples[n], bad[n]["lost"], bad[n]["reordered"]) for n in names}
+            if measured:
+                cpu[name] += cpu_s(pids[name]) - cpu_before
+    return {n: summary(samples[n], bad[n]["lost"], bad[n]["reordered"], cpu[n]) for n in names}
 
 
 def connect(port: int) -> socket.socket:
@@ -446,6 +455,10 @@ def ratio_line(size: int, group: dict[str, dict[str, object]]) -> dict[str, obje
         "meets_target": p50_ratio <= 1.1 and p99_ratio <= 1.5,
         "lost": sum(int(str(r["lost"])) for r in group.values()),
         "reordered": sum(int(str(r["reordered"])) for r in group.values()),
+        "cpu_ratio": {
+            name: round(value(dcud, "cpu_us_per_round_trip") / value(r, "cpu_us_per_round_trip"), 3)
+            for name, r in others.items()
+        },
         "load_avg_1m": os.getloadavg()[0],
     }
 
@@ -454,16 +467,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         ports: dict[str, int] = {}
+        pids: dict[str, int] = {}
         for name, starter in STARTERS.items():
             tty_path = stack.enter_context(echo_device())
             ports[name] = free_port()
             proc = starter(workdir, tty_path, ports[name])
+            pids[name] = proc.pid
             stack.callback(stop, proc)
             wait_port_quiet(ports[name], proc)
         time.sleep(1.0)
         socks = {name: connect(port) for name, port in ports.items()}
         for size in SIZES:
-            group = measure_interleaved(socks, size)
+            group = measure_interleaved(socks, size, pids)
             for name, result in group.items():
                 print(json.dumps({"bench": "bridge_latency", "bridge": name, "frame_bytes": size, **result}))
             print(json.dumps(ratio_line(size, group)), flush=True)

@@ -29,10 +29,18 @@ from conftest import daemon_log, start_daemon, write_site
 from meter_helpers import FakeOutbox, SocatPair, simulators, wait_until
 
 from dcud.codec.iec62056 import compute_bcc, encode_option_select, encode_request, parse_data_message
+from dcud.codec.mbus import decode_frame, encode_req_ud2
 from dcud.config.loader import load_config
 from dcud.config.model import MeterConfig
 from dcud.runtime.bus import EventBus
-from dcud.service.bridge import AllowList, HexTrace, bits_per_char, build_bridge_services, resolve_listen
+from dcud.service.bridge import (
+    AllowList,
+    HexTrace,
+    TlsSettings,
+    bits_per_char,
+    build_bridge_services,
+    resolve_listen,
+)
 from dcud.service.line import LineRegistry
 from dcud.service.polling import PollingConfig, PollingService
 from dcud.sim.peers import find_program, free_port
@@ -324,8 +332,15 @@ def test_allow_list_and_listen_rules() -> None:
     assert allow.allows("2001:db8::1") and not allow.allows("127.0.0.1") and not allow.allows("bogus")
     assert AllowList([]).allows("203.0.113.9")
     assert not AllowList(["10.0.0.0/99"]).allows("10.0.0.1")  # a typo narrows access, never widens it
-    assert resolve_listen("auto", True) == "" and resolve_listen("auto", False) == "127.0.0.1"
-    assert resolve_listen("any", False) == "" and resolve_listen("10.0.0.1", False) == "10.0.0.1"
+    plain, open_tls = TlsSettings(enabled=False), TlsSettings(enabled=True, verify="none")
+    mutual = TlsSettings(enabled=True, verify="mandatory")
+    # auto is default-deny: beyond loopback only with client certificates or an allow-list.
+    assert resolve_listen("auto", plain) == "127.0.0.1"
+    assert resolve_listen("auto", open_tls) == "127.0.0.1"  # the WM-E defaults: TLS, no client auth
+    assert resolve_listen("auto", mutual) == ""
+    assert resolve_listen("auto", open_tls, ["192.0.2.0/24"]) == ""
+    assert resolve_listen("auto", plain, ["192.0.2.0/24"]) == "127.0.0.1"
+    assert resolve_listen("any", plain) == "" and resolve_listen("10.0.0.1", plain) == "10.0.0.1"
     assert bits_per_char("7E1") == 10 and bits_per_char("8E1") == 11 and bits_per_char("8N2") == 11
 
 
@@ -531,13 +546,19 @@ def test_builder_reads_the_wme_parameters(tmp_path: Path) -> None:
     assert ei.policy.idle_timeout_s == 0  # the EI connection is kept
 
 
-def test_tls_default_listens_everywhere_with_a_device_certificate(tmp_path: Path) -> None:
+def test_wme_defaults_serve_tls_with_a_device_certificate_on_loopback_only(tmp_path: Path) -> None:
     toml = '[[line]]\nname = "rs485-1"\ndevice = "/dev/ttyS1"\ntransparent = "primary"\n'
     loaded = load_config(write_site(tmp_path, toml_extra=toml, wme="ntp_interval=600\n"))
     runtime = SimpleNamespace(lines=LineRegistry(), bus=EventBus(), event=None)
     (service,) = build_bridge_services(loaded, runtime)  # type: ignore[arg-type]
     config = service.config  # type: ignore[attr-defined]
-    assert config.tls.enabled and config.tls.cert_bank == 0 and config.host == ""
+    # TLS without client authentication (tm.verify=0) encrypts but admits anyone: loopback only.
+    assert config.tls.enabled and config.tls.cert_bank == 0 and config.host == "127.0.0.1"
+    allowed = load_config(
+        write_site(tmp_path / "b", toml_extra=toml + '[transparent]\nallow = ["192.0.2.0/24"]\n', wme="")
+    )
+    (service,) = build_bridge_services(allowed, runtime)  # type: ignore[arg-type]
+    assert service.config.host == ""  # type: ignore[attr-defined]
 
 
 async def test_the_daemon_serves_the_transparent_port(tmp_path: Path) -> None:
@@ -569,3 +590,22 @@ async def test_the_daemon_serves_the_transparent_port(tmp_path: Path) -> None:
     log_text = daemon_log(config)
     assert proc.returncode == 0, log_text[-2000:]
     assert "bridge session" in log_text and '"bytes_to_meter": 4096' in log_text
+
+
+async def test_mbus_readout_through_the_secondary_port_with_the_simulator(tmp_path: Path) -> None:
+    async with bridge_harness(
+        tmp_path, kind="mbus", line_baud=2400, framing="8E1", transparent="secondary"
+    ) as h:
+        spec = SimLineSpec("m", "mbus", [SimMeterSpec("5", kind="water")], device=str(h.pair.b))
+        async with simulators(SimConfig([spec])):
+            reader, writer = await connect(h.port)
+            for fcb in (False, True, False):
+                writer.write(encode_req_ud2(5, fcb=fcb))
+                head = await read_exactly(reader, 4)
+                assert head[0] == 0x68 and head[3] == 0x68, head
+                rest = await read_exactly(reader, head[1] + 2)
+                frame = decode_frame(head + rest)  # checksum, lengths and stop byte verified
+                assert frame.address == 5
+            writer.close()
+            (record,) = await h.wait_audits(1)
+    assert record["port"] == "tm2" and record["iec"]["signons"] == 0

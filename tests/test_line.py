@@ -326,3 +326,44 @@ async def test_device_disappears_and_comes_back(tmp_path: Path) -> None:
             assert events.types().count("line_up") == 1
     finally:
         pair.kill()
+
+
+async def test_receiver_is_dropped_when_the_lease_ends(pty_line: tuple[Line, PtyPeer]) -> None:
+    line, peer = pty_line
+    first: list[bytes] = []
+    async with line.lease("bridge-a", "bridge") as port:
+        port.set_receiver(first.append)
+        peer.send(b"a1")
+        await wait_until(lambda: first == [b"a1"], 5)
+        assert port.output_pending() == 0
+    # The lease ended with its receiver still set: later bytes are buffered, never pushed to it.
+    peer.send(b"x")
+    await wait_until(lambda: line.port is not None and line.port.in_waiting == 1, 5)
+    assert first == [b"a1"]
+    port.set_receiver(None)  # a late clean-up does nothing
+    with pytest.raises(LocalProtocolError):
+        port.set_receiver(first.append)
+    with pytest.raises(LocalProtocolError):
+        port.output_pending()
+
+
+async def test_receivers_never_see_another_holders_bytes(pty_line: tuple[Line, PtyPeer]) -> None:
+    line, peer = pty_line
+    first: list[bytes] = []
+    second: list[bytes] = []
+    async with line.lease("bridge-a", "bridge") as port:
+        port.set_receiver(first.append)
+        peer.send(b"a1")
+        await wait_until(lambda: first == [b"a1"], 5)
+        port.set_receiver(None)  # the client is full: bytes wait in the port
+        peer.send(b"a2")
+        await wait_until(lambda: line.port is not None and line.port.in_waiting == 2, 5)
+    async with line.lease("bridge-b", "bridge") as port2:
+        port2.set_receiver(second.append)
+        assert second == []  # a2 was the first holder's: flushed with its lease
+        peer.send(b"b1")
+        await wait_until(lambda: second == [b"b1"], 5)
+        port2.write(b"ping")
+        await port2.drain()
+    assert first == [b"a1"] and second == [b"b1"]
+    assert peer.drain() == b"ping"

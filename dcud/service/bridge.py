@@ -1367,10 +1367,18 @@ def _param(params: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def resolve_listen(listen: str, tls_enabled: bool) -> str:
-    """The bind address for ``[transparent] listen`` (empty string: every interface)."""
+def resolve_listen(listen: str, tls: TlsSettings, allow: Sequence[str] = ()) -> str:
+    """The bind address for ``[transparent] listen`` (empty string: every interface).
+
+    ``auto`` is default-deny: a transparent port gives full access to the meters on its line, so it
+    listens beyond loopback only when the peer is authenticated or restricted: TLS with mandatory
+    client certificates (``tm.verify=2``), or TLS plus a source allow-list. TLS alone with the WM-E
+    default ``tm.verify=0`` encrypts but lets anyone in, so it stays on 127.0.0.1 until the installer
+    says ``listen = "any"`` (or an address) on purpose.
+    """
     if listen == "auto":
-        return "" if tls_enabled else "127.0.0.1"
+        guarded = tls.enabled and (tls.verify == "mandatory" or bool(allow))
+        return "" if guarded else "127.0.0.1"
     if listen == "loopback":
         return "127.0.0.1"
     if listen == "any":
@@ -1423,7 +1431,7 @@ def build_bridge_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Se
                     line=line,
                     port=port,
                     baud=int(_param(params, baud_param, baud_default)),
-                    host=resolve_listen(t.listen, tls.enabled),
+                    host=resolve_listen(t.listen, tls, allow),
                     allow=allow,
                     second_client=t.second_client,
                     busy_message=t.busy_message,

@@ -132,10 +132,12 @@ class LineCounters:
 class LeasedPort:
     """The line as its lease holder sees it; every method fails once the lease has ended.
 
-    ``write`` queues bytes; ``drain`` waits until they are on the wire; ``read`` returns what arrived
-    (``b""`` after ``timeout_s`` of silence); ``read_until`` raises PeerTimeout when the separator does not
-    come; ``set_baud``/``set_framing`` drain first, then switch; ``reset_line_settings`` goes back to
-    the configured baud and framing. Transport failures raise :class:`~dcud.errors.TransportError`.
+    ``write`` sends bytes (what the driver does not take at once is queued); ``drain`` waits until they
+    are on the wire; ``output_pending`` counts what is not; ``read`` returns what arrived (``b""`` after
+    ``timeout_s`` of silence); ``read_until`` raises PeerTimeout when the separator does not come;
+    ``set_receiver`` has received bytes pushed to a callback instead; ``set_baud``/``set_framing`` drain
+    first, then switch; ``reset_line_settings`` goes back to the configured baud and framing. Transport
+    failures raise :class:`~dcud.errors.TransportError`.
     """
 
     def __init__(self, line: Line, port: SerialPort, info: LeaseInfo) -> None:
@@ -179,8 +181,25 @@ class LeasedPort:
         return self._line.waiting
 
     def write(self, data: bytes) -> None:
-        """Queue ``data`` for transmission."""
+        """Send ``data``: to the driver at once when nothing is queued before it, else queued behind."""
         self._live().write(data)
+
+    def output_pending(self) -> int:
+        """Bytes written and not on the wire yet (queued here plus the driver's TIOCOUTQ count)."""
+        return self._live().output_pending()
+
+    def set_receiver(self, receiver: Callable[[bytes], None] | None) -> None:
+        """Push received bytes to ``receiver`` synchronously instead of buffering them for :meth:`read`.
+
+        Bytes already received go first, then each chunk as it arrives; ``b""`` once when the line
+        closes. ``None`` goes back to buffering. The receiver is dropped when the lease ends, so it
+        never sees a byte of the next holder; ``set_receiver(None)`` after the end does nothing.
+        The receiver must not raise (it runs in the port's reader callback).
+        """
+        port = self._port
+        if port is None and receiver is None:
+            return
+        self._live().set_receiver(receiver)
 
     async def drain(self) -> None:
         """Wait until every written byte has left the UART."""
@@ -219,7 +238,10 @@ class LeasedPort:
         await self.set_baud(config.effective_baud)
 
     def _end(self) -> None:
-        self._port = None
+        port, self._port = self._port, None
+        if port is not None:
+            # Before the release flushes the input: later bytes are buffered, then dropped.
+            port.set_receiver(None)
 
 
 class Line:

@@ -4,9 +4,11 @@
 kernel's RS485 mode (``TIOCSRS485``: the UART driver toggles RTS around each transmission) and
 exclusive access (``flock``), and moves bytes:
 
-- received bytes go into a bounded buffer (oldest bytes dropped and counted when it overflows);
-- :meth:`SerialPort.write` queues bytes, :meth:`SerialPort.drain` waits until the UART has put them on
-  the wire (tcdrain), which is what a baud switch must wait for;
+- received bytes go into a bounded buffer (oldest bytes dropped and counted when it overflows), or,
+  while a receiver is set (:meth:`SerialPort.set_receiver`), straight to that callback;
+- :meth:`SerialPort.write` hands bytes to the driver at once when nothing is queued before them and
+  queues the rest, :meth:`SerialPort.drain` waits until the UART has put them on the wire (tcdrain),
+  which is what a baud switch must wait for; :meth:`SerialPort.output_pending` counts what is not out;
 - the echo filter drops the echo of our own transmission that half-duplex converters (and RS485 2-wire
   transceivers with the receiver always on) hand back ("purge first frame" in libmbus);
 - a device that fails (EIO from an unplugged USB adapter, a closed pty) closes the port; the owner
@@ -19,9 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
+import os
 import struct
 import termios
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +36,13 @@ import serial_asyncio
 from dcud.errors import PeerTimeout, TransportError
 
 DEFAULT_BUFFER_BYTES = 64 * 1024
+READ_CHUNK_BYTES = 4096
+"""Most bytes taken from the tty per readiness callback."""
+
+Receiver = Callable[[bytes], None]
+"""Takes received chunks synchronously (see :meth:`SerialPort.set_receiver`); ``b""`` means closed."""
+
+_RETRY_ERRNOS = frozenset((errno.EAGAIN, errno.EALREADY, errno.EWOULDBLOCK, errno.EINPROGRESS, errno.EINTR))
 
 # struct serial_rs485 (include/uapi/linux/serial.h): flags, delay_rts_before_send, delay_rts_after_send,
 # then padding; 32 bytes on every Linux architecture.
@@ -112,6 +124,34 @@ class PortCounters:
     echo_mismatches: int = 0
 
 
+class _Transport(serial_asyncio.SerialTransport):  # type: ignore[misc]
+    """pyserial-asyncio's transport, reading the tty with one ``os.read`` per readiness callback.
+
+    pyserial's ``read`` adds a ``select`` (with its abort pipe) before every read although the loop
+    just said the fd is readable; the errors stay the ones pyserial raises, so a failing device closes
+    the transport exactly as before.
+    """
+
+    def _read_ready(self) -> None:
+        try:
+            data = os.read(self._serial.fd, READ_CHUNK_BYTES)
+        except OSError as exc:
+            if exc.errno in _RETRY_ERRNOS:
+                return
+            self._close(exc=serial.SerialException(f"read failed: {exc}"))
+            return
+        if not data:
+            # A vanished device (an unplugged adapter, a dead pty peer) reads as ready but empty.
+            self._close(
+                exc=serial.SerialException(
+                    "device reports readiness to read but returned no data "
+                    "(device disconnected or multiple access on port?)"
+                )
+            )
+            return
+        self._protocol.data_received(data)
+
+
 class _Protocol(asyncio.Protocol):
     """Feeds the port's receive buffer from the transport's callbacks."""
 
@@ -163,6 +203,7 @@ class SerialPort:
         self._echo = bytearray()
         self._data_event = asyncio.Event()
         self._closed: asyncio.Future[BaseException | None] | None = None
+        self._receiver: Receiver | None = None
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -203,8 +244,9 @@ class SerialPort:
         self._closed = loop.create_future()
         self._buffer.clear()
         self._echo.clear()
+        self._receiver = None
         self.failure = None
-        self._transport = serial_asyncio.SerialTransport(loop, _Protocol(self), ser)
+        self._transport = _Transport(loop, _Protocol(self), ser)
         # The transport registers its reader with call_soon; one turn of the loop makes it live.
         await asyncio.sleep(0)
 
@@ -273,6 +315,14 @@ class SerialPort:
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(exc)
         self._data_event.set()  # wake readers so they see the closed port
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            try:
+                receiver(b"")
+            except Exception as error:  # the receiver's bug must not stop the port from closing
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": f"{self.device}: receiver failed on close", "exception": error}
+                )
 
     def _check_open(self) -> None:
         if not self.is_open:
@@ -287,6 +337,10 @@ class SerialPort:
             data = self._strip_echo(data)
             if not data:
                 return
+        receiver = self._receiver
+        if receiver is not None:
+            receiver(data)
+            return
         self._buffer += data
         overflow = len(self._buffer) - self.buffer_bytes
         if overflow > 0:
@@ -308,6 +362,24 @@ class SerialPort:
         else:
             del echo[:n]
         return data[n:]
+
+    def set_receiver(self, receiver: Receiver | None) -> None:
+        """Hand every received chunk to ``receiver`` synchronously, from the transport's callback.
+
+        Bytes buffered so far go first (within this call), then each chunk as it arrives (after the
+        echo filter); when the port closes the receiver gets ``b""`` once and is dropped. A receiver
+        set on a closed port gets the buffered bytes and then ``b""`` at once. ``None`` goes back to
+        buffering for :meth:`read`. The receiver must not raise: it runs inside the event loop's
+        reader callback.
+        """
+        self._receiver = receiver
+        if receiver is None:
+            return
+        if self._buffer:
+            receiver(self._take(len(self._buffer)))
+        if not self.is_open and self._receiver is receiver:
+            self._receiver = None
+            receiver(b"")
 
     @property
     def in_waiting(self) -> int:
@@ -372,22 +444,57 @@ class SerialPort:
     # -- transmit ------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Queue ``data`` for transmission (never blocks); TransportError when the port is closed."""
+        """Send ``data`` (never blocks); TransportError when the port is closed.
+
+        When nothing is queued, the bytes go to the driver at once (one non-blocking ``write``);
+        whatever it does not take is queued behind, and anything written while bytes are queued is
+        queued after them, so the order on the wire is the order of the calls.
+        """
         self._check_open()
         if not data:
             return
         self.counters.bytes_tx += len(data)
         if self.echo_filter:
             self._echo += data
-        self._transport.write(bytes(data))
+        transport = self._transport
+        if transport.is_closing() or transport.get_write_buffer_size():
+            transport.write(bytes(data))
+            return
+        try:
+            sent = os.write(self._serial.fd, data)
+        except OSError:
+            # EAGAIN, or a failing device: the transport retries and reports a failure as before.
+            sent = 0
+        if sent < len(data):
+            transport.write(bytes(data[sent:]))
+
+    def output_pending(self) -> int:
+        """Bytes written and not on the wire yet: the transport's queue plus the driver's (TIOCOUTQ).
+
+        0 on a closed port. A pty has no wire: its driver count stays 0 and only the queue counts.
+        """
+        if not self.is_open:
+            return 0
+        return int(self._transport.get_write_buffer_size()) + self._kernel_pending()
+
+    def _kernel_pending(self) -> int:
+        """The driver's output queue (TIOCOUTQ); 0 when the device does not say."""
+        try:
+            return _tiocoutq(self._serial.fd)
+        except (OSError, ValueError, TypeError):
+            return 0
+
+    def _drain_timeout_s(self) -> float:
+        """Default bound of :meth:`drain`: twice the wire time of everything queued, plus a second."""
+        pending = int(self._transport.get_write_buffer_size()) + self._kernel_pending() + 64
+        return 1.0 + 2 * pending * char_time_s(self.baud, self.framing.bits_per_char)
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Wait until every written byte has left the UART (tcdrain); PeerTimeout if it takes too long."""
         self._check_open()
         loop = asyncio.get_running_loop()
         if timeout_s is None:
-            pending = self._transport.get_write_buffer_size() + 64
-            timeout_s = 1.0 + 2 * pending * char_time_s(self.baud, self.framing.bits_per_char)
+            timeout_s = self._drain_timeout_s()
         deadline = loop.time() + timeout_s
         while self._transport.get_write_buffer_size():
             self._check_open()
@@ -433,6 +540,12 @@ class SerialPort:
         except (termios.error, OSError, ValueError, serial.SerialException) as exc:
             raise TransportError(f"{self.device}: cannot set {new}: {_reason(exc)}") from exc
         self.framing = new
+
+
+def _tiocoutq(fd: int) -> int:
+    """Bytes in the driver's output queue of ``fd``."""
+    raw = fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", raw)[0])
 
 
 def _tcdrain(fd: int) -> None:
