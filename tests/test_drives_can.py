@@ -411,7 +411,7 @@ async def test_daemon_publishes_state_events_and_serves_commands(
                 await collect(lambda: bool(seen.get(f"{PREFIX}/cmd/drive/fault_reset/reply")))
                 refused = seen[f"{PREFIX}/cmd/drive/fault_reset/reply"][-1]
                 assert refused["ok"] is False and refused["error"]["type"] == "DriveStateError"
-                can_state = seen.get(f"{PREFIX}/can/can0", [{}])[-1]
+                can_state = seen.get(f"{PREFIX}/can/can0/state", [{}])[-1]
                 assert can_state.get("state") == "active"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0, daemon_log(config)
