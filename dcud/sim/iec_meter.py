@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+from dcud.codec.actions import Drain, Send, SetBaud
 from dcud.codec.iec62056 import (
     INITIAL_BAUD,
     MODE_C_BAUD,
@@ -38,7 +39,6 @@ from dcud.codec.iec62056 import (
     parse_identification,
     tx_time_s,
 )
-from dcud.codec.actions import Drain, Send, SetBaud
 from dcud.errors import NegativeResponse, ProtocolError
 
 MeterAction = Send | Drain | SetBaud

@@ -106,4 +106,3 @@ def start_mosquitto(
         process.kill()
         raise
     return Mosquitto(process, port, workdir)
-
