@@ -7,7 +7,7 @@ import contextlib
 import os
 import termios
 import tty
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -232,41 +232,3 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout_s: float = 15.0) 
         return await asyncio.wait_for(reader.read(), timeout_s) == b""
     except ConnectionResetError:
         return True
-
-
-@contextlib.contextmanager
-def push_line_api() -> Iterator[None]:
-    """Give LeasedPort the push API the bridge uses when the line layer offers it (test stand-in).
-
-    ``set_receiver(cb)`` hands every received chunk to ``cb`` at once (bytes already buffered first);
-    ``output_pending()`` is what the port still holds for the wire (transport buffer + TIOCOUTQ).
-    Built on the port's internals here only to exercise the bridge's fast path.
-    """
-    import fcntl
-    import struct
-
-    from dcud.service.line import LeasedPort
-
-    def set_receiver(self: Any, callback: Callable[[bytes], None] | None) -> None:
-        port = self._live()
-        if callback is None:
-            port.__dict__.pop("_on_data", None)
-            return
-        if port._buffer:
-            waiting = bytes(port._buffer)
-            port._buffer.clear()
-            callback(waiting)
-        port._on_data = callback
-
-    def output_pending(self: Any) -> int:
-        port = self._live()
-        queued = struct.unpack("i", fcntl.ioctl(port._serial.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-        return int(port._transport.get_write_buffer_size()) + int(queued)
-
-    LeasedPort.set_receiver = set_receiver  # type: ignore[attr-defined]
-    LeasedPort.output_pending = output_pending  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        del LeasedPort.set_receiver  # type: ignore[attr-defined]
-        del LeasedPort.output_pending  # type: ignore[attr-defined]
