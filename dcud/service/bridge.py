@@ -553,7 +553,36 @@ class BridgeSession(asyncio.Protocol):
             self.trace.data(self.sid, "c>m", data)
         port = self._port
         if port is not None and self._fast and not self._timer_due(now):
-            items = self._client_ops(data, now)
+            sniffer = self.sniffer
+            items: list[_LineOp] | None = None
+            single: bytes | None = None
+            if self.telnet is not None:
+                items = self._client_ops(data, now)
+            elif sniffer is None or self._client_line is not None:
+                single = data
+            else:
+                actions = sniffer.from_client(data, now)
+                first = actions[0] if len(actions) == 1 else None
+                if isinstance(first, Forward):
+                    single = first.data
+                else:
+                    items = [
+                        a.data if isinstance(a, Forward) else _Switch(a.baud, a.framing, a.reason)
+                        for a in actions
+                    ]
+            if single is not None:
+                # The common case, one chunk to write: no list of line operations built.
+                try:
+                    if self._write_now(port, single, now):
+                        return
+                except DcudError as exc:  # the line failed under us: this session is over
+                    self.end("line_error", str(exc))
+                    return
+                self._ops.append(single)
+                self._fast = False
+                self._wake.set()
+                return
+            assert items is not None
             for index, item in enumerate(items):
                 try:
                     if isinstance(item, bytes) and self._write_now(port, item, now):
@@ -685,7 +714,12 @@ class BridgeSession(asyncio.Protocol):
 
     def _write_now(self, port: LeasedPort, data: bytes, now: float) -> bool:
         """Write if the line's queue has room (no drain needed); False: the pump must do it."""
-        queued = self._line_backlog(now)
+        pending = self._output_pending
+        if pending is not None:
+            queued: float = pending()
+        else:
+            self._leak(now)
+            queued = self._bucket
         if queued + len(data) > self._queue_limit and (queued or len(data) > self._queue_limit):
             return False
         port.write(data)

@@ -19,6 +19,7 @@ Everything here is policy-free: who may talk and when is the line service's busi
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
@@ -450,14 +451,16 @@ class SerialPort:
         whatever it does not take is queued behind, and anything written while bytes are queued is
         queued after them, so the order on the wire is the order of the calls.
         """
-        self._check_open()
+        closed = self._closed
+        if closed is None or closed.done():
+            self._check_open()
         if not data:
             return
         self.counters.bytes_tx += len(data)
         if self.echo_filter:
             self._echo += data
         transport = self._transport
-        if transport.is_closing() or transport.get_write_buffer_size():
+        if transport._closing or transport._write_buffer:
             transport.write(bytes(data))
             return
         try:
@@ -473,9 +476,12 @@ class SerialPort:
 
         0 on a closed port. A pty has no wire: its driver count stays 0 and only the queue counts.
         """
-        if not self.is_open:
+        closed = self._closed
+        if closed is None or closed.done():
             return 0
-        return int(self._transport.get_write_buffer_size()) + self._kernel_pending()
+        transport = self._transport
+        queued = sum(map(len, transport._write_buffer)) if transport._write_buffer else 0
+        return queued + self._kernel_pending()
 
     def _kernel_pending(self) -> int:
         """The driver's output queue (TIOCOUTQ); 0 when the device does not say."""
@@ -544,8 +550,13 @@ class SerialPort:
 
 def _tiocoutq(fd: int) -> int:
     """Bytes in the driver's output queue of ``fd``."""
-    raw = fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0")
-    return int(struct.unpack("i", raw)[0])
+    # One preallocated buffer filled in place: no bytes object and no struct unpack per call (the
+    # bridge asks once per client chunk); the event loop thread is the only caller.
+    fcntl.ioctl(fd, termios.TIOCOUTQ, _OUTQ_BUF, True)
+    return _OUTQ_BUF[0]
+
+
+_OUTQ_BUF = array.array("i", [0])
 
 
 def _tcdrain(fd: int) -> None:
