@@ -22,7 +22,8 @@ from cryptography.x509.oid import NameOID
 from dcud.config.loader import load_config
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
-from dcud.service.dm_push import DmPushConfig, DmPushService, cert_bank
+from dcud.service.dm_push import DmPushConfig, DmPushService
+from dcud.service.tls_banks import bank_path
 
 
 def make_cert(common_name: str) -> tuple[bytes, bytes]:
@@ -131,11 +132,11 @@ async def test_plain_push_framing_and_content(tmp_path: Path) -> None:
         assert state["pushes"] >= 2 and state["failures"] == 0 and state["last_error"] is None
 
 
-def write_bank(state_dir: Path, bank: int, **files: bytes) -> None:
-    directory = cert_bank(state_dir, bank)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        (directory / f"{name}.pem").write_bytes(data)
+def write_bank(state_dir: Path, bank: int, *pems: bytes) -> None:
+    """A certificate bank as dcud.service.tls_banks reads it: one PEM file of certificates and keys."""
+    path = bank_path(state_dir, bank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(pems))
 
 
 @pytest.mark.parametrize(
@@ -165,8 +166,8 @@ async def test_tls_banks_and_verify_modes(
         config = dm_config(
             tmp_path, server.port, f"dm.tls_enable=1\ndm.cert=1\ndm.ca_cert=2\ndm.verify={verify}\n"
         )
-        write_bank(config.state_dir, 1, cert=client_cert, key=client_key)
-        write_bank(config.state_dir, 2, ca=server_cert if ca == "right" else other_cert)
+        write_bank(config.state_dir, 1, client_cert, client_key)
+        write_bank(config.state_dir, 2, server_cert if ca == "right" else other_cert)
         bus = EventBus()
         service = DmPushService(config, bus, status)
         ctx = ServiceContext("dm", 30.0, lambda: None)

@@ -15,11 +15,11 @@ Framing
 
     ``seq`` counts pushes since dcud started (1, 2, ...).
 TLS and certificate banks
-    A bank ``n`` (1..255) is the directory ``state_dir/certs/<n>/`` with ``cert.pem`` (certificate
-    chain), ``key.pem`` (its private key), ``ca.pem`` (trusted CA certificates) and, for CRL checks,
-    ``crl.pem``. ``dm.cert`` selects the client certificate bank (0: no client certificate),
-    ``dm.ca_cert`` the CA bank (0: the system's trust store). ``dm.use_crl=1`` checks the server's
-    certificate against ``crl.pem`` of the CA bank. ``dm.verify``: 0 = no verification; 1 = optional:
+    The banks are those of :mod:`dcud.service.tls_banks` (shared with the transparent ports and the EI
+    client): bank ``n`` (1..255) is the PEM file ``state_dir/certbank/<n>.pem``. ``dm.cert`` selects the
+    bank with our client certificate and key (0: no client certificate), ``dm.ca_cert`` the bank with the
+    trusted CA certificates and, for CRL checks, the CRL (0: the system's trust store). ``dm.use_crl=1``
+    checks the server's certificate against that CRL. ``dm.verify``: 0 = no verification; 1 = optional:
     verified when possible, and when verification fails the push goes on unverified (reported as
     ``"verified": false`` in ``push/dm`` and logged once); 2 = mandatory: chain and host name must verify.
 Failures
@@ -41,24 +41,17 @@ from typing import TYPE_CHECKING, Any, Final
 
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
+from dcud.service.tls_banks import TlsBankError, client_context, load_bank
 
 if TYPE_CHECKING:
     from dcud.config.loader import LoadedConfig
 
-__all__ = ["CERT_DIR", "DmPushConfig", "DmPushService", "cert_bank", "dm_document", "dm_tls_context"]
+__all__ = ["DmPushConfig", "DmPushService", "dm_document", "dm_tls_context"]
 
-CERT_DIR: Final = "certs"
 _CONNECT_TIMEOUT_S: Final = 10.0
 VERIFY_NONE: Final = 0
 VERIFY_OPTIONAL: Final = 1
 VERIFY_MANDATORY: Final = 2
-
-
-def cert_bank(state_dir: Path, bank: int) -> Path:
-    """Directory of certificate bank ``bank`` (module doc)."""
-    if not 1 <= bank <= 255:
-        raise ValueError(f"certificate bank must be 1..255, got {bank}")
-    return state_dir / CERT_DIR / str(bank)
 
 
 @dataclass(frozen=True)
@@ -101,23 +94,15 @@ class DmPushConfig:
 
 def dm_tls_context(cfg: DmPushConfig, verify: bool) -> ssl.SSLContext:
     """Client TLS context from the certificate banks; ``verify=False`` accepts any server certificate."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cfg.cert_bank:
-        bank = cert_bank(cfg.state_dir, cfg.cert_bank)
-        context.load_cert_chain(bank / "cert.pem", bank / "key.pem")
+    cert = load_bank(cfg.state_dir, cfg.cert_bank) if cfg.cert_bank else None
     if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
+        return client_context(cert_bank=cert, verify="none")
     if cfg.ca_bank:
-        ca = cert_bank(cfg.state_dir, cfg.ca_bank)
-        context.load_verify_locations(cafile=ca / "ca.pem")
-        if cfg.use_crl:
-            context.load_verify_locations(cafile=ca / "crl.pem")
-            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    else:
-        context.load_default_certs()
+        ca = load_bank(cfg.state_dir, cfg.ca_bank)
+        return client_context(ca_bank=ca, cert_bank=cert, verify="mandatory", use_crl=cfg.use_crl)
+    context = client_context(cert_bank=cert, verify="none")
+    context.check_hostname = True  # also turns verification back on (CERT_REQUIRED)
+    context.load_default_certs()
     return context
 
 
@@ -201,7 +186,7 @@ class DmPushService:
         try:
             async with asyncio.timeout(self.config.timeout_s):
                 await self._send(ctx, line)
-        except (OSError, TimeoutError, ValueError) as exc:
+        except (OSError, TimeoutError, ValueError, TlsBankError) as exc:
             self.failures += 1
             message = str(exc) or type(exc).__name__
             if self.last_error is None or self.last_error["message"] != message:
