@@ -7,11 +7,13 @@ import socket
 import subprocess
 import sys
 import time
+import tty
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from dcud.runtime.sdnotify import Notifier
 from dcud.sim.peers import Mosquitto, start_mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,3 +105,55 @@ def start_daemon(config: Path, notify: NotifySocket | None = None, **env: str) -
 def daemon_log(config: Path) -> str:
     path = config.parent / "dcud.log"
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+class RecordingNotifier(Notifier):
+    """An sd_notify stand-in that records every line instead of sending it."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+        self.sent: list[str] = []
+
+    def notify(self, *lines: str) -> bool:
+        self.sent.extend(lines)
+        return True
+
+
+class PtyPeer:
+    """The master side of a pty whose slave a port opens; nothing is read unless asked."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.master)
+        tty.setraw(self.slave)
+        os.set_blocking(self.master, False)
+        self.path = os.ttyname(self.slave)
+        self.received = bytearray()
+        self.closed = False
+
+    def drain(self) -> bytes:
+        """Read what the port wrote so far (bounded)."""
+        for _ in range(1000):
+            try:
+                chunk = os.read(self.master, 65536)
+            except (BlockingIOError, OSError):
+                break
+            if not chunk:
+                break
+            self.received += chunk
+        return bytes(self.received)
+
+    def send(self, data: bytes) -> None:
+        """Bytes for the port to receive."""
+        os.write(self.master, data)
+
+    def hang_up(self) -> None:
+        """Close the master: the port's reads fail (EIO), like an unplugged adapter."""
+        if not self.closed:
+            os.close(self.master)
+            self.closed = True
+
+    def close(self) -> None:
+        """Close both ends."""
+        self.hang_up()
+        os.close(self.slave)

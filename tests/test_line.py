@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import tty
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from conftest import PtyPeer
 from meter_helpers import Events, SocatPair, supervised, wait_until
 
 from dcud.config.model import LineConfig
@@ -24,36 +23,6 @@ from dcud.service.line import (
     LineServiceConfig,
 )
 from dcud.transport.serial import Framing, Rs485Settings, SerialPort
-
-
-class PtyPeer:
-    """The far end of a pty: what the line writes can be read here."""
-
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.master)
-        tty.setraw(self.slave)
-        os.set_blocking(self.master, False)
-        self.path = os.ttyname(self.slave)
-        self.received = bytearray()
-
-    def drain(self) -> bytes:
-        for _ in range(1000):
-            try:
-                chunk = os.read(self.master, 4096)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            self.received += chunk
-        return bytes(self.received)
-
-    def send(self, data: bytes) -> None:
-        os.write(self.master, data)
-
-    def close(self) -> None:
-        os.close(self.master)
-        os.close(self.slave)
 
 
 @pytest.fixture

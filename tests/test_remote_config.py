@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_site
+from conftest import RecordingNotifier, write_site
 
 from dcud.config.loader import LoadedConfig, load_config, remote_parameters_path
 from dcud.config.wme import CATALOGUE
 from dcud.errors import ConfigError
-from dcud.runtime.sdnotify import Notifier
 from dcud.runtime.supervisor import ServiceContext, Supervisor, SupervisorOptions
 from dcud.service import remote_config as rc
 from dcud.service.commands import CommandRouter
@@ -197,16 +196,6 @@ def test_kill_9_during_writes_never_leaves_a_mix(tmp_path: Path) -> None:
 
 
 # -- the reloader with a real supervisor ----------------------------------------------------------
-
-
-class RecordingNotifier(Notifier):
-    def __init__(self) -> None:
-        super().__init__("")
-        self.sent: list[str] = []
-
-    def notify(self, *lines: str) -> bool:
-        self.sent.extend(lines)
-        return True
 
 
 @dataclass

@@ -3,60 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import tty
 from collections.abc import AsyncIterator
 
 import pytest
+from conftest import PtyPeer
 from meter_helpers import wait_until
 
 import dcud.transport.serial as serial_mod
 from dcud.transport.serial import SerialPort, char_time_s
 
 
-class Peer:
-    """The master side of a pty whose slave the port opens; nothing is read unless asked."""
-
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.master)
-        tty.setraw(self.slave)
-        os.set_blocking(self.master, False)
-        self.path = os.ttyname(self.slave)
-        self.received = bytearray()
-        self.closed = False
-
-    def drain(self) -> bytes:
-        """Read what the port wrote so far (bounded)."""
-        for _ in range(1000):
-            try:
-                chunk = os.read(self.master, 65536)
-            except (BlockingIOError, OSError):
-                break
-            if not chunk:
-                break
-            self.received += chunk
-        return bytes(self.received)
-
-    def send(self, data: bytes) -> None:
-        """Bytes for the port to receive."""
-        os.write(self.master, data)
-
-    def hang_up(self) -> None:
-        """Close the master: the port's reads fail (EIO), like an unplugged adapter."""
-        if not self.closed:
-            os.close(self.master)
-            self.closed = True
-
-    def close(self) -> None:
-        """Close both ends."""
-        self.hang_up()
-        os.close(self.slave)
-
-
 @pytest.fixture
-async def port_peer() -> AsyncIterator[tuple[SerialPort, Peer]]:
-    peer = Peer()
+async def port_peer() -> AsyncIterator[tuple[SerialPort, PtyPeer]]:
+    peer = PtyPeer()
     port = SerialPort(peer.path, 2400, "8E1")
     await port.open()
     try:
@@ -67,7 +26,7 @@ async def port_peer() -> AsyncIterator[tuple[SerialPort, Peer]]:
         peer.close()
 
 
-async def test_write_reaches_the_driver_without_a_loop_turn(port_peer: tuple[SerialPort, Peer]) -> None:
+async def test_write_reaches_the_driver_without_a_loop_turn(port_peer: tuple[SerialPort, PtyPeer]) -> None:
     port, peer = port_peer
     port.write(b"abc")
     assert port.output_pending() == 0  # nothing left in userspace
@@ -76,7 +35,7 @@ async def test_write_reaches_the_driver_without_a_loop_turn(port_peer: tuple[Ser
     await port.drain()
 
 
-async def test_partial_writes_keep_the_order_of_the_calls(port_peer: tuple[SerialPort, Peer]) -> None:
+async def test_partial_writes_keep_the_order_of_the_calls(port_peer: tuple[SerialPort, PtyPeer]) -> None:
     port, peer = port_peer
     chunks = [bytes([i]) * 4096 + i.to_bytes(2, "big") for i in range(64)]  # far more than a pty holds
     expected = b"".join(chunks)
@@ -94,7 +53,7 @@ async def test_partial_writes_keep_the_order_of_the_calls(port_peer: tuple[Seria
 
 
 async def test_echo_filter_sees_fast_written_bytes() -> None:
-    peer = Peer()
+    peer = PtyPeer()
     port = SerialPort(peer.path, 2400, "8E1", echo_filter=True)
     await port.open()
     got: list[bytes] = []
@@ -113,7 +72,7 @@ async def test_echo_filter_sees_fast_written_bytes() -> None:
 
 
 async def test_output_pending_and_drain_bound_count_the_driver_queue(
-    port_peer: tuple[SerialPort, Peer], monkeypatch: pytest.MonkeyPatch
+    port_peer: tuple[SerialPort, PtyPeer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port, _peer = port_peer
     assert port.output_pending() == 0  # TIOCOUTQ on a pty answers (0: a pty has no wire)
@@ -134,7 +93,7 @@ async def test_output_pending_and_drain_bound_count_the_driver_queue(
 
 
 async def test_receiver_gets_buffered_bytes_first_then_live_chunks(
-    port_peer: tuple[SerialPort, Peer],
+    port_peer: tuple[SerialPort, PtyPeer],
 ) -> None:
     port, peer = port_peer
     got: list[bytes] = []
@@ -153,7 +112,7 @@ async def test_receiver_gets_buffered_bytes_first_then_live_chunks(
 
 
 async def test_receiver_gets_an_empty_chunk_once_when_the_port_closes(
-    port_peer: tuple[SerialPort, Peer],
+    port_peer: tuple[SerialPort, PtyPeer],
 ) -> None:
     port, _peer = port_peer
     got: list[bytes] = []
@@ -164,7 +123,7 @@ async def test_receiver_gets_an_empty_chunk_once_when_the_port_closes(
     assert got == [b""]
 
 
-async def test_receiver_hears_a_vanished_device(port_peer: tuple[SerialPort, Peer]) -> None:
+async def test_receiver_hears_a_vanished_device(port_peer: tuple[SerialPort, PtyPeer]) -> None:
     port, peer = port_peer
     got: list[bytes] = []
     port.set_receiver(got.append)
@@ -177,7 +136,7 @@ async def test_receiver_hears_a_vanished_device(port_peer: tuple[SerialPort, Pee
 
 
 async def test_receiver_set_on_a_closed_port_gets_the_rest_then_the_end(
-    port_peer: tuple[SerialPort, Peer],
+    port_peer: tuple[SerialPort, PtyPeer],
 ) -> None:
     port, peer = port_peer
     peer.send(b"left")

@@ -6,24 +6,14 @@ import asyncio
 from dataclasses import dataclass, field
 
 import pytest
+from conftest import RecordingNotifier
 
 from dcud.errors import ServiceFailed
-from dcud.runtime.sdnotify import Notifier
 from dcud.runtime.supervisor import ServiceContext, Supervisor, SupervisorOptions
 
 FAST = SupervisorOptions(
     grace_s=0.5, liveness_s=0.3, restart_budget=2, restart_initial_s=0.01, restart_max_s=0.02
 )
-
-
-class RecordingNotifier(Notifier):
-    def __init__(self) -> None:
-        super().__init__("")
-        self.sent: list[str] = []
-
-    def notify(self, *lines: str) -> bool:
-        self.sent.extend(lines)
-        return True
 
 
 @dataclass
