@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
+from dcud.codec.crc import crc16_reflected_8005
 from dcud.errors import DcudError, LocalProtocolError, NegativeResponse, RemoteProtocolError
 
 SOH = 0x01
@@ -117,26 +118,9 @@ def compute_bcc(data: bytes, mode: BccMode = "xor") -> int:
     raise LocalProtocolError(f"no BCC in bcc mode {mode!r}")
 
 
-def _crc16_arc_table() -> tuple[int, ...]:
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC16_ARC = _crc16_arc_table()
-
-
 def crc16_arc(data: bytes) -> int:
     """CRC-16/ARC (poly 8005 reflected = A001, init 0, no final XOR), as DSMR P1 uses over ``/``..``!``."""
-    crc = 0
-    table = _CRC16_ARC
-    for byte in data:
-        crc = (crc >> 8) ^ table[(crc ^ byte) & 0xFF]
-    return crc
+    return crc16_reflected_8005(data, 0)
 
 
 class BccError(RemoteProtocolError):

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dcud.codec.crc import crc16_reflected_8005
 from dcud.errors import DcudError, LocalProtocolError, NegativeResponse, PeerTimeout, RemoteProtocolError
 
 MAX_FRAME_BYTES = 256
@@ -26,25 +27,9 @@ MAX_WRITE_REGISTERS = 123
 BROADCAST = 0
 
 
-def _crc_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC_TABLE = _crc_table()
-
-
 def crc16(data: bytes) -> int:
     """CRC-16/MODBUS (init FFFF, reflected polynomial A001, no final XOR)."""
-    crc = 0xFFFF
-    for byte in data:
-        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ byte) & 0xFF]
-    return crc
+    return crc16_reflected_8005(data, 0xFFFF)
 
 
 def with_crc(frame: bytes) -> bytes:
