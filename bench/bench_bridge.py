@@ -8,7 +8,9 @@ count the frames that did not).
 
 - dcud runs as the real daemon (``python -m dcud run``, uvloop) with the line as its primary transparent
   line (``tm.tls_enable=0``, defaults otherwise: IEC awareness, leases, audit on);
-- ser2net 4 (``chardelay: false``, ``tcp(nodelay)``), socat (``TCP-LISTEN,nodelay`` to ``FILE:...,raw``).
+- ser2net 4 (``chardelay: false``, ``tcp(nodelay)``), socat (``TCP-LISTEN,nodelay`` to ``FILE:...,raw``);
+- ``relay``: a reference floor, not a contender: a bare uvloop relay in Python (``--relay``) with none of
+  dcud's session features; it is measured in the same rotation and left out of the ratios.
 
 Groups (one JSON line each): ``bridge_latency`` per bridge and frame size (p50/p99 in microseconds, and
 the bridge process's CPU time per round trip, which a busy machine disturbs far less than latency),
@@ -37,6 +39,7 @@ import time
 import tty
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3000"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "300"))
@@ -108,6 +111,39 @@ def echo_main() -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(master, view) :]
+
+
+def relay_main(port: int, tty_path: str) -> None:
+    """``--relay PORT TTY``: the reference floor, a bare uvloop relay of one TCP client to one tty.
+
+    No sniffer, no leases, no backpressure model, no accounting: what any Python bridge costs at the
+    least on this machine. Reported beside the others (never in the ratio) so that the part of dcud's
+    latency that is its own features can be told from the part that is Python and the event loop.
+    """
+    import asyncio
+
+    import uvloop
+
+    fd = os.open(tty_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    tty.setraw(fd)
+    loop = uvloop.new_event_loop()
+
+    class Relay(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            loop.add_reader(fd, lambda: self.transport.write(os.read(fd, 65536)))
+
+        def data_received(self, data: bytes) -> None:
+            os.write(fd, data)  # a bench: a full pty would raise here, which is fine for 1 KiB frames
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            loop.remove_reader(fd)
+
+    loop.run_until_complete(loop.create_server(Relay, "127.0.0.1", port))
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    loop.run_forever()
 
 
 @contextlib.contextmanager
@@ -418,6 +454,7 @@ STARTERS: dict[str, Callable[[Path, str, int], subprocess.Popen[bytes]]] = {
     "dcud": start_dcud,
     "ser2net": lambda w, t, p: start_ser2net(w, [(p, t)]),
     "socat": lambda _w, t, p: start_socat(t, p),
+    "relay": lambda _w, t, p: subprocess.Popen([sys.executable, __file__, "--relay", str(p), t]),
 }
 
 
@@ -459,6 +496,7 @@ def ratio_line(size: int, group: dict[str, dict[str, object]]) -> dict[str, obje
             name: round(value(dcud, "cpu_us_per_round_trip") / value(r, "cpu_us_per_round_trip"), 3)
             for name, r in others.items()
         },
+        "relay_p50_us": group["relay"]["p50_us"] if "relay" in group else None,
         "load_avg_1m": os.getloadavg()[0],
     }
 
@@ -491,6 +529,8 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--echo"]:
         echo_main()
+    elif sys.argv[1:2] == ["--relay"]:
+        relay_main(int(sys.argv[2]), sys.argv[3])
     elif sys.argv[1:2] == ["--dcud-multi"]:
         multi_main(int(sys.argv[2]))
     else:

@@ -37,9 +37,16 @@ class PtyDevice:
         self._out = bytearray()
         self.fd = -1
 
-    def start(self) -> None:
+    def start(self, *, reading: bool = True) -> None:
+        """Open the pty (raw: ``setraw`` flushes input, so open before anything is sent) and read it,
+        or with ``reading=False`` hold it open unread (a far end that takes nothing) until :meth:`read`."""
         self.fd = os.open(self.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         tty.setraw(self.fd)
+        if reading:
+            self.read()
+
+    def read(self) -> None:
+        """Start reading (and answering)."""
         asyncio.get_running_loop().add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:

@@ -33,6 +33,8 @@ from dcud.config.loader import load_config
 from dcud.config.model import MeterConfig
 from dcud.runtime.bus import EventBus
 from dcud.service.bridge import (
+    INBOUND_HIGH_BYTES,
+    READ_CHUNK_BYTES,
     AllowList,
     HexTrace,
     TlsSettings,
@@ -274,6 +276,70 @@ async def test_client_that_reads_nothing_is_dead_within_the_unsent_bound(
         finally:
             sock.close()
             device.stop()
+
+
+async def test_a_line_that_takes_nothing_holds_the_client_back(tmp_path: Path) -> None:
+    """Backpressure: while the far end reads nothing, the session stops reading its client and holds a
+    bounded amount in memory; once the far end reads, every byte arrives, in order."""
+    payload = random.Random(11).randbytes(6 * 1024 * 1024)
+    async with bridge_harness(tmp_path, line_baud=115200) as h:
+        device = PtyDevice(h.pair.b, lambda buf: (len(buf), b""))  # answers nothing
+        device.start(reading=False)
+        _reader, writer = await connect(h.port)
+        writer.write(payload)  # the kernel's socket buffers take what dcud does not read
+        await wait_until(lambda: bool(h.bridge._sessions), 10)
+        (session,) = h.bridge._sessions
+
+        def held_bytes() -> int:
+            queued = session._queued_bytes + sum(len(op) for op in session._ops if isinstance(op, bytes))
+            port = h.line._port
+            return queued + (port.output_pending() if port is not None else 0)
+
+        try:
+            await wait_until(lambda: session._reading_paused, 30)
+            bound = INBOUND_HIGH_BYTES + 2 * READ_CHUNK_BYTES + 256 * 1024  # + one socket read + the queue
+            assert held_bytes() <= bound
+            await asyncio.sleep(0.5)  # still nothing read on the far end: still bounded, still paused
+            assert held_bytes() <= bound and session._reading_paused
+            assert session.bytes_c2m < len(payload)
+            device.read()
+            await asyncio.wait_for(writer.drain(), 60)
+            await wait_until(lambda: len(device.received) >= len(payload), 60)
+            assert bytes(device.received) == payload
+        finally:
+            writer.close()
+            device.stop()
+
+
+async def test_the_line_model_learns_that_a_pty_has_no_wire(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backlog model asks the driver (an ioctl) only when it believes the queue is full; a device that
+    always reports an empty queue (a pty) speeds the model up, so the driver is soon asked no more."""
+    import dcud.transport.serial as serial_mod
+
+    asked: list[int] = []
+    real = serial_mod._tiocoutq
+
+    def counting(fd: int) -> int:
+        asked.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(serial_mod, "_tiocoutq", counting)
+    async with bridge_harness(tmp_path, line_baud=115200) as h:
+        device = PtyDevice(h.pair.b)
+        device.start()
+        reader, writer = await connect(h.port)
+        try:
+            frame = bytes(range(256)) * 4
+            for _ in range(200):  # 200 KiB at "115200 Bd" would be 18 s of wire time
+                writer.write(frame)
+                assert await read_exactly(reader, len(frame)) == frame
+        finally:
+            writer.close()
+            device.stop()
+    # A model stuck at the nominal rate would ask on every other write (about 100 times).
+    assert 0 < len(asked) <= 12
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -83,6 +83,15 @@ def test_request_split_across_chunks_is_found() -> None:
         assert sniffer.state is SnifferState.WAIT_IDENT, split
 
 
+def test_a_request_after_binary_slashes_is_still_found_at_every_split() -> None:
+    """DLMS traffic is full of "/" bytes: none may hide a sign-on that starts right after one."""
+    stream = b"\x00/\x7e/?\x01/" + REQUEST
+    for split in range(1, len(stream)):
+        sniffer = IecSniffer(300)
+        run(sniffer, [("c", stream)], split=split)
+        assert sniffer.state is SnifferState.WAIT_IDENT, split
+
+
 def test_no_switch_when_the_initial_rate_is_already_the_agreed_one() -> None:
     sniffer = IecSniffer(9600)
     out = run(sniffer, [("c", REQUEST), ("m", IDENT_C), ("c", OPTION_9600), ("m", DATA), ("t", b"")])
@@ -298,3 +307,32 @@ def test_random_streams_pass_through_unchanged(steps: list[tuple[str, bytes]], s
                 assert action.baud in (300, 600, 1200, 2400, 4800, 9600, 19200)
         assert direction != "t" or not [a for a in actions if isinstance(a, Forward)]
     assert got == sent
+
+
+_slashy = st.lists(
+    st.sampled_from([b"/", b"?", b"!", b"\r", b"\n", b"1", b"A", b" ", b"\x00", b"\x7e", b"/?", REQUEST]),
+    max_size=60,
+).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("cm"), st.one_of(_slashy, st.binary(max_size=64))), max_size=30))
+def test_client_passes_only_when_from_client_would_just_forward(steps: list[tuple[str, bytes]]) -> None:
+    """The bridge's shortcut is exact: when ``client_passes`` says so, ``from_client`` forwards the chunk
+    whole and changes nothing; the stream then goes on as if the shortcut had not been taken."""
+    fast, slow = IecSniffer(300, "7E1"), IecSniffer(300, "7E1")
+    now = 0.0
+    for direction, data in steps:
+        now += 0.01
+        if direction == "m":
+            assert fast.from_meter(data, now) == slow.from_meter(data, now)
+            continue
+        passes = fast.client_passes(data)
+        before = (slow.state, slow._tail, slow.next_deadline())
+        actions = slow.from_client(data, now)
+        if passes:
+            assert actions == ([Forward(data)] if data else [])
+            assert (slow.state, slow._tail, slow.next_deadline()) == before
+        else:
+            assert fast.from_client(data, now) == actions
+        assert (fast.state, fast._tail) == (slow.state, slow._tail)

@@ -28,8 +28,8 @@ async def port_peer() -> AsyncIterator[tuple[SerialPort, PtyPeer]]:
 
 async def test_write_reaches_the_driver_without_a_loop_turn(port_peer: tuple[SerialPort, PtyPeer]) -> None:
     port, peer = port_peer
-    port.write(b"abc")
-    assert port.output_pending() == 0  # nothing left in userspace
+    assert port.write(b"abc") == 0  # the driver took it all: nothing left in user space
+    assert port.output_pending() == 0
     assert peer.drain() == b"abc"  # no await since the write: it went out in the call
     assert port.counters.bytes_tx == 3
     await port.drain()
@@ -39,11 +39,11 @@ async def test_partial_writes_keep_the_order_of_the_calls(port_peer: tuple[Seria
     port, peer = port_peer
     chunks = [bytes([i]) * 4096 + i.to_bytes(2, "big") for i in range(64)]  # far more than a pty holds
     expected = b"".join(chunks)
-    for chunk in chunks:
-        port.write(chunk)
+    left = [port.write(chunk) for chunk in chunks]
     pending = port.output_pending()
     assert 0 < pending < len(expected)  # the pty took a part at once, the rest is queued
-    port.write(b"tail")  # queued behind, never jumps ahead
+    assert left[0] == 0 and left[-1] == pending  # write() says what waits in user space
+    assert port.write(b"tail") == pending + 4  # queued behind, never jumps ahead
     assert port.output_pending() == pending + 4
     await wait_until(lambda: len(peer.drain()) >= len(expected) + 4, 20, step_s=0.005)
     assert peer.drain() == expected + b"tail"

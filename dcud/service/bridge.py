@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
-from dcud.codec.iec_sniffer import Forward, IecSniffer, SnifferTimings, SwitchLine
+from dcud.codec.iec_sniffer import Forward, IecSniffer, SnifferState, SnifferTimings, SwitchLine
 from dcud.codec.rfc2217 import (
     FLOWCONTROL_RESUME,
     FLOWCONTROL_SUSPEND,
@@ -83,7 +83,7 @@ from dcud.codec.rfc2217 import (
     framing_from_settings,
 )
 from dcud.config.model import LineConfig, TransparentConfig
-from dcud.errors import DcudError, TransportError
+from dcud.errors import DcudError, LocalProtocolError, TransportError
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.service.line import LeasedPort, LeaseTimeout, Line, LineBusyError, LineClosedError, LineRegistry
@@ -109,10 +109,14 @@ INBOUND_LOW_BYTES = 16 * 1024
 LINE_QUEUE_S = 0.25
 """Wire time the session lets the UART hold before it waits for a drain."""
 LINE_QUEUE_MIN_BYTES = 64
+MODEL_SPEEDUP_MAX = 1024
+"""How far the line model's drain rate may rise above the nominal rate when the driver keeps reporting
+an empty queue (a pty or a network serial server has no wire at the configured rate)."""
 READ_CHUNK_BYTES = 64 * 1024
 WAITER_POLL_S = 1.0
 """How often an idle session holding the line looks for waiting readouts."""
 SOCKET_WRITE_HIGH_BYTES = 64 * 1024
+_IDLE = SnifferState.IDLE
 TRACE_LINE_BYTES = 1024
 LOG_SUMMARY_S = 60.0
 STATE_PUBLISH_MIN_S = 1.0
@@ -373,6 +377,10 @@ class _Ended(Exception):
     """Internal: the session has ended; unwinds helper tasks."""
 
 
+def _not_leased(data: bytes) -> int:
+    raise LocalProtocolError("bridge session wrote to a line it does not hold")
+
+
 class BridgeSession(asyncio.Protocol):
     """One client connection bridged to one line (see the module docstring)."""
 
@@ -444,7 +452,12 @@ class BridgeSession(asyncio.Protocol):
         self._lease_since = 0.0
         self._bucket = 0.0
         self._bucket_t = 0.0
+        self._spilled = 0
+        """Bytes the port kept in user space at the last direct write (the driver was full)."""
+        self._line_write: Callable[[bytes], int | None] = _not_leased
+        """The leased port's write (valid while ``_port`` is set): the hot path's one call."""
         self._cps = baud / bits_per_char(framing)
+        self._cps_max = self._cps * MODEL_SPEEDUP_MAX
         self._queue_limit = LINE_QUEUE_MIN_BYTES
 
     # -- life cycle ------------------------------------------------------------------------------
@@ -552,8 +565,25 @@ class BridgeSession(asyncio.Protocol):
         if self.trace is not None:
             self.trace.data(self.sid, "c>m", data)
         port = self._port
+        sniffer = self.sniffer
+        if (
+            port is not None
+            and self._fast
+            and self.telnet is None
+            and (sniffer is None or sniffer.client_passes(data))
+        ):
+            # The common case (an idle sniffer has no timer): one chunk straight to the line.
+            try:
+                if self._write_now(port, data, now):
+                    return
+            except DcudError as exc:  # the line failed under us: this session is over
+                self.end("line_error", str(exc))
+                return
+            self._ops.append(data)
+            self._fast = False
+            self._wake.set()
+            return
         if port is not None and self._fast and not self._timer_due(now):
-            sniffer = self.sniffer
             items: list[_LineOp] | None = None
             single: bytes | None = None
             if self.telnet is not None:
@@ -713,17 +743,32 @@ class BridgeSession(asyncio.Protocol):
         return self._bucket
 
     def _write_now(self, port: LeasedPort, data: bytes, now: float) -> bool:
-        """Write if the line's queue has room (no drain needed); False: the pump must do it."""
+        """Write if the line's queue has room (no drain needed); False: the pump must do it.
+
+        The wire-rate model answers first; the port's own count (an ioctl) is asked only when the
+        model says the queue is full or the last write left bytes in user space (the driver refused
+        them: the model is behind the truth).
+        """
+        limit = self._queue_limit
+        size = len(data)
+        queued = self._bucket
+        if queued:
+            queued = max(0.0, queued - (now - self._bucket_t) * self._cps)
+        self._bucket_t = now
         pending = self._output_pending
-        if pending is not None:
-            queued: float = pending()
-        else:
-            self._leak(now)
-            queued = self._bucket
-        if queued + len(data) > self._queue_limit and (queued or len(data) > self._queue_limit):
+        if pending is not None and (queued + size > limit or self._spilled):
+            truth = float(pending())
+            if truth * 2 < queued and self._cps < self._cps_max:
+                # The device drains faster than its nominal rate (a pty, a serial server on the
+                # network): let the model follow, so the driver is not asked on every write.
+                self._cps = min(self._cps * 4, self._cps_max)
+            queued = truth
+            self._spilled = 0
+        self._bucket = queued
+        if queued + size > limit and (queued or size > limit):
             return False
-        port.write(data)
-        self._bucket += len(data)
+        self._spilled = self._line_write(data) or 0
+        self._bucket += size
         return True
 
     async def _write_line(self, port: LeasedPort, data: bytes) -> None:
@@ -739,6 +784,7 @@ class BridgeSession(asyncio.Protocol):
 
     def _set_rate(self, baud: int, framing: str) -> None:
         self._cps = baud / bits_per_char(framing)
+        self._cps_max = self._cps * MODEL_SPEEDUP_MAX
         self._queue_limit = max(LINE_QUEUE_MIN_BYTES, int(self._cps * LINE_QUEUE_S))
 
     async def _switch(self, port: LeasedPort, baud: int, framing: str, reason: str) -> None:
@@ -869,7 +915,7 @@ class BridgeSession(asyncio.Protocol):
                 return
             telnet = self.telnet
             sniffer = self.sniffer
-            if sniffer is None or self._client_line is not None:
+            if sniffer is None or self._client_line is not None or sniffer.state is _IDLE:
                 transport.write(escape(data) if telnet is not None else data)
                 return
             for action in sniffer.from_meter(data, now):
@@ -979,6 +1025,8 @@ class BridgeSession(asyncio.Protocol):
         self._bucket = 0.0
         pending = getattr(port, "output_pending", None)
         self._output_pending = pending if callable(pending) else None
+        direct = getattr(port, "direct_writer", None)
+        self._line_write = direct() if callable(direct) else port.write
         if self.sniffer is not None:
             self.sniffer.reset()
         self._lease_since = loop.time()
@@ -1008,6 +1056,7 @@ class BridgeSession(asyncio.Protocol):
             return yielded
         finally:
             self._port = None
+            self._line_write = _not_leased
             self._fast = False
             for task in (*tasks, watcher):
                 task.cancel()

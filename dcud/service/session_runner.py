@@ -51,7 +51,7 @@ class Session(Protocol):
 class SessionPort(Protocol):
     """What the runner needs of a port (a :class:`~dcud.service.line.LeasedPort` has all of it)."""
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> object:
         """Queue bytes."""
         ...
 
