@@ -318,8 +318,9 @@ _slashy = st.lists(
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from("cm"), st.one_of(_slashy, st.binary(max_size=64))), max_size=30))
 def test_client_passes_only_when_from_client_would_just_forward(steps: list[tuple[str, bytes]]) -> None:
-    """The bridge's shortcut is exact: when ``client_passes`` says so, ``from_client`` forwards the chunk
-    whole and changes nothing; the stream then goes on as if the shortcut had not been taken."""
+    """The bridge's shortcuts are exact: when ``client_passes`` says so, ``from_client`` forwards the chunk
+    whole and changes nothing; from the idle state it forwards the chunk whole whatever it holds (the
+    bridge writes such chunks before it sniffs them); the stream goes on as without the shortcuts."""
     fast, slow = IecSniffer(300, "7E1"), IecSniffer(300, "7E1")
     now = 0.0
     for direction, data in steps:
@@ -330,6 +331,8 @@ def test_client_passes_only_when_from_client_would_just_forward(steps: list[tupl
         passes = fast.client_passes(data)
         before = (slow.state, slow._tail, slow.next_deadline())
         actions = slow.from_client(data, now)
+        if before[0] is SnifferState.IDLE:
+            assert actions == ([Forward(data)] if data else [])
         if passes:
             assert actions == ([Forward(data)] if data else [])
             assert (slow.state, slow._tail, slow.next_deadline()) == before

@@ -558,7 +558,39 @@ class BridgeSession(asyncio.Protocol):
             self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        """Client bytes: straight to the line when possible, else queued (bounded)."""
+        """Client bytes: straight to the line when possible, else queued (bounded).
+
+        On the hot path the bytes go to the line first and the books are kept after (the meter
+        starts on them while the session counts them, ages its line model and scans for an IEC
+        sign-on): an idle sniffer never switches the line on client bytes, and the unaged model is
+        an upper bound of the line's backlog. Anything else takes the careful path below.
+        """
+        sniffer = self.sniffer
+        size = len(data)
+        if (
+            self._fast
+            and self.trace is None
+            and self.telnet is None
+            and (sniffer is None or sniffer.state is _IDLE)
+            and not self._spilled
+            and self._bucket + size <= self._queue_limit
+        ):
+            try:
+                self._spilled = self._line_write(data) or 0
+            except DcudError as exc:  # the line failed under us: this session is over
+                self.end("line_error", str(exc))
+                return
+            now = self._loop.time()
+            self.last_activity = now
+            self.bytes_c2m += size
+            queued = self._bucket
+            if queued:
+                queued = max(0.0, queued - (now - self._bucket_t) * self._cps)
+            self._bucket = queued + size
+            self._bucket_t = now
+            if sniffer is not None and not sniffer.client_passes(data):
+                sniffer.from_client(data, now)  # from idle: forwards the chunk whole, never a switch
+            return
         now = self._loop.time()
         self.last_activity = now
         self.bytes_c2m += len(data)
@@ -901,6 +933,25 @@ class BridgeSession(asyncio.Protocol):
 
     def _on_line_data(self, data: bytes) -> None:
         """Meter bytes to the client (through the sniffer); never raises (it may run in a port callback)."""
+        transport = self._transport
+        sniffer = self.sniffer
+        if (
+            data
+            and transport is not None
+            and self.telnet is None
+            and self.trace is None
+            and (sniffer is None or sniffer.state is _IDLE)
+        ):
+            # The hot path: to the client first, the books after (an idle sniffer only forwards).
+            try:
+                if not transport.is_closing():
+                    transport.write(data)
+                self.last_activity = self._loop.time()
+                self.bytes_m2c += len(data)
+            except Exception as exc:  # a bug here must end this session, not the line's reader
+                log.error("bridge session failed on line data", session=self.sid, error=repr(exc))
+                self.end("error", repr(exc))
+            return
         if not data:  # the port closed (push API: an empty chunk is its end of file)
             self.end("line_error", "line closed")
             return
