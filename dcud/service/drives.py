@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 import weakref
@@ -286,8 +287,13 @@ class DriveBase:
         }
 
     def changed(self, significant: bool) -> None:
-        """Something in the state changed: publish now, or within ``state_interval_s`` for minor changes."""
-        self._state_changed.set()
+        """Something in the state changed: publish now, or within ``state_interval_s`` for minor changes.
+
+        Only a significant change (state, warning, fault, online) wakes a command waiting for the drive
+        to reach a state: a moving axis changes its position in every TPDO.
+        """
+        if significant:
+            self._state_changed.set()
         now = time.monotonic()
         if significant or now - self._last_publish_s >= self.config.state_interval_s:
             self.publish()
@@ -701,7 +707,8 @@ class CanopenDrive(DriveBase):
         except RemoteProtocolError:
             self.count("malformed")
             return
-        self.count("tpdo")
+        counters = self.counters
+        counters["tpdo"] = counters.get("tpdo", 0) + 1
         self.last_update_s = now
         significant = False
         minor = False
@@ -727,7 +734,7 @@ class CanopenDrive(DriveBase):
             significant = True
         if significant:
             self.changed(True)
-        elif minor:
+        elif minor and self._publish_timer is None:  # else the pending timer publishes the latest state
             self.changed(False)
 
     def protocol_fields(self) -> dict[str, Any]:
@@ -1091,10 +1098,7 @@ class CanopenDrive(DriveBase):
 
 
 def _bind_tpdo(drive: CanopenDrive, tpdo: _Tpdo) -> Callable[[bytes, float], None]:
-    def handler(data: bytes, now: float) -> None:
-        drive.on_tpdo(tpdo, data, now)
-
-    return handler
+    return functools.partial(drive.on_tpdo, tpdo)  # a C-level call per TPDO, no Python frame in between
 
 
 # -- the service -----------------------------------------------------------------------------------

@@ -137,15 +137,18 @@ class _DrainingNotifier(can.Notifier):
     than it saved, see docs/drives.md.)
     """
 
-    def __init__(self, bus: can.BusABC, listener: Callable[[can.Message], None]) -> None:
-        super().__init__(bus, [listener], timeout=0.2, loop=asyncio.get_running_loop())
+    def __init__(self, guard: _GuardedBus, listener: Callable[[can.Message], None]) -> None:
+        self._read = guard.read_waiting
+        self._deliver = listener
+        super().__init__(cast(can.BusABC, guard), [listener], timeout=0.2, loop=asyncio.get_running_loop())
 
     def _on_message_available(self, bus: can.BusABC) -> None:
+        read, deliver = self._read, self._deliver
         for _ in range(MAX_DRAIN_FRAMES):
-            msg = bus.recv(0)
+            msg = read()
             if msg is None:
                 return
-            self._on_message_received(msg)
+            deliver(msg)  # the one listener, called directly (it never returns a coroutine)
 
 
 class CanBusState(enum.StrEnum):
@@ -228,8 +231,31 @@ class _GuardedBus:
             if timeout:
                 time.sleep(min(timeout, 0.05))  # the reader thread only; the port is closing it
             return None
+        return self._guarded(self.bus.recv, timeout)
+
+    def read_waiting(self) -> can.Message | None:
+        """The loop reader's read (the descriptor is readable): one waiting frame, or None as :meth:`recv`.
+
+        The interface's own read (``_recv_internal``, python-can's extension point) and the bus filters,
+        without ``BusABC.recv``'s per-call timing loop and debug log: at hundreds of frames a second
+        that wrapper is a measurable part of the daemon's CPU (bench/bench_drives.py).
+        """
+        if self.dead:
+            return None
+        return self._guarded(self._read_internal, 0.0)
+
+    def _read_internal(self, timeout: float | None) -> can.Message | None:
+        bus = self.bus
+        msg, filtered = bus._recv_internal(timeout)
+        if msg is None or filtered or bus._matches_filters(msg):
+            return msg
+        return None  # dropped by the filters: like BusABC.recv(0), the next readiness reads on
+
+    def _guarded(
+        self, read: Callable[[float | None], can.Message | None], timeout: float | None
+    ) -> can.Message | None:
         try:
-            return self.bus.recv(timeout)
+            return read(timeout)
         except can.CanOperationError as exc:
             if isinstance(exc.__cause__, OSError | serial.SerialException) or _is_os_error(exc):
                 self._fatal(exc)
@@ -420,7 +446,7 @@ class CanPort:
                 batcher = _Batcher(self, loop, self.settings.batch_s, self.settings.max_queued_frames)
                 notifier = can.Notifier(cast(can.BusABC, guard), [batcher], timeout=0.2)
             else:
-                notifier = _DrainingNotifier(cast(can.BusABC, guard), self._on_message)
+                notifier = _DrainingNotifier(guard, self._on_message)
             self._notifier = notifier
             self._bus = bus
             self._guard = guard
