@@ -10,6 +10,7 @@ from conftest import PtyPeer
 from meter_helpers import wait_until
 
 import dcud.transport.serial as serial_mod
+from dcud.errors import TransportError
 from dcud.transport.serial import SerialPort, char_time_s
 
 
@@ -50,6 +51,29 @@ async def test_partial_writes_keep_the_order_of_the_calls(port_peer: tuple[Seria
     assert port.counters.bytes_tx == len(expected) + 4
     await wait_until(lambda: port.output_pending() == 0, 5)
     await port.drain()
+
+
+async def test_drain_waits_for_the_queue_and_wakes_when_it_empties(
+    port_peer: tuple[SerialPort, PtyPeer],
+) -> None:
+    """drain() sleeps while bytes wait in user space and wakes when the transport has written them all
+    (the transport's pause/resume callbacks, not a polling loop); a closed port ends the wait."""
+    port, peer = port_peer
+    payload = bytes(range(256)) * 1024  # 256 KiB: far more than the pty takes at once
+    port.write(payload)
+    assert port.output_pending() > 0
+    draining = asyncio.ensure_future(port.drain(timeout_s=30))
+    await asyncio.sleep(0.2)
+    assert not draining.done()  # the far end reads nothing: the queue cannot empty
+    await wait_until(lambda: len(peer.drain()) >= len(payload), 20, step_s=0.005)
+    await asyncio.wait_for(draining, 10)
+    assert peer.drain() == payload and port.output_pending() == 0
+    port.write(payload)
+    stuck = asyncio.ensure_future(port.drain(timeout_s=30))
+    await asyncio.sleep(0.05)
+    port.close()
+    with pytest.raises(TransportError):
+        await asyncio.wait_for(stuck, 10)
 
 
 async def test_echo_filter_sees_fast_written_bytes() -> None:

@@ -176,6 +176,13 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._port._on_lost(exc)
+        self._port._emptied.set()  # a drain waiting on the queue wakes and finds the port closed
+
+    def pause_writing(self) -> None:
+        self._port._emptied.clear()  # the port's write limits are 0: bytes wait in user space
+
+    def resume_writing(self) -> None:
+        self._port._emptied.set()  # the queue in user space is empty again
 
 
 class SerialPort:
@@ -215,6 +222,8 @@ class SerialPort:
         self._buffer = bytearray()
         self._echo = bytearray()
         self._data_event = asyncio.Event()
+        self._emptied = asyncio.Event()
+        """Set while nothing written waits in user space (the transport's queue is empty)."""
         self._closed: asyncio.Future[BaseException | None] | None = None
         self._receiver: Receiver | None = None
 
@@ -261,6 +270,10 @@ class SerialPort:
         self.failure = None
         self._transport = _Transport(loop, _Protocol(self), ser)
         self._transport.port = self
+        # Write limits of 0: the protocol hears "paused" as soon as a byte waits in user space and
+        # "resumed" when none does, which is what drain() waits for (no polling of the queue).
+        self._transport.set_write_buffer_limits(high=0, low=0)
+        self._emptied.set()
         # The transport registers its reader with call_soon; one turn of the loop makes it live.
         await asyncio.sleep(0)
 
@@ -520,9 +533,13 @@ class SerialPort:
         deadline = loop.time() + timeout_s
         while self._transport.get_write_buffer_size():
             self._check_open()
-            if loop.time() > deadline:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 raise PeerTimeout(f"{self.device}: output not drained within {timeout_s:.2f} s")
-            await asyncio.sleep(0.001)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._emptied.wait()
+        self._check_open()  # closed while waiting: the queue was dropped, not written
         fd = self._serial.fileno()
         try:
             async with asyncio.timeout(max(0.0, deadline - loop.time()) + 0.1):
