@@ -9,7 +9,7 @@
 #              python3-venv, mosquitto, socat and curl from the Debian mirror. Registers the qemu
 #              aarch64 binfmt handler first when the kernel does not know it yet (flag F: works in
 #              the chroot without copying qemu into it).
-#   install    copies this checkout (dcud/, tests/, scripts/, config/, pyproject.toml; ../shared) to /src
+#   install    copies this checkout (dcud/, tests/, scripts/, config/, pyproject.toml) to /src
 #              and runs `pip install /src` plus the test tools in a venv at /opt/dcud, inside the
 #              arm64 chroot: the aarch64 wheels of msgspec, uvloop, cryptography, cffi are used.
 #   test       the pure tests under qemu (codecs, vectors, property tests, WM-E parser, config,
@@ -114,11 +114,6 @@ stage_install() {
     tar -C "$REPO" --exclude='__pycache__' --exclude='*.egg-info' \
         -cf - pyproject.toml dcud tests scripts config $( [ -e "$REPO/README.md" ] && echo README.md ) \
         | tar -C "$ROOT/src" -xf -
-    # Some tests read the design's seed files next to the checkout (../shared), as in CI.
-    if [ -d "$REPO/../shared" ]; then
-        rm -rf "$ROOT/shared"
-        cp -r "$REPO/../shared" "$ROOT/shared"
-    fi
     if [ ! -e "$ROOT/src/README.md" ]; then
         # pyproject.toml names README.md as the long description; only the copy gets a stand-in.
         echo "dcud" >"$ROOT/src/README.md"
