@@ -1074,6 +1074,7 @@ class BridgeSession(asyncio.Protocol):
         port.flush_input()
         self._set_rate(port.baud, port.framing)
         self._bucket = 0.0
+        self._spilled = 0
         pending = getattr(port, "output_pending", None)
         self._output_pending = pending if callable(pending) else None
         direct = getattr(port, "direct_writer", None)
