@@ -80,6 +80,8 @@ STEP_TIMEOUT_S = 3.0
 """How long one CiA 402 transition may take before a command gives up."""
 HEARTBEAT_FACTOR = 1.5
 HEARTBEAT_MARGIN_S = 0.2
+HEARTBEAT_WATCH_IDLE_S = 0.25
+"""How long the heartbeat watch sleeps while no drive has a known timeout (none set up yet)."""
 EVENT_QUEUE_SIZE = 64
 FAULT_CODE_WAIT_S = 1.0
 """How long a fault event waits for the fault's code (EMCY, TPDO, 603F) before going out without it."""
@@ -892,6 +894,13 @@ class CanopenDrive(DriveBase):
         if changed:
             self.changed(True)
 
+    def heartbeat_due_s(self) -> float | None:
+        """When this drive's heartbeat becomes overdue (monotonic clock), or None while it is not watched."""
+        timeout = self.heartbeat_timeout_s
+        if timeout is None or self.heartbeat != "ok":
+            return None
+        return self.last_heartbeat_s + timeout
+
     def _check_heartbeat(self, now: float) -> None:
         timeout = self.heartbeat_timeout_s
         if timeout is None or self.heartbeat != "ok":
@@ -1202,14 +1211,21 @@ class CanDriveService:
     async def _watch_heartbeats(self) -> None:
         """Heartbeat consumer of every drive on the bus, apart from their (SDO-bound) managers.
 
-        Checks every quarter of the shortest consumer timeout: a loss shows within 1.25 x its timeout.
+        Sleeps until the first moment a watched drive's heartbeat is overdue (its last heartbeat plus
+        its timeout), never longer than the shortest timeout (a drive that starts being watched in the
+        meantime is due no earlier than that), then checks: a loss shows at its timeout, and healthy
+        drives cost about one wake-up per timeout, not a poll.
         """
         while True:
             now = time.monotonic()
             timeouts = [d.heartbeat_timeout_s for d in self.drives.values() if d.heartbeat_timeout_s]
+            wake = now + min(timeouts, default=HEARTBEAT_WATCH_IDLE_S)
             for drive in self.drives.values():
                 drive._check_heartbeat(now)
-            await asyncio.sleep(max(0.01, min(timeouts, default=1.0) / 4))
+                due = drive.heartbeat_due_s()
+                if due is not None:
+                    wake = min(wake, due)
+            await asyncio.sleep(max(0.01, wake - now + 0.001))  # + 1 ms: "overdue" is strictly after
 
     async def _event_loop(self) -> None:
         while True:
