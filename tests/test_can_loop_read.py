@@ -67,7 +67,8 @@ asyncio.run(main())
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating a network namespace needs root (CI runs as root)")
 def test_loop_reader_drains_in_order_and_rides_over_garbage() -> None:
-    pytest.importorskip("msgpack", reason="python-can's udp_multicast needs msgpack (a test dependency)")
+    import msgpack  # noqa: F401  (python-can's udp_multicast needs it: a test dependency, never skipped)
+
     unshare = shutil.which("unshare")
     ip = shutil.which("ip", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
     assert unshare and ip, "needs util-linux unshare and iproute2 ip (scripts/test.sh installs them)"

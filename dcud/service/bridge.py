@@ -583,11 +583,8 @@ class BridgeSession(asyncio.Protocol):
             now = self._loop.time()
             self.last_activity = now
             self.bytes_c2m += size
-            queued = self._bucket
-            if queued:
-                queued = max(0.0, queued - (now - self._bucket_t) * self._cps)
-            self._bucket = queued + size
-            self._bucket_t = now
+            self._leak(now)
+            self._bucket += size
             if sniffer is not None and not sniffer.client_passes(data):
                 sniffer.from_client(data, now)  # from idle: forwards the chunk whole, never a switch
             return
@@ -597,24 +594,6 @@ class BridgeSession(asyncio.Protocol):
         if self.trace is not None:
             self.trace.data(self.sid, "c>m", data)
         port = self._port
-        sniffer = self.sniffer
-        if (
-            port is not None
-            and self._fast
-            and self.telnet is None
-            and (sniffer is None or sniffer.client_passes(data))
-        ):
-            # The common case (an idle sniffer has no timer): one chunk straight to the line.
-            try:
-                if self._write_now(port, data, now):
-                    return
-            except DcudError as exc:  # the line failed under us: this session is over
-                self.end("line_error", str(exc))
-                return
-            self._ops.append(data)
-            self._fast = False
-            self._wake.set()
-            return
         if port is not None and self._fast and not self._timer_due(now):
             items: list[_LineOp] | None = None
             single: bytes | None = None
@@ -783,10 +762,8 @@ class BridgeSession(asyncio.Protocol):
         """
         limit = self._queue_limit
         size = len(data)
+        self._leak(now)
         queued = self._bucket
-        if queued:
-            queued = max(0.0, queued - (now - self._bucket_t) * self._cps)
-        self._bucket_t = now
         pending = self._output_pending
         if pending is not None and (queued + size > limit or self._spilled):
             truth = float(pending())

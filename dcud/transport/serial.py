@@ -131,10 +131,12 @@ class _Transport(serial_asyncio.SerialTransport):  # type: ignore[misc]
     pyserial's ``read`` adds a ``select`` (with its abort pipe) before every read although the loop
     just said the fd is readable; the errors stay the ones pyserial raises, so a failing device closes
     the transport exactly as before. Received bytes go straight to the port's receiver when it has
-    one (the bridge's hot path: no call in between), else to the port, not through the protocol.
+    one and no echo to strip (the bridge's hot path: no call in between), else to the port's
+    ``_on_data``; never through the protocol object.
     """
 
-    port: SerialPort | None = None
+    port: SerialPort
+    """Set by :meth:`SerialPort.open` right after construction, before the reader is registered."""
 
     def _read_ready(self) -> None:
         try:
@@ -154,9 +156,6 @@ class _Transport(serial_asyncio.SerialTransport):  # type: ignore[misc]
             )
             return
         port = self.port
-        if port is None:
-            self._protocol.data_received(data)
-            return
         receiver = port._receiver
         if receiver is not None and not port._echo:
             receiver(data)  # the holder first (a bridge's client waits for these), the count after
@@ -166,13 +165,11 @@ class _Transport(serial_asyncio.SerialTransport):  # type: ignore[misc]
 
 
 class _Protocol(asyncio.Protocol):
-    """Feeds the port's receive buffer from the transport's callbacks."""
+    """The port's side of the transport's callbacks: end of the connection and write flow control
+    (received bytes bypass it, see :class:`_Transport`)."""
 
     def __init__(self, port: SerialPort) -> None:
         self._port = port
-
-    def data_received(self, data: bytes) -> None:
-        self._port._on_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._port._on_lost(exc)
