@@ -116,7 +116,6 @@ class ModbusDrive(DriveBase):
         self.failures = 0
         self.deferred = 0
         self.last_poll = ""
-        self._wake = asyncio.Event()
 
     def protocol_fields(self) -> dict[str, Any]:
         """Line-related members of the state document."""
@@ -236,7 +235,7 @@ class ModbusDrive(DriveBase):
             except (PeerTimeout, ProtocolError, TransportError, DcudError) as exc:
                 self._poll_failed(exc)
             delay = self.config.poll_interval_s - (time.monotonic() - started)
-            await _sleep(stopping, self._wake, delay)
+            await self._sleep(stopping, delay)
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -305,16 +304,6 @@ class ModbusDrive(DriveBase):
             await self.transact(port, req)
         self.log.info("registers written", address=address, values=values)
         return {"drive": self.name, "address": address, "written": values, "state": self.state_document()}
-
-
-async def _sleep(stopping: asyncio.Event, wake: asyncio.Event, delay_s: float) -> None:
-    wake.clear()
-    waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(wake.wait())]
-    try:
-        await asyncio.wait(waits, timeout=max(0.0, delay_s), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in waits:
-            task.cancel()
 
 
 @dataclass(frozen=True)

@@ -231,6 +231,8 @@ class DriveBase:
         self._last_publish_s = 0.0
         self._publish_timer: asyncio.TimerHandle | None = None
         self._state_changed = asyncio.Event()
+        self._wake = asyncio.Event()
+        """Set when something asks the manager loop for attention before its next poll."""
         self._command_lock = asyncio.Lock()
 
     @property
@@ -246,6 +248,17 @@ class DriveBase:
     def count(self, counter: str, n: int = 1) -> None:
         """Add ``n`` to one of the drive's counters."""
         self.counters[counter] = self.counters.get(counter, 0) + n
+
+    async def _sleep(self, stopping: asyncio.Event, delay_s: float) -> None:
+        """Sleep until ``delay_s`` passed, something asked for attention (``_wake``) or stopping."""
+        if not self._wake.is_set():
+            waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(self._wake.wait())]
+            try:
+                await asyncio.wait(waits, timeout=max(0.0, delay_s), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in waits:
+                    task.cancel()
+        self._wake.clear()
 
     # -- events and state ------------------------------------------------------------------------
 
@@ -615,7 +628,6 @@ class CanopenDrive(DriveBase):
         self.last_emcy: dict[str, Any] | None = None
         self.tpdos: list[_Tpdo] = []
         self.needs_setup = True
-        self._wake = asyncio.Event()
         self._last_poll_s = 0.0
         self._last_problem = ""
         self._mapped: set[str] = set()
@@ -869,17 +881,6 @@ class CanopenDrive(DriveBase):
                 except DRIVE_ERRORS as exc:
                     self._problem(exc)
             await self._sleep(stopping, self.config.poll_interval_s)
-
-    async def _sleep(self, stopping: asyncio.Event, delay_s: float) -> None:
-        """Sleep until ``delay_s`` passed, a frame asked for attention (``_wake``) or stopping."""
-        if not self._wake.is_set():
-            waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(self._wake.wait())]
-            try:
-                await asyncio.wait(waits, timeout=max(0.0, delay_s), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in waits:
-                    task.cancel()
-        self._wake.clear()
 
     def _problem(self, exc: BaseException) -> None:
         text = str(exc)
