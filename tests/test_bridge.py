@@ -36,6 +36,7 @@ from dcud.service.bridge import (
     INBOUND_HIGH_BYTES,
     READ_CHUNK_BYTES,
     AllowList,
+    BridgeSession,
     HexTrace,
     TlsSettings,
     bits_per_char,
@@ -340,6 +341,69 @@ async def test_the_line_model_learns_that_a_pty_has_no_wire(
             device.stop()
     # A model stuck at the nominal rate would ask on every other write (about 100 times).
     assert 0 < len(asked) <= 12
+
+
+async def test_the_line_model_does_not_age_on_the_loop_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvloop's clock moves in whole milliseconds. A line model aged on it sees no drain between chunks
+    that arrive within one step, believes the queue full after a few and sends the hot path to the
+    driver (an ioctl, then the careful path) for nothing: here the loop clock stands still while real
+    time passes between chunks, and the model, once it has learned the pty, never asks."""
+    import time
+
+    import dcud.transport.serial as serial_mod
+
+    asked: list[int] = []
+    real = serial_mod._tiocoutq
+
+    def counting(fd: int) -> int:
+        asked.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(serial_mod, "_tiocoutq", counting)
+    async with bridge_harness(tmp_path, line_baud=115200) as h:
+        device = PtyDevice(h.pair.b)
+        device.start()
+        reader, writer = await connect(h.port)
+        frame = bytes(range(256)) * 4
+        try:
+            session: BridgeSession | None = None
+            for _ in range(200):  # until the model has learned that the pty has no wire
+                writer.write(frame)
+                assert await read_exactly(reader, len(frame)) == frame
+                (session,) = h.bridge._sessions
+                if session._cps >= session._cps_max:
+                    break
+            assert session is not None and session._cps >= session._cps_max
+            loop = session._loop
+            frozen_s = loop.time()
+
+            class SteppedClock:
+                """The session's loop, with a clock that does not move inside this test's step."""
+
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(loop, name)
+
+                def time(self) -> float:
+                    return frozen_s
+
+            def chunks_within_one_step(target: BridgeSession) -> None:
+                for _ in range(20):
+                    target.data_received(frame)
+                    time.sleep(0.0005)  # blocks the loop on purpose; the learned rate drains ~6 KB
+
+            asked.clear()
+            session._loop = SteppedClock()  # type: ignore[assignment]
+            try:
+                chunks_within_one_step(session)
+            finally:
+                session._loop = loop
+            assert asked == []
+            assert await read_exactly(reader, 20 * len(frame)) == frame * 20
+        finally:
+            writer.close()
+            device.stop()
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

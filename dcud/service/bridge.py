@@ -117,6 +117,7 @@ WAITER_POLL_S = 1.0
 """How often an idle session holding the line looks for waiting readouts."""
 SOCKET_WRITE_HIGH_BYTES = 64 * 1024
 _IDLE = SnifferState.IDLE
+_monotonic = time.monotonic
 TRACE_LINE_BYTES = 1024
 LOG_SUMMARY_S = 60.0
 STATE_PUBLISH_MIN_S = 1.0
@@ -452,6 +453,9 @@ class BridgeSession(asyncio.Protocol):
         self._lease_since = 0.0
         self._bucket = 0.0
         self._bucket_t = 0.0
+        """When the line model was last aged, on ``time.monotonic``: the loop's clock moves in steps
+        (uvloop's in whole milliseconds), and a model aged on it sees no drain between chunks that
+        arrive within one step, fills up and sends the hot path to the driver (an ioctl) for nothing."""
         self._spilled = 0
         """Bytes the port kept in user space at the last direct write (the driver was full)."""
         self._line_write: Callable[[bytes], int | None] = _not_leased
@@ -583,7 +587,7 @@ class BridgeSession(asyncio.Protocol):
             now = self._loop.time()
             self.last_activity = now
             self.bytes_c2m += size
-            self._leak(now)
+            self._leak()
             self._bucket += size
             if sniffer is not None and not sniffer.client_passes(data):
                 sniffer.from_client(data, now)  # from idle: forwards the chunk whole, never a switch
@@ -614,7 +618,7 @@ class BridgeSession(asyncio.Protocol):
             if single is not None:
                 # The common case, one chunk to write: no list of line operations built.
                 try:
-                    if self._write_now(port, single, now):
+                    if self._write_now(port, single):
                         return
                 except DcudError as exc:  # the line failed under us: this session is over
                     self.end("line_error", str(exc))
@@ -626,7 +630,7 @@ class BridgeSession(asyncio.Protocol):
             assert items is not None
             for index, item in enumerate(items):
                 try:
-                    if isinstance(item, bytes) and self._write_now(port, item, now):
+                    if isinstance(item, bytes) and self._write_now(port, item):
                         continue
                 except DcudError as exc:  # the line failed under us: this session is over
                     self.end("line_error", str(exc))
@@ -740,20 +744,22 @@ class BridgeSession(asyncio.Protocol):
                     items.append(_Switch(action.baud, action.framing, action.reason))
         return items
 
-    def _leak(self, now: float) -> None:
+    def _leak(self) -> None:
+        """Age the line model: what the wire has sent since the last call leaves the bucket."""
+        now = _monotonic()
         if self._bucket:
             self._bucket = max(0.0, self._bucket - (now - self._bucket_t) * self._cps)
         self._bucket_t = now
 
-    def _line_backlog(self, now: float) -> float:
+    def _line_backlog(self) -> float:
         """Bytes written to the line and not on the wire yet: the port's count, else the model's."""
         pending = self._output_pending
         if pending is not None:
             return float(pending())
-        self._leak(now)
+        self._leak()
         return self._bucket
 
-    def _write_now(self, port: LeasedPort, data: bytes, now: float) -> bool:
+    def _write_now(self, port: LeasedPort, data: bytes) -> bool:
         """Write if the line's queue has room (no drain needed); False: the pump must do it.
 
         The wire-rate model answers first; the port's own count (an ioctl) is asked only when the
@@ -762,7 +768,7 @@ class BridgeSession(asyncio.Protocol):
         """
         limit = self._queue_limit
         size = len(data)
-        self._leak(now)
+        self._leak()
         queued = self._bucket
         pending = self._output_pending
         if pending is not None and (queued + size > limit or self._spilled):
@@ -784,7 +790,7 @@ class BridgeSession(asyncio.Protocol):
         limit = self._queue_limit
         for off in range(0, len(data), limit):
             piece = data[off : off + limit]
-            queued = self._line_backlog(self._loop.time())
+            queued = self._line_backlog()
             if queued and queued + len(piece) > limit:
                 await port.drain()
                 self._bucket = 0.0
