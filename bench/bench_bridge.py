@@ -311,7 +311,7 @@ def measure_interleaved(
 
     The order is shuffled for every block. A rotation (each block starting one bridge later) keeps every
     bridge behind the same neighbour, and the bridge that follows a heavy one (ser2net at 1 KiB spends
-    4x the CPU of the others) finds the vCPUs awake: measured, socat behind ser2net came out 8-14 % faster
+    4x the CPU of the others) finds the vCPUs awake: measured, socat behind ser2net came out 6-13 % faster
     at 1 KiB than with the order shuffled, which flattered socat against every other bridge.
     """
     names = list(socks)
