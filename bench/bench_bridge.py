@@ -10,7 +10,7 @@ count the frames that did not).
   line (``tm.tls_enable=0``, defaults otherwise: IEC awareness, leases, audit on);
 - ser2net 4 (``chardelay: false``, ``tcp(nodelay)``), socat (``TCP-LISTEN,nodelay`` to ``FILE:...,raw``);
 - ``relay``: a reference floor, not a contender: a bare uvloop relay in Python (``--relay``) with none of
-  dcud's session features; it is measured in the same rotation and left out of the ratios.
+  dcud's session features; it is measured in the same blocks and left out of the ratios.
 
 Groups (one JSON line each): ``bridge_latency`` per bridge and frame size (p50/p99 in microseconds, the
 p50 of each trial, and the bridge process's CPU time per round trip from schedstat, which a busy machine

@@ -312,11 +312,9 @@ async def test_a_line_that_takes_nothing_holds_the_client_back(tmp_path: Path) -
             device.stop()
 
 
-async def test_the_line_model_learns_that_a_pty_has_no_wire(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The backlog model asks the driver (an ioctl) only when it believes the queue is full; a device that
-    always reports an empty queue (a pty) speeds the model up, so the driver is soon asked no more."""
+@pytest.fixture
+def driver_asks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every TIOCOUTQ ioctl a serial port makes from now on (the fd asked), in order."""
     import dcud.transport.serial as serial_mod
 
     asked: list[int] = []
@@ -327,6 +325,12 @@ async def test_the_line_model_learns_that_a_pty_has_no_wire(
         return real(fd)
 
     monkeypatch.setattr(serial_mod, "_tiocoutq", counting)
+    return asked
+
+
+async def test_the_line_model_learns_that_a_pty_has_no_wire(tmp_path: Path, driver_asks: list[int]) -> None:
+    """The backlog model asks the driver (an ioctl) only when it believes the queue is full; a device that
+    always reports an empty queue (a pty) speeds the model up, so the driver is soon asked no more."""
     async with bridge_harness(tmp_path, line_baud=115200) as h:
         device = PtyDevice(h.pair.b)
         device.start()
@@ -340,28 +344,16 @@ async def test_the_line_model_learns_that_a_pty_has_no_wire(
             writer.close()
             device.stop()
     # A model stuck at the nominal rate would ask on every other write (about 100 times).
-    assert 0 < len(asked) <= 12
+    assert 0 < len(driver_asks) <= 12
 
 
-async def test_the_line_model_does_not_age_on_the_loop_clock(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_the_line_model_does_not_age_on_the_loop_clock(tmp_path: Path, driver_asks: list[int]) -> None:
     """uvloop's clock moves in whole milliseconds. A line model aged on it sees no drain between chunks
     that arrive within one step, believes the queue full after a few and sends the hot path to the
     driver (an ioctl, then the careful path) for nothing: here the loop clock stands still while real
     time passes between chunks, and the model, once it has learned the pty, never asks."""
     import time
 
-    import dcud.transport.serial as serial_mod
-
-    asked: list[int] = []
-    real = serial_mod._tiocoutq
-
-    def counting(fd: int) -> int:
-        asked.append(fd)
-        return real(fd)
-
-    monkeypatch.setattr(serial_mod, "_tiocoutq", counting)
     async with bridge_harness(tmp_path, line_baud=115200) as h:
         device = PtyDevice(h.pair.b)
         device.start()
@@ -393,13 +385,13 @@ async def test_the_line_model_does_not_age_on_the_loop_clock(
                     target.data_received(frame)
                     time.sleep(0.0005)  # blocks the loop on purpose; the learned rate drains ~6 KB
 
-            asked.clear()
+            driver_asks.clear()
             session._loop = SteppedClock()  # type: ignore[assignment]
             try:
                 chunks_within_one_step(session)
             finally:
                 session._loop = loop
-            assert asked == []
+            assert driver_asks == []
             assert await read_exactly(reader, 20 * len(frame)) == frame * 20
         finally:
             writer.close()
