@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,32 @@ class PtyPeer:
         """Close both ends."""
         self.hang_up()
         os.close(self.slave)
+
+
+needs_netns = pytest.mark.skipif(
+    os.geteuid() != 0 and not os.environ.get("CI"),
+    reason="creating a network namespace needs root (CI runs as root, and there it never skips)",
+)
+"""For tests that run in a network namespace of their own (:func:`run_in_own_netns`)."""
+
+
+def run_in_own_netns(
+    script: str, setup: Sequence[str] = (), timeout_s: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run python ``script`` in a network namespace of our own (``unshare --net``, from the repository).
+
+    ``setup``: shell commands run inside it first, ``{ip}`` standing for iproute2's ``ip``. Nothing in
+    the namespace reaches the host's network, so multicast and raw sockets stay inside the test.
+    """
+    unshare = shutil.which("unshare")
+    ip = shutil.which("ip", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    assert unshare and ip, "needs util-linux unshare and iproute2 ip (scripts/test.sh installs them)"
+    commands = "".join(f"{command.format(ip=ip)} && " for command in setup)
+    return subprocess.run(
+        [unshare, "--net", "sh", "-c", f'{commands}exec {sys.executable} -c "$0"', script],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        cwd=REPO,
+    )

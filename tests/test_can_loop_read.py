@@ -9,15 +9,9 @@ network namespace that the test creates (``unshare --net``, root only: CI runs a
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
+from conftest import needs_netns, run_in_own_netns
 
-REPO = Path(__file__).resolve().parent.parent
 GROUP = "239.74.163.3"
 
 SCRIPT = f"""
@@ -65,22 +59,11 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="creating a network namespace needs root (CI runs as root)")
+@needs_netns
 def test_loop_reader_drains_in_order_and_rides_over_garbage() -> None:
     import msgpack  # noqa: F401  (python-can's udp_multicast needs it: a test dependency, never skipped)
 
-    unshare = shutil.which("unshare")
-    ip = shutil.which("ip", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
-    assert unshare and ip, "needs util-linux unshare and iproute2 ip (scripts/test.sh installs them)"
-    setup = f"{ip} link set lo up && {ip} route add 224.0.0.0/4 dev lo && "
-    done = subprocess.run(
-        [unshare, "--net", "sh", "-c", f'{setup}exec {sys.executable} -c "$0"', SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=REPO,
-    )
+    done = run_in_own_netns(SCRIPT, ["{ip} link set lo up", "{ip} route add 224.0.0.0/4 dev lo"], 120)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0 and lines, done.stderr[-2000:]
     result = json.loads(lines[-1])

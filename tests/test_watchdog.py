@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import random
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NotifySocket, daemon_log, start_daemon, write_site
+from conftest import NotifySocket, daemon_log, needs_netns, run_in_own_netns, start_daemon, write_site
 
 from dcud.config.loader import load_config
 from dcud.runtime.bus import EventBus
@@ -64,20 +61,8 @@ async def test_tcp_probe_counts_accepted_and_refused_as_reachable() -> None:
 
 def _in_own_netns(script: str, lo_up: bool) -> subprocess.CompletedProcess[str]:
     """Run python ``script`` in a network namespace of our own, where ping sockets are permitted."""
-    unshare = shutil.which("unshare")
-    ip = shutil.which("ip", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
-    assert unshare and ip, "needs util-linux unshare and iproute2 ip (scripts/test.sh installs them)"
-    setup = (f"{ip} link set lo up && " if lo_up else "") + (
-        "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range && "
-    )
-    return subprocess.run(
-        [unshare, "--net", "sh", "-c", f'{setup}exec {sys.executable} -c "$0"', script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=REPO,
-    )
+    ping = "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range"
+    return run_in_own_netns(script, ["{ip} link set lo up", ping] if lo_up else [ping])
 
 
 PROBE = (
@@ -86,7 +71,7 @@ PROBE = (
 )
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="creating a network namespace needs root (CI runs as root)")
+@needs_netns
 def test_icmp_probe_in_a_namespace_of_our_own() -> None:
     up = _in_own_netns(PROBE, lo_up=True)
     assert up.stdout.strip() == "True", up.stderr
