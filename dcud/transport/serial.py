@@ -19,7 +19,6 @@ Everything here is policy-free: who may talk and when is the line service's busi
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import errno
@@ -580,13 +579,11 @@ class SerialPort:
 
 def _tiocoutq(fd: int) -> int:
     """Bytes in the driver's output queue of ``fd``."""
-    # One preallocated buffer filled in place: no bytes object and no struct unpack per call (the
-    # bridge asks once per client chunk); the event loop thread is the only caller.
-    fcntl.ioctl(fd, termios.TIOCOUTQ, _OUTQ_BUF, True)
-    return _OUTQ_BUF[0]
+    count: int = _INT_STRUCT.unpack(fcntl.ioctl(fd, termios.TIOCOUTQ, bytes(_INT_STRUCT.size)))[0]
+    return count
 
 
-_OUTQ_BUF = array.array("i", [0])
+_INT_STRUCT = struct.Struct("i")
 
 
 def _tcdrain(fd: int) -> None:
