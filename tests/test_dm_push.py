@@ -119,6 +119,8 @@ def write_bank(state_dir: Path, bank: int, *pems: bytes) -> None:
         (1, "wrong", True, False),  # optional: goes on unverified
         (1, "right", True, True),
         (0, "wrong", True, False),
+        (2, "system", False, None),  # dm.ca_cert=0: the system's trust store, which knows no test CA
+        (1, "system", True, False),
     ],
 )
 async def test_tls_banks_and_verify_modes(
@@ -135,11 +137,13 @@ async def test_tls_banks_and_verify_modes(
     context.load_verify_locations(cafile=tmp_path / "client-ca.pem")
     context.verify_mode = ssl.CERT_REQUIRED  # the device manager wants our client certificate
     async for server in serve(context):
+        ca_bank = 0 if ca == "system" else 2
         config = dm_config(
-            tmp_path, server.port, f"dm.tls_enable=1\ndm.cert=1\ndm.ca_cert=2\ndm.verify={verify}\n"
+            tmp_path, server.port, f"dm.tls_enable=1\ndm.cert=1\ndm.ca_cert={ca_bank}\ndm.verify={verify}\n"
         )
         write_bank(config.state_dir, 1, client_cert, client_key)
-        write_bank(config.state_dir, 2, server_cert if ca == "right" else other_cert)
+        if ca_bank:
+            write_bank(config.state_dir, ca_bank, server_cert if ca == "right" else other_cert)
         bus = EventBus()
         service = DmPushService(config, bus, status)
         ctx = ServiceContext("dm", 30.0, lambda: None)

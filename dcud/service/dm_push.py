@@ -97,13 +97,8 @@ def dm_tls_context(cfg: DmPushConfig, verify: bool) -> ssl.SSLContext:
     cert = load_bank(cfg.state_dir, cfg.cert_bank) if cfg.cert_bank else None
     if not verify:
         return client_context(cert_bank=cert, verify="none")
-    if cfg.ca_bank:
-        ca = load_bank(cfg.state_dir, cfg.ca_bank)
-        return client_context(ca_bank=ca, cert_bank=cert, verify="mandatory", use_crl=cfg.use_crl)
-    context = client_context(cert_bank=cert, verify="none")
-    context.check_hostname = True  # also turns verification back on (CERT_REQUIRED)
-    context.load_default_certs()
-    return context
+    ca = load_bank(cfg.state_dir, cfg.ca_bank) if cfg.ca_bank else None
+    return client_context(ca_bank=ca, cert_bank=cert, verify="mandatory", use_crl=cfg.use_crl, system_ca=True)
 
 
 def dm_document(

@@ -131,10 +131,12 @@ def client_context(
     verify: Verify = "mandatory",
     use_crl: bool = False,
     check_hostname: bool = True,
+    system_ca: bool = False,
 ) -> ssl.SSLContext:
     """TLS client context: the server verified against ``ca_bank`` (unless ``verify="none"``).
 
-    ``cert_bank`` adds our client certificate. ``check_hostname`` applies when verifying.
+    ``cert_bank`` adds our client certificate. ``check_hostname`` applies when verifying. Without a
+    ``ca_bank``, ``system_ca`` verifies against the system's trust store (no CRL) instead of refusing.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -149,7 +151,11 @@ def client_context(
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         return ctx
-    _verify_settings(ctx, ca_bank, verify, use_crl, server=False)
+    if ca_bank is None and system_ca:
+        ctx.load_default_certs()
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        _verify_settings(ctx, ca_bank, verify, use_crl, server=False)
     ctx.check_hostname = check_hostname
     return ctx
 
