@@ -29,6 +29,7 @@ from typing import Any
 
 from dcud.errors import DcudError
 from dcud.runtime.bus import EventBus
+from dcud.runtime.durable import fsync_dir, write_durably
 
 STATE_SUBTOPIC = "firmware"
 _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
@@ -168,27 +169,13 @@ class FirmwareStager:
         """Rename a complete, checked temp file into place, then switch the record to it."""
         previous = self.staged_path
         os.replace(temp_path, self.file_for(record.sha256))
-        self._fsync_dir()
-        tmp = self.record_path.with_name(".staged.json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record.to_json(), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.record_path)
-        self._fsync_dir()
+        fsync_dir(self.directory)
+        write_durably(self.record_path, json.dumps(record.to_json()).encode(), 0o640)
         self.staged = record
         if previous is not None and previous != self.file_for(record.sha256):
             with contextlib.suppress(OSError):
                 previous.unlink()
         self._publish()
-
-    def _fsync_dir(self) -> None:
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
     def status(self) -> Mapping[str, Any]:
         """The ``<p>/firmware`` document: ``{"staged": {...} | null}``."""

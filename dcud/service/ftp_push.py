@@ -39,7 +39,6 @@ import contextlib
 import csv
 import io
 import json
-import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -50,6 +49,7 @@ from typing import Any, Final
 import aioftp
 
 from dcud.config.model import DataPushConfig
+from dcud.runtime.durable import write_durably
 from dcud.service.datapush import DataPushServiceConfig, PushError, PushTarget, tls_context
 from dcud.service.outbox import OutboxItem
 
@@ -246,16 +246,9 @@ class FtpPushState:
 
     def save(self) -> None:
         """Write atomically and fsync (runs in a worker thread)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        data = json.dumps({"last_stamp": self.last_stamp, "pending": self.pending}).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        write_durably(
+            self.path, json.dumps({"last_stamp": self.last_stamp, "pending": self.pending}).encode()
+        )
 
 
 # ---------------------------------------------------------------------------------------- uploader

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from dcud.codec.mbus_session import MbusScan, MbusScanResult
 from dcud.config.model import LineConfig, MeterConfig
 from dcud.errors import DcudError, NegativeResponse, PeerTimeout, ProtocolError, TransportError
 from dcud.runtime.bus import EventBus
+from dcud.runtime.durable import write_durably
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.service.commands import CommandError, CommandRouter
 from dcud.service.line import LeaseTimeout, LineClosedError, LineRegistry
@@ -202,10 +202,7 @@ class SeqStore:
         if self.path is None:
             return
         with contextlib.suppress(OSError):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(self._reserved, separators=(",", ":")))
-            os.replace(tmp, self.path)
+            write_durably(self.path, json.dumps(self._reserved, separators=(",", ":")).encode())
 
 
 _METER_ERRORS = (PeerTimeout, ProtocolError, NegativeResponse, HdlcModeRequiredError)

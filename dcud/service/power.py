@@ -54,6 +54,7 @@ import structlog
 
 from dcud.config.loader import LoadedConfig
 from dcud.runtime.bus import EventBus
+from dcud.runtime.durable import write_durably
 from dcud.runtime.supervisor import ServiceContext
 from dcud.service.eventpush import NOTIFY_POWER, EventPushConfig, send_event_push
 
@@ -250,21 +251,6 @@ class GpioSource:
 # -- durable state ---------------------------------------------------------------------------------
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def load_power_record(state_dir: Path) -> dict[str, Any] | None:
     """The last recorded power state (``{"state": "ok"|"lost", "since": ts}``), None if none."""
     try:
@@ -276,7 +262,7 @@ def load_power_record(state_dir: Path) -> dict[str, Any] | None:
 
 def save_power_record(state_dir: Path, state: str, since: str) -> None:
     """Record the power state durably (atomic replace + fsync)."""
-    _write_durably(state_dir / STATE_FILE, json.dumps({"state": state, "since": since}).encode())
+    write_durably(state_dir / STATE_FILE, json.dumps({"state": state, "since": since}).encode())
 
 
 # -- service ---------------------------------------------------------------------------------------
@@ -490,4 +476,4 @@ class PowerService:
             source.close()
             if ctx.stopping.is_set():
                 with contextlib.suppress(OSError):
-                    _write_durably(cfg.state_dir / MARKER_FILE, utc_now_text().encode())
+                    write_durably(cfg.state_dir / MARKER_FILE, utc_now_text().encode())

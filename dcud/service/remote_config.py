@@ -32,7 +32,6 @@ import binascii
 import contextlib
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import structlog
 from dcud.config.loader import LoadedConfig, load_config, remote_parameters_path
 from dcud.config.wme import CATALOGUE, Kind, ParameterSet
 from dcud.errors import ConfigError, ConfigIssue, DcudError
+from dcud.runtime.durable import write_durably
 from dcud.runtime.sdnotify import Notifier
 from dcud.runtime.supervisor import Service
 from dcud.service.commands import CommandError, CommandRouter
@@ -215,44 +215,15 @@ def changed_parameters(old: ParameterSet, new: ParameterSet) -> dict[str, dict[s
 # -- the atomic write -----------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file_atomically(target: Path, data: bytes, mode: int) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb", closefd=False) as handle:
-            handle.write(data)
-            handle.flush()
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def atomic_write_parameters(target: Path, new_text: str, previous_text: str | None) -> None:
     """Write ``new_text`` to ``target`` so that a crash leaves the old or the new file, never a mix.
 
     ``previous_text`` (the file in force before; None when there was none) is saved first as
     ``target + ".bak"`` the same way. Mode 0640: the file holds secrets.
     """
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
     if previous_text is not None:
-        _write_file_atomically(target.with_name(target.name + BACKUP_SUFFIX), previous_text.encode(), 0o640)
-    _write_file_atomically(target, new_text.encode(), 0o640)
-    _fsync_dir(target.parent)
+        write_durably(target.with_name(target.name + BACKUP_SUFFIX), previous_text.encode(), 0o640)
+    write_durably(target, new_text.encode(), 0o640)
 
 
 # -- the reloader ---------------------------------------------------------------------------------

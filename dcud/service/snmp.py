@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import structlog
 
 from dcud.config.loader import LoadedConfig
 from dcud.runtime.bus import EventBus
+from dcud.runtime.durable import write_durably
 from dcud.runtime.supervisor import ServiceContext
 from dcud.service import snmp_mib
 
@@ -119,13 +119,7 @@ def next_engine_boots(state_dir: Path) -> int:
     except (OSError, ValueError):
         boots = 1
     boots = min(max(boots, 1), _MAX_BOOTS)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as handle:
-        handle.write(f"{boots}\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    write_durably(path, f"{boots}\n".encode())
     return boots
 
 

@@ -23,12 +23,12 @@ client certificate and verifies it when one is sent; a client side treats it lik
 from __future__ import annotations
 
 import datetime
-import os
 import ssl
 from pathlib import Path
 from typing import Literal
 
 from dcud.errors import DcudError
+from dcud.runtime.durable import write_durably
 
 __all__ = [
     "BANK_DIR",
@@ -191,15 +191,7 @@ def self_signed_bank(state_dir: Path | str, common_name: str, *, days: int = 365
     pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_durably(path, pem)
     return path
 
 
