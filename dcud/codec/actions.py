@@ -34,6 +34,17 @@ class SetBaud:
 
 
 @dataclass(frozen=True, slots=True)
+class SetFraming:
+    """Switch the line's character framing (``"8N1"``, ``"7E1"``...), rate unchanged.
+
+    Only the IEC 62056-21 mode E sign-on needs it: the sign-on runs at 7E1, HDLC after it at 8N1.
+    The driver drains the UART before it switches, like for :class:`SetBaud`.
+    """
+
+    framing: str
+
+
+@dataclass(frozen=True, slots=True)
 class Flush:
     """Discard unread input (stale bytes from an earlier exchange)."""
 
@@ -52,4 +63,4 @@ class Failed:
     error: DcudError
 
 
-Action = Send | Drain | SetBaud | Flush | Done[Any] | Failed
+Action = Send | Drain | SetBaud | SetFraming | Flush | Done[Any] | Failed

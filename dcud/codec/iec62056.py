@@ -133,10 +133,14 @@ class BccError(RemoteProtocolError):
 
 
 class HdlcModeRequiredError(DcudError):
-    """The meter announced mode E (``\\2``): the readout must go to the transparent/HDLC (DLMS) path."""
+    """The meter announced mode E (``\\2``): it speaks DLMS over HDLC, not an IEC 62056-21 readout
+    (``dcud.codec.dlms.hdlc_link.HdlcLink`` with ``mode_e`` signs on and reads it)."""
 
     def __init__(self, ident: Identification) -> None:
-        super().__init__(f"mode E/HDLC: hand to transparent path (meter {ident.manufacturer}{ident.ident})")
+        super().__init__(
+            f"meter {ident.manufacturer}{ident.ident} announces mode E/HDLC (DLMS):"
+            ' read it as protocol = "dlms" with mode_e = true'
+        )
         self.ident = ident
 
 

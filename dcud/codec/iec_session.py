@@ -13,7 +13,8 @@ once :meth:`IecReadout.next_deadline` has passed; each returns a list of actions
 Mode C: sign-on at ``initial_baud``, identification, wait tr_min (20 or 200 ms), ``ACK 0 Z 0``, Drain,
 SetBaud(Z, capped by ``max_baud``), data message, BCC check, NAK for a repeat up to ``max_naks`` times.
 Mode A stays at the initial rate; mode B switches by itself after its identification; mode E (``\\2``)
-fails with :class:`~dcud.codec.iec62056.HdlcModeRequiredError`.
+fails with :class:`~dcud.codec.iec62056.HdlcModeRequiredError` (DLMS over HDLC: see
+:mod:`dcud.codec.dlms.mode_e`).
 """
 
 from __future__ import annotations

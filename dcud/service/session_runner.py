@@ -5,14 +5,15 @@ returning a list of actions) and ``next_deadline()``; ``now`` is the event loop'
 actions are recognised by their class names, so the M-Bus and IEC 62056-21 sessions (and any later one)
 share this driver:
 
-========== =====================================================
-``Send``    ``port.write(action.data)``
-``Drain``   ``await port.drain()`` (the UART has sent everything)
-``SetBaud`` ``await port.set_baud(action.baud)`` (drains first)
-``Flush``   ``port.flush_input()``
-``Done``    return ``action.result``
-``Failed``  raise ``action.error``
-========== =====================================================
+============== =====================================================
+``Send``       ``port.write(action.data)``
+``Drain``      ``await port.drain()`` (the UART has sent everything)
+``SetBaud``    ``await port.set_baud(action.baud)`` (drains first)
+``SetFraming`` ``await port.set_framing(action.framing)`` (drains first)
+``Flush``      ``port.flush_input()``
+``Done``       return ``action.result``
+``Failed``     raise ``action.error``
+============== =====================================================
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class SessionPort(Protocol):
         """Drain and switch rate."""
         ...
 
+    async def set_framing(self, framing: str) -> None:
+        """Drain and switch the character framing (``"8N1"``...)."""
+        ...
+
     def flush_input(self) -> None:
         """Drop unread input."""
         ...
@@ -86,6 +91,8 @@ async def _perform(actions: Sequence[object], port: SessionPort) -> Any:
             await port.drain()
         elif kind == "SetBaud":
             await port.set_baud(item.baud)
+        elif kind == "SetFraming":
+            await port.set_framing(item.framing)
         elif kind == "Flush":
             port.flush_input()
         elif kind == "Done":

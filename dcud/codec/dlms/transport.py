@@ -2,10 +2,10 @@
 
 A lower layer is a sans-I/O object: the client session hands it APDUs and the bytes that arrived; it
 hands back a list of items, each either a line action of :mod:`dcud.codec.actions` (``Send``,
-``SetBaud``, ``Drain``, ``Flush``), which the session passes through to its driver unchanged, or one of
-the link events below, which the session consumes. Time comes in as ``now`` (seconds, monotonic);
-the lower layer's own deadline (HDLC response timeout, retransmission) comes out of
-:meth:`ApduTransport.next_deadline`.
+``SetBaud``, ``SetFraming``, ``Drain``, ``Flush``; all but ``Send`` only in the mode E sign-on),
+which the session passes through to its driver unchanged, or one of the link events below, which
+the session consumes. Time comes in as ``now`` (seconds, monotonic); the lower layer's own deadline
+(HDLC response timeout, retransmission) comes out of :meth:`ApduTransport.next_deadline`.
 """
 
 from __future__ import annotations
