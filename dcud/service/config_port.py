@@ -128,7 +128,9 @@ _REASONS = {
     422: "Unprocessable Content",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
 ROUTES: dict[str, tuple[str, ...]] = {"/config": ("GET", "PUT", "PATCH"), "/firmware": ("GET", "PUT")}
 WRITE_METHODS = frozenset({"PUT", "PATCH"})
