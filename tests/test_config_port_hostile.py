@@ -315,6 +315,7 @@ def test_per_source_connection_limit(tmp_path: Path) -> None:
                 answer = read_answer(third)
             tally.add(status_of(answer))
             assert status_of(answer) == 503 and b"from this address" in answer, answer
+            assert daemon_log(d.site).count("too many from this source") == 1  # one log line
             # Another source is served meanwhile.
             code, body = curl("--interface", "127.0.0.2", f"{d.url}/config")
             tally.add(code)

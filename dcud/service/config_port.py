@@ -510,11 +510,17 @@ class ConfigPortService:
             if len(self._handlers) >= limits.max_connections:
                 self.counters.refused_busy += 1
                 self._publish_counters()
+                log.warning("connection refused: port busy", peer=peer, limit=limits.max_connections)
                 await self._write_raw(writer, 503, _error_body("too many connections"))
                 return
             if self._per_source.get(source, 0) >= limits.max_connections_per_source:
                 self.counters.refused_per_source += 1
                 self._publish_counters()
+                log.warning(
+                    "connection refused: too many from this source",
+                    peer=peer,
+                    limit=limits.max_connections_per_source,
+                )
                 await self._write_raw(writer, 503, _error_body("too many connections from this address"))
                 return
             self._per_source[source] = self._per_source.get(source, 0) + 1
