@@ -100,7 +100,8 @@ def main() -> int:
     port = free_port()
     (work / "dcud.toml").write_text(
         f'device_id = "{DEVICE_ID}"\nparameters = "wme.conf"\nstate_dir = "{work / "state"}"\n'
-        f'grace_s = 5\n[mqtt]\nurl = "{broker.url}"\n[config_port]\nlisten = "loopback"\n' + site_toml(work)
+        f'grace_s = 5\n[mqtt]\nurl = "{broker.url}"\n'
+        '[config_port]\nlisten = "loopback"\nplain_writes = true\n' + site_toml(work)
     )
     (work / "wme.conf").write_text(f"ntp_interval=600\nfw_server_port={port}\n")
     notify = Notify(work / "notify.sock")

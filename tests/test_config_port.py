@@ -32,6 +32,7 @@ from dcud.service.crypto_envelope import (
     parse_header,
     response_context,
     seal,
+    seal_stream,
 )
 from dcud.service.remote_config import mask_parameter_text
 from dcud.sim.peers import free_port, wait_for_tcp
@@ -40,7 +41,11 @@ pytestmark = pytest.mark.slow
 
 KEY = "7f" * 32
 KEYS = EnvelopeKeys.from_parameter(KEY)
+DEVICE = "dcu-test"
+"""write_site's device_id: envelopes are sealed for it."""
 CURL = shutil.which("curl")
+PLAIN_WRITES = "plain_writes = true\n"
+"""The installer's opt-in for writes on a plain port (the plain-upload tests need it)."""
 
 
 @dataclass
@@ -85,7 +90,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 @contextlib.contextmanager
-def dcu(tmp_path: Path, wme: str = "", config_port: str = "") -> Iterator[Dcu]:
+def dcu(tmp_path: Path, wme: str = "", config_port: str = PLAIN_WRITES) -> Iterator[Dcu]:
+    """A running daemon on a free loopback port; plain writes allowed unless ``config_port`` says
+    otherwise (pass ``""`` for the default: refused)."""
     if CURL is None:
         pytest.fail("curl is not installed: apt-get install curl")
     port = free_port()
@@ -207,12 +214,14 @@ ENCRYPTED = f"fw_server_key={KEY}\nfw_server_encrypt=1\n"
 
 
 def _sealed_request(method: str, target: str, plaintext: bytes) -> bytes:
-    return seal(KEYS, plaintext, f"{method} {target}".encode())
+    return seal(KEYS, plaintext, f"{method} {target}".encode(), device_id=DEVICE)
 
 
 def _open_response(status: int, request: bytes, body: bytes) -> Any:
     nonce = parse_header(request).nonce
-    opened = open_envelope(KEYS, body, response_context(status, nonce), expected_kind=KIND_RESPONSE)
+    opened = open_envelope(
+        KEYS, body, response_context(status, nonce), device_id=DEVICE, expected_kind=KIND_RESPONSE
+    )
     return opened.plaintext
 
 
@@ -268,7 +277,7 @@ def test_encrypted_upload_tampering_replay_and_plain_refusal(tmp_path: Path) -> 
         import hashlib
 
         sha = hashlib.sha256(firmware).hexdigest()
-        upload = _sealed_request("PUT", "/firmware", firmware)
+        upload = seal_stream(KEYS, firmware, b"PUT /firmware", device_id=DEVICE)
         code, body = curl(
             "-X",
             "PUT",
@@ -283,8 +292,8 @@ def test_encrypted_upload_tampering_replay_and_plain_refusal(tmp_path: Path) -> 
         assert json.loads(_open_response(200, upload, body))["staged"]["sha256"] == sha
         staged = d.site.parent / "state" / "firmware" / f"{sha}.bin"
         assert staged.read_bytes() == firmware
-        tampered = bytearray(_sealed_request("PUT", "/firmware", firmware))
-        tampered[5000] ^= 1
+        tampered = bytearray(seal_stream(KEYS, firmware, b"PUT /firmware", device_id=DEVICE))
+        tampered[5000] ^= 1  # in the body: the authenticated header's SHA-256 no longer matches
         code, _ = curl(
             "-X",
             "PUT",
@@ -309,7 +318,7 @@ def test_encrypted_body_while_encryption_is_off_is_refused(tmp_path: Path) -> No
 
 
 def test_huge_requests_are_refused_without_harm(tmp_path: Path) -> None:
-    with dcu(tmp_path, config_port="max_body_bytes = 4096\nmax_firmware_bytes = 8192\n") as d:
+    with dcu(tmp_path, config_port=PLAIN_WRITES + "max_body_bytes = 4096\nmax_firmware_bytes = 8192\n") as d:
         before = d.file_in_force()
         huge = tmp_path / "huge.conf"
         huge.write_bytes(b"ntp_interval=300\n" * 100_000)  # 1.7 MB
@@ -338,9 +347,9 @@ def test_huge_requests_are_refused_without_harm(tmp_path: Path) -> None:
 
 
 def test_slow_requests_are_cut_off_without_harm(tmp_path: Path) -> None:
-    with dcu(
-        tmp_path, config_port="header_timeout_s = 1.0\nrequest_timeout_s = 2.0\nmax_connections = 2\n"
-    ) as d:
+    limits = "header_timeout_s = 1.0\nrequest_timeout_s = 2.0\nmax_connections = 2\n"
+    limits += "max_connections_per_source = 4\n"  # the global limit is what this test is about
+    with dcu(tmp_path, config_port=PLAIN_WRITES + limits) as d:
         before = d.file_in_force()
         body = b"# slow\n" * 600 + b"ntp_interval=300\n"
         # curl sending the body at 500 bytes/s: the whole request cannot arrive within 2 s.
@@ -353,21 +362,19 @@ def test_slow_requests_are_cut_off_without_harm(tmp_path: Path) -> None:
             sock.sendall(b"PUT /config HTTP/1.1\r\nHost: x\r\n")
             answer = sock.recv(4096)
         assert answer.startswith(b"HTTP/1.1 408")
-        # More idle connections than allowed: the extra one is refused at once.
+        # More idle connections than allowed: the extra one is refused at once (the port takes
+        # connections in order, so once the idle two are accepted, every later one is refused).
         idle = [socket.create_connection(("127.0.0.1", d.port), timeout=10) for _ in range(2)]
         try:
-            time.sleep(0.2)
             with socket.create_connection(("127.0.0.1", d.port), timeout=10) as extra:
                 assert extra.recv(4096).startswith(b"HTTP/1.1 503")
         finally:
             for sock in idle:
                 sock.close()
         assert d.file_in_force() == before
-        for _ in range(50):  # the idle slots free up once their deadline passed
-            if curl(f"{d.url}/config")[0] == 200:
-                break
-            time.sleep(0.2)
-        assert curl(f"{d.url}/config")[0] == 200
+        deadline = time.monotonic() + 30
+        while curl(f"{d.url}/config")[0] != 200:  # the slots free up as the server sees the closes
+            assert time.monotonic() < deadline, "config port still busy"
 
 
 def test_firmware_is_staged_with_its_hash_checked(tmp_path: Path) -> None:
@@ -404,7 +411,9 @@ def test_kill_9_during_applies_leaves_old_or_new_file(tmp_path: Path) -> None:
     port = free_port()
     base = f"fw_server_port={port}\n"
     site = write_site(
-        tmp_path / "site", wme=base + "ntp_interval=600\n", toml_extra='[config_port]\nlisten = "loopback"\n'
+        tmp_path / "site",
+        wme=base + "ntp_interval=600\n",
+        toml_extra=f'[config_port]\nlisten = "loopback"\n{PLAIN_WRITES}',
     )
     candidates = [base + "ntp_interval=600\n"]
     for i in range(6):

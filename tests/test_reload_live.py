@@ -63,7 +63,8 @@ def running_site(tmp_path: Path) -> Iterator[Site]:
             f"ntp_interval=600\nfw_server_port={config_port}\ntm_server_port={tm_port}\ntm2.port={tm2_port}\n"
             "tm.tls_enable=0\n"  # plain TCP on loopback, so that the test talks to the meter directly
         ),
-        toml_extra='[config_port]\nlisten = "loopback"\nheader_timeout_s = 120\n' + lines,
+        toml_extra='[config_port]\nlisten = "loopback"\nheader_timeout_s = 120\nplain_writes = true\n'
+        + lines,
     )
     notify = NotifySocket(tmp_path / "notify.sock")
     proc = start_daemon(config, notify)

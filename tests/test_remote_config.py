@@ -445,17 +445,18 @@ async def test_param_set_needs_an_envelope_while_encryption_is_on(harness: Harne
     assert not reply["ok"] and "envelope" in reply["error"]["message"]
     keys = EnvelopeKeys.from_parameter(KEY)
     inner = json.dumps({"set": {"ntp_interval": "300"}, "who": "hes"}).encode()
-    sealed = seal(keys, inner, rc.MQTT_SET_CONTEXT)
+    dev = r.current.device_id
+    sealed = seal(keys, inner, rc.MQTT_SET_CONTEXT, device_id=dev)
     reply = await call({"id": 5, "envelope": base64.b64encode(sealed).decode()})
     assert reply["ok"] and reply["id"] == 5, reply
     assert r.current.params.get("ntp_interval") == 300
     reply = await call({"envelope": base64.b64encode(sealed).decode()})  # replayed
     assert not reply["ok"] and reply["error"]["type"] == "ReplayedEnvelopeError"
-    tampered = bytearray(seal(keys, inner, rc.MQTT_SET_CONTEXT))
+    tampered = bytearray(seal(keys, inner, rc.MQTT_SET_CONTEXT, device_id=dev))
     tampered[50] ^= 1
     reply = await call({"envelope": base64.b64encode(bytes(tampered)).decode()})
     assert not reply["ok"] and reply["error"]["type"] == "EnvelopeAuthError"
-    other = seal(keys, inner, b"PUT /config")  # made for the config port
+    other = seal(keys, inner, b"PUT /config", device_id=dev)  # made for the config port
     reply = await call({"envelope": base64.b64encode(other).decode()})
     assert not reply["ok"]
     assert harness.events[-1]["who"] == "hes"

@@ -250,6 +250,16 @@ class ConfigPortConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=T
     """A whole firmware upload must arrive within this."""
     replay_window_s: Annotated[float, msgspec.Meta(ge=10, le=86400)] = 300.0
     """Encrypted uploads: accepted timestamp window (crypto_envelope.ReplayGuard)."""
+    plain_writes: bool = False
+    """Without ``fw_server_encrypt=1``: accept ``PUT``/``PATCH /config`` and ``PUT /firmware`` (reads are
+    always served). Off by default: a plain write is refused with 403. The installer's opt-in only."""
+    max_connections_per_source: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+    """Connections at once from one source address (an IPv6 source counts per /64); more get 503."""
+    min_body_rate_bytes_s: Annotated[int, msgspec.Meta(ge=1, le=100 * 1024 * 1024)] = 1024
+    """A request body must bring at least ``min_body_rate_bytes_s * body_rate_window_s`` bytes in every
+    ``body_rate_window_s`` (or end), else 408: slow clients cannot hold a slot for ``firmware_timeout_s``."""
+    body_rate_window_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
+    """The window of the body rate bound; also the longest a body may stall."""
 
 
 class TransparentConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -16,33 +16,42 @@ method      path           does
 ``?dry_run=1`` on ``PUT``/``PATCH /config`` validates and reports without writing. Every response
 closes the connection.
 
+Writes without encryption: ``PUT``/``PATCH`` and firmware uploads on a plain port are refused (403,
+nothing read, one log line) unless the installer opts in with ``[config_port] plain_writes = true``;
+reads are always served.
+
 Encryption (``fw_server_encrypt=1``): every request body, including that of a ``GET`` (an envelope of
-nothing), is an envelope of :mod:`dcud.service.crypto_envelope` bound to ``"<METHOD> <target>"``;
-every answer to an authenticated request is an envelope bound to its status and the request's nonce.
-Plain bodies are refused (403), so are envelopes whose tag does not match (403, checked before
-anything is decrypted) and replays (403, with the DCU's clock in the answer so that a head-end with a
-wrong clock can tell). Encrypted bodies while encryption is off are refused (400).
+nothing), is an envelope of :mod:`dcud.service.crypto_envelope` bound to this DCU's ``device_id`` and
+``"<METHOD> <target>"``; every answer to an authenticated request is an envelope bound to its status
+and the request's nonce. Plain bodies are refused (403), so are envelopes whose tag does not match
+(403, checked before anything is decrypted), replays (403, with the DCU's clock in the answer so that a
+head-end with a wrong clock can tell), and requests whose replay state cannot be saved (503). A
+firmware upload is a streamed envelope: its 144-byte header is authenticated (and its nonce spent)
+before one byte of the body is written anywhere; the body is then decrypted as it arrives and its
+length and SHA-256 are checked against the header before it is installed. Encrypted bodies while
+encryption is off are refused (400).
 
 Where it listens (``[config_port] listen`` in dcud.toml): ``auto`` (default) is every interface when
 ``fw_server_encrypt=1`` and 127.0.0.1 only when not, because without the key anyone who reaches the
 port could reconfigure the DCU; ``loopback``, ``any`` or an IP address choose explicitly (a plain port
 on a non-loopback address is logged as a warning at every start).
 
-Limits (all in ``[config_port]``): at most ``max_connections`` at once (more get 503 at once), the
-request head within ``header_timeout_s`` (else 408), a config request within ``request_timeout_s``, a
-firmware upload within ``firmware_timeout_s``, bodies up to ``max_body_bytes`` /
-``max_firmware_bytes`` (else 413, checked against Content-Length before reading), a request head up to
-16 KiB (else 431). A refused request changes nothing.
+Limits (all in ``[config_port]``): at most ``max_connections`` at once and
+``max_connections_per_source`` from one address (more get 503 at once), the request head within
+``header_timeout_s`` (else 408), a body at least ``min_body_rate_bytes_s`` on average over every
+``body_rate_window_s`` (else 408: a slow client is cut long before the whole-request deadline), a
+config request within ``request_timeout_s``, a firmware upload within ``firmware_timeout_s``, bodies up
+to ``max_body_bytes`` / ``max_firmware_bytes`` (else 413, checked against Content-Length before
+reading), a request head up to 16 KiB (else 431). A refused request changes nothing. Every refusal is
+counted on the retained state ``<p>/config_port/state`` (member ``counters``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import ipaddress
 import json
-import os
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -60,9 +69,11 @@ from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.service.crypto_envelope import (
+    BLOCK_BYTES,
     HEADER_BYTES,
-    KIND_REQUEST,
     KIND_RESPONSE,
+    KIND_STREAM,
+    STREAM_HEADER_BYTES,
     TAG_BYTES,
     EnvelopeAuthError,
     EnvelopeError,
@@ -70,11 +81,11 @@ from dcud.service.crypto_envelope import (
     MalformedEnvelopeError,
     ReplayedEnvelopeError,
     ReplayGuard,
-    StreamDecryptor,
-    check_length,
+    ReplayStateError,
+    StreamBodyOpener,
     is_envelope,
-    new_mac,
     open_envelope,
+    open_stream_header,
     parse_header,
     request_context,
     response_context,
@@ -83,7 +94,6 @@ from dcud.service.crypto_envelope import (
 from dcud.service.firmware import (
     FirmwareRejectedError,
     FirmwareStager,
-    FirmwareUpload,
     check_name,
     check_sha256,
 )
@@ -118,9 +128,16 @@ _REASONS = {
     422: "Unprocessable Content",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
 ROUTES: dict[str, tuple[str, ...]] = {"/config": ("GET", "PUT", "PATCH"), "/firmware": ("GET", "PUT")}
+WRITE_METHODS = frozenset({"PUT", "PATCH"})
+PLAIN_WRITE_REFUSAL = (
+    "writes on a plain config port are off: use fw_server_encrypt=1, or let the installer set "
+    "[config_port] plain_writes = true in dcud.toml"
+)
 
 
 class ConfigApi(Protocol):
@@ -153,6 +170,8 @@ class ConfigPortSettings:
     key_text: str | None = field(repr=False)
     limits: ConfigPortConfig
     state_dir: str
+    device_id: str
+    """Envelopes are bound to it: one sealed for another DCU is refused."""
 
     @classmethod
     def from_config(cls, config: LoadedConfig) -> ConfigPortSettings | None:
@@ -169,6 +188,7 @@ class ConfigPortSettings:
             key_text=params.get_opt_str("fw_server_key"),
             limits=table,
             state_dir=str(config.state_dir),
+            device_id=config.device_id,
         )
 
     @property
@@ -190,6 +210,20 @@ def bind_host(listen: str, encrypt: bool) -> str | None:
     return listen
 
 
+def source_key(peer: str) -> str:
+    """What ``max_connections_per_source`` counts by: the IPv4 address, or the IPv6 /64 (one
+    subscriber's prefix: an attacker on IPv6 has a whole /64 to pick addresses from)."""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 class HttpError(Exception):
     """Ends a request with ``status`` and a short JSON error (never carries a secret)."""
 
@@ -199,19 +233,37 @@ class HttpError(Exception):
         self.extra = extra
 
 
+class SlowBodyError(HttpError):
+    """A body slower than the minimum rate (counted apart from whole-request timeouts)."""
+
+
 @dataclass
 class PortCounters:
-    """Counters of the port (on its state document)."""
+    """Counters of the port (member ``counters`` of its state document)."""
 
     connections: int = 0
     refused_busy: int = 0
+    """Connections refused because ``max_connections`` were open."""
+    refused_per_source: int = 0
+    """Connections refused because ``max_connections_per_source`` were open from that source."""
+    slow_bodies: int = 0
+    """Requests cut because their body was slower than ``min_body_rate_bytes_s``."""
+    plain_writes_refused: int = 0
+    """Writes refused on a plain port without ``plain_writes = true``."""
     requests: dict[int, int] = field(default_factory=dict)
     auth_failures: int = 0
     replays: int = 0
+    replay_state_failures: int = 0
+    """Authentic requests refused because the replay state could not be saved."""
 
     def count(self, status: int) -> None:
         """Count one answer by status."""
         self.requests[status] = self.requests.get(status, 0) + 1
+
+    def to_json(self) -> dict[str, Any]:
+        """The counters as a JSON object (status codes as strings)."""
+        data = {k: v for k, v in self.__dict__.items() if k != "requests"}
+        return {**data, "requests": {str(k): v for k, v in sorted(self.requests.items())}}
 
 
 @dataclass
@@ -226,8 +278,30 @@ class _Request:
     """Set once an envelope was authenticated: the answer is sealed to it."""
 
 
+class _RateBound:
+    """Minimum body rate: every window of ``window_s`` must bring ``min_bytes``, or the body ends.
+
+    A window that got its bytes starts a new one, so a client must keep up the rate all along; a
+    stalled body fails within one window whatever the whole-request deadline says.
+    """
+
+    def __init__(self, min_rate_bytes_s: int, window_s: float, now: float) -> None:
+        self.window_s = window_s
+        self.min_bytes = max(1, int(min_rate_bytes_s * window_s))
+        self.window_end = now + window_s
+        self._got = 0
+
+    def feed(self, size_bytes: int, now: float) -> None:
+        """Bytes received at ``now``."""
+        self._got += size_bytes
+        if self._got >= self.min_bytes:
+            self._got = 0
+            self.window_end = now + self.window_s
+
+
 class _Reader:
-    """h11 events off a stream, each wait bounded by a deadline on the loop clock."""
+    """h11 events off a stream, each wait bounded by a deadline on the loop clock (and, for bodies,
+    by the minimum rate)."""
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: h11.Connection
@@ -245,7 +319,7 @@ class _Reader:
                 async with asyncio.timeout(timeout_s):
                     await self._writer.drain()
 
-    async def next_event(self, deadline: float, timeout_status: int = 408) -> Any:
+    async def next_event(self, deadline: float, rate: _RateBound | None = None) -> Any:
         loop = asyncio.get_running_loop()
         for _ in range(1_000_000):  # bounded: every pass reads at least one byte or ends
             try:
@@ -254,73 +328,51 @@ class _Reader:
                 raise HttpError(exc.error_status_hint, f"bad HTTP request: {exc}") from None
             if event is not h11.NEED_DATA:
                 return event
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise HttpError(timeout_status, "request not received in time")
+            limit = deadline if rate is None else min(deadline, rate.window_end)
+            remaining = limit - loop.time()
             try:
+                if remaining <= 0:
+                    raise TimeoutError
                 async with asyncio.timeout(remaining):
                     data = await self._reader.read(READ_CHUNK_BYTES)
             except TimeoutError:
-                raise HttpError(timeout_status, "request not received in time") from None
+                if rate is not None and rate.window_end < deadline:
+                    raise SlowBodyError(
+                        408,
+                        f"body slower than {rate.min_bytes} bytes in {rate.window_s:g} s "
+                        "(min_body_rate_bytes_s)",
+                    ) from None
+                raise HttpError(408, "request not received in time") from None
+            if rate is not None:
+                rate.feed(len(data), loop.time())
             self.conn.receive_data(data)
         raise HttpError(400, "request too fragmented")
 
 
-class _EnvelopeSpool:
-    """Spools an encrypted firmware body to disk, MACing it on the way (the tag is checked at the end,
-    before anything is decrypted), so that large uploads never sit in memory."""
+class _Body:
+    """The pieces of one request body, size- and rate-bounded."""
 
-    def __init__(self, keys: EnvelopeKeys, context: bytes, path: Path, max_bytes: int) -> None:
-        self._mac = new_mac(keys, context)
-        self._keys = keys
-        self.path = path
-        self._max_bytes = max_bytes
-        self._head = bytearray()
-        self._tail = b""
+    def __init__(self, events: _Reader, deadline: float, rate: _RateBound, max_bytes: int) -> None:
+        self._events = events
+        self._deadline = deadline
+        self._rate = rate
+        self.max_bytes = max_bytes
         self.size_bytes = 0
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        self._file = os.fdopen(fd, "w+b")
 
-    def feed(self, data: bytes) -> None:
-        self.size_bytes += len(data)
-        if self.size_bytes > self._max_bytes:
-            raise HttpError(413, f"firmware larger than {self._max_bytes} bytes")
-        if len(self._head) < HEADER_BYTES:
-            self._head += data[: HEADER_BYTES - len(self._head)]
-            if len(self._head) == HEADER_BYTES:
-                parse_header(bytes(self._head), KIND_REQUEST)
-        buffered = self._tail + data
-        body, self._tail = buffered[:-TAG_BYTES], buffered[-TAG_BYTES:]
-        if len(buffered) <= TAG_BYTES:
-            body, self._tail = b"", buffered
-        self._mac.update(body)
-        self._file.write(body)
-
-    def verify(self) -> tuple[int, bytes, bytes]:
-        """Check length and tag; returns (timestamp, nonce, iv)."""
-        check_length(self.size_bytes)
-        header = parse_header(bytes(self._head), KIND_REQUEST)
-        if not hmac.compare_digest(self._mac.digest(), self._tail):
-            raise EnvelopeAuthError("authentication tag does not match")
-        return header.timestamp_s, header.nonce, header.iv
-
-    def decrypt_into(self, iv: bytes, upload: FirmwareUpload) -> None:
-        """Decrypt the spooled ciphertext into ``upload`` (blocking: run it in a thread)."""
-        decryptor = StreamDecryptor(self._keys, iv)
-        self._file.flush()
-        self._file.seek(HEADER_BYTES)
-        for _ in range(self.size_bytes // READ_CHUNK_BYTES + 2):
-            chunk = self._file.read(READ_CHUNK_BYTES)
-            if not chunk:
-                break
-            upload.write(decryptor.update(chunk))
-        upload.write(decryptor.finalize())
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+    async def next_chunk(self) -> bytes | None:
+        """The next piece of the body; None once it is complete."""
+        for _ in range(16):  # bounded: h11 yields Data, EndOfMessage or ConnectionClosed
+            event = await self._events.next_event(self._deadline, self._rate)
+            if isinstance(event, h11.EndOfMessage):
+                return None
+            if isinstance(event, h11.ConnectionClosed):
+                raise HttpError(400, "connection closed before the body was complete")
+            if isinstance(event, h11.Data) and event.data:
+                self.size_bytes += len(event.data)
+                if self.size_bytes > self.max_bytes:
+                    raise HttpError(413, f"body larger than {self.max_bytes} bytes")
+                return bytes(event.data)
+        raise HttpError(400, "unexpected HTTP events in a body")
 
 
 class ConfigPortService:
@@ -345,6 +397,10 @@ class ConfigPortService:
         self._firmware: FirmwareStager | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._applying: set[asyncio.Task[Any]] = set()
+        self._per_source: dict[str, int] = {}
+        """Open connections per source (bounded: entries only while a connection is counted)."""
+        self._state = "starting"
+        self._error: str | None = None
         self.bound: list[tuple[str, int]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -420,6 +476,7 @@ class ConfigPortService:
             await asyncio.wait(idle, timeout=2.0)
 
     def _publish(self, state: str, error: str | None) -> None:
+        self._state, self._error = state, error
         if self._bus is None:
             return
         self._bus.set_state(
@@ -430,9 +487,14 @@ class ConfigPortService:
                 "listen": self.config.limits.listen,
                 "addresses": [f"{h}:{p}" for h, p in self.bound],
                 "encrypted": self.config.encrypt,
+                "plain_writes": self.config.limits.plain_writes,
                 "error": error,
+                "counters": self.counters.to_json(),
             },
         )
+
+    def _publish_counters(self) -> None:
+        self._publish(self._state, self._error)
 
     # -- one connection ------------------------------------------------------------------------
 
@@ -440,12 +502,29 @@ class ConfigPortService:
         task = asyncio.current_task()
         peer_info = writer.get_extra_info("peername")
         peer = str(peer_info[0]) if isinstance(peer_info, tuple) else "local"
+        source = source_key(peer)
+        limits = self.config.limits
+        counted = False
         self.counters.connections += 1
         try:
-            if len(self._handlers) >= self.config.limits.max_connections:
+            if len(self._handlers) >= limits.max_connections:
                 self.counters.refused_busy += 1
+                self._publish_counters()
+                log.warning("connection refused: port busy", peer=peer, limit=limits.max_connections)
                 await self._write_raw(writer, 503, _error_body("too many connections"))
                 return
+            if self._per_source.get(source, 0) >= limits.max_connections_per_source:
+                self.counters.refused_per_source += 1
+                self._publish_counters()
+                log.warning(
+                    "connection refused: too many from this source",
+                    peer=peer,
+                    limit=limits.max_connections_per_source,
+                )
+                await self._write_raw(writer, 503, _error_body("too many connections from this address"))
+                return
+            self._per_source[source] = self._per_source.get(source, 0) + 1
+            counted = True
             if task is not None:
                 self._handlers.add(task)
             await self._serve(reader, writer, peer)
@@ -455,6 +534,10 @@ class ConfigPortService:
         except Exception as exc:  # one bad connection must never fail the service
             log.error("connection failed", peer=peer, error=repr(exc))
         finally:
+            if counted:
+                left = self._per_source.pop(source, 1) - 1
+                if left > 0:
+                    self._per_source[source] = left
             if task is not None:
                 self._handlers.discard(task)
                 self._applying.discard(task)
@@ -478,12 +561,16 @@ class ConfigPortService:
             request = _parse_request(head, peer)
             status, body, content_type = await self._handle(request, events, start)
         except HttpError as exc:
+            if isinstance(exc, SlowBodyError):
+                self.counters.slow_bodies += 1
+                log.warning("slow body cut", peer=peer, error=str(exc))
             status, body, content_type = exc.status, _error_body(str(exc), **exc.extra), "application/json"
         except EnvelopeError as exc:
             status = 400 if isinstance(exc, MalformedEnvelopeError) else 403
             if isinstance(exc, EnvelopeAuthError):
                 self.counters.auth_failures += 1
-            body, content_type = _error_body(exc.reason), "application/json"
+            message = str(exc) if isinstance(exc, MalformedEnvelopeError) else exc.reason
+            body, content_type = _error_body(message), "application/json"
             log.warning("envelope refused", peer=peer, reason=exc.reason)
         except (ConnectionError, TimeoutError):
             raise
@@ -491,8 +578,15 @@ class ConfigPortService:
             log.error("request failed", peer=peer, error=repr(exc))
             status, body, content_type = 500, _error_body("internal error"), "application/json"
         self.counters.count(status)
+        self._publish_counters()
         if request is not None and request.nonce is not None and self._keys is not None:
-            body = seal(self._keys, body, response_context(status, request.nonce), kind=KIND_RESPONSE)
+            body = seal(
+                self._keys,
+                body,
+                response_context(status, request.nonce),
+                device_id=self.config.device_id,
+                kind=KIND_RESPONSE,
+            )
             content_type = "application/octet-stream"
         allow = ", ".join(ROUTES.get(request.path, ())) if request is not None and status == 405 else ""
         await self._respond(conn, writer, status, body, content_type, allow=allow)
@@ -547,6 +641,11 @@ class ConfigPortService:
         if request.method not in methods:
             raise HttpError(405, f"{request.method} not allowed on {request.path}")
         limits = self.config.limits
+        if request.method in WRITE_METHODS and self._keys is None and not limits.plain_writes:
+            # Refused from the head alone: no body is read, no 100 Continue is sent.
+            self.counters.plain_writes_refused += 1
+            log.warning("plain write refused", peer=request.peer, method=request.method, path=request.path)
+            raise HttpError(403, PLAIN_WRITE_REFUSAL)
         if request.path == "/firmware" and request.method == "PUT":
             return await self._put_firmware(request, events, start + limits.firmware_timeout_s)
         max_bytes = limits.max_body_bytes + (ENVELOPE_OVERHEAD_BYTES if self.config.encrypt else 0)
@@ -565,22 +664,23 @@ class ConfigPortService:
         if length is not None and length.isdigit() and int(length) > max_bytes:
             raise HttpError(413, f"body larger than {max_bytes} bytes")
 
-    async def _read_body(self, request: _Request, events: _Reader, deadline: float, max_bytes: int) -> bytes:
+    async def _open_body(self, request: _Request, events: _Reader, deadline: float, max_bytes: int) -> _Body:
+        """Check the declared length, let a waiting client send, and start the rate bound."""
         self._check_length(request, max_bytes)
-        await events.accept_body(self.config.limits.header_timeout_s)
+        limits = self.config.limits
+        await events.accept_body(limits.header_timeout_s)
+        now = asyncio.get_running_loop().time()
+        rate = _RateBound(limits.min_body_rate_bytes_s, limits.body_rate_window_s, now)
+        return _Body(events, deadline, rate, max_bytes)
+
+    async def _read_body(self, request: _Request, events: _Reader, deadline: float, max_bytes: int) -> bytes:
+        body = await self._open_body(request, events, deadline, max_bytes)
         chunks: list[bytes] = []
-        size = 0
-        for _ in range(max_bytes + 2):  # bounded: each Data event carries at least one byte
-            event = await events.next_event(deadline)
-            if isinstance(event, h11.EndOfMessage):
+        for _ in range(max_bytes + 2):  # bounded: each chunk carries at least one byte
+            chunk = await body.next_chunk()
+            if chunk is None:
                 return b"".join(chunks)
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > max_bytes:
-                    raise HttpError(413, f"body larger than {max_bytes} bytes")
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.ConnectionClosed):
-                raise HttpError(400, "connection closed before the body was complete")
+            chunks.append(chunk)
         raise HttpError(400, "body too fragmented")
 
     def _unwrap(self, request: _Request, body: bytes) -> bytes:
@@ -591,7 +691,12 @@ class ConfigPortService:
             return body
         if not is_envelope(body):
             raise HttpError(403, "encryption required (fw_server_encrypt=1): send an envelope")
-        opened = open_envelope(self._keys, body, request_context(request.method, request.target))
+        opened = open_envelope(
+            self._keys,
+            body,
+            request_context(request.method, request.target),
+            device_id=self.config.device_id,
+        )
         self._check_replay(request, opened.timestamp_s, opened.nonce)
         return opened.plaintext
 
@@ -604,6 +709,13 @@ class ConfigPortService:
             self.counters.replays += 1
             log.warning("replayed or stale envelope refused", peer=request.peer, reason=str(exc))
             raise HttpError(403, f"{exc.reason}: {exc}", **self._guard.describe(now)) from None
+        except ReplayStateError as exc:
+            # Accepting would let this very request be replayed after a restart: refuse it.
+            self.counters.replay_state_failures += 1
+            log.error("replay state not saved, request refused", peer=request.peer, error=str(exc))
+            raise HttpError(
+                503, f"{exc.reason}: the DCU cannot store its replay state; nothing changed"
+            ) from None
         request.nonce = nonce  # from here on, answers are sealed
 
     async def _put_config(self, request: _Request, plaintext: bytes) -> tuple[int, bytes, str]:
@@ -645,54 +757,78 @@ class ConfigPortService:
             name = check_name(request.headers.get("x-firmware-name") or request.query.get("name"))
         except FirmwareRejectedError as exc:
             raise HttpError(422, str(exc)) from None
-        max_bytes = firmware.max_bytes + (ENVELOPE_OVERHEAD_BYTES if self._keys else 0)
-        self._check_length(request, max_bytes)
-        await events.accept_body(self.config.limits.header_timeout_s)
-        spool: _EnvelopeSpool | None = None
-        if self._keys is not None:
-            path = firmware.directory / f".incoming.{os.getpid()}.{id(request)}.envelope"
-            firmware.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
-            spool = _EnvelopeSpool(
-                self._keys, request_context(request.method, request.target), path, max_bytes
-            )
+        keys = self._keys
+        # Encrypted: the stream header, then the padded file (at most one block more than the file).
+        max_bytes = firmware.max_bytes + (STREAM_HEADER_BYTES + BLOCK_BYTES if keys else 0)
+        body = await self._open_body(request, events, deadline, max_bytes)
+        first = await body.next_chunk()
+        if first is None:
+            if keys is not None:
+                raise HttpError(403, "encryption required (fw_server_encrypt=1): send an envelope")
+            raise HttpError(422, "empty firmware file")
+        opener: StreamBodyOpener | None = None
+        if keys is not None:
+            opener, first = await self._open_firmware_stream(request, body, first, keys)
+        elif is_envelope(first):
+            raise HttpError(400, "encrypted body, but fw_server_encrypt=0 on this DCU")
+        # Only now, with the request authenticated (or plain writes allowed), is anything written.
         upload = firmware.begin(sha256, name, request.peer)
         try:
-            first = True
-            for _ in range(max_bytes + 2):  # bounded: each Data event carries at least one byte
-                event = await events.next_event(deadline)
-                if isinstance(event, h11.EndOfMessage):
+            chunk: bytes | None = first
+            for _ in range(max_bytes + 2):  # bounded: each chunk carries at least one byte
+                if chunk is None:
                     break
-                if isinstance(event, h11.ConnectionClosed):
-                    raise HttpError(400, "connection closed before the body was complete")
-                if not isinstance(event, h11.Data):
-                    continue
-                data = bytes(event.data)
-                if first:
-                    first = False
-                    if spool is None and is_envelope(data):
-                        raise HttpError(400, "encrypted body, but fw_server_encrypt=0 on this DCU")
-                    if spool is not None and not is_envelope(data):
-                        raise HttpError(403, "encryption required (fw_server_encrypt=1): send an envelope")
-                if spool is not None:
-                    spool.feed(data)
-                else:
-                    upload.write(data)
-            if spool is not None:
-                if spool.size_bytes == 0:
-                    raise HttpError(403, "encryption required (fw_server_encrypt=1): send an envelope")
-                timestamp_s, nonce, iv = spool.verify()
-                self._check_replay(request, timestamp_s, nonce)
-                await asyncio.to_thread(spool.decrypt_into, iv, upload)
+                upload.write(opener.update(chunk) if opener is not None else chunk)
+                chunk = await body.next_chunk()
+            if opener is not None:
+                upload.write(opener.finalize())  # length and SHA-256 against the header, then padding
             record = await asyncio.to_thread(upload.commit)
         except FirmwareRejectedError as exc:
             status = 413 if "larger" in str(exc) else 422
             raise HttpError(status, str(exc)) from None
         finally:
             upload.abort()
-            if spool is not None:
-                spool.close()
         log.info("firmware staged", peer=request.peer, sha256=record.sha256, size_bytes=record.size_bytes)
         return 200, _json({"ok": True, "staged": record.to_json()}), "application/json"
+
+    async def _open_firmware_stream(
+        self, request: _Request, body: _Body, first: bytes, keys: EnvelopeKeys
+    ) -> tuple[StreamBodyOpener, bytes]:
+        """Read and authenticate the stream header (tag, then replay rules) before any body byte is
+        written; returns the body's opener and the body bytes that came with the header."""
+        if not is_envelope(first[:4]) and len(first) >= 4:
+            raise HttpError(403, "encryption required (fw_server_encrypt=1): send an envelope")
+        head = first
+        for _ in range(STREAM_HEADER_BYTES + 1):  # bounded: each chunk carries at least one byte
+            if len(head) >= STREAM_HEADER_BYTES:
+                break
+            chunk = await body.next_chunk()
+            if chunk is None:
+                break
+            head += chunk
+        if not is_envelope(head):
+            raise HttpError(403, "encryption required (fw_server_encrypt=1): send an envelope")
+        if parse_header(head).kind != KIND_STREAM:
+            raise MalformedEnvelopeError(
+                "PUT /firmware needs a streamed envelope (kind 3: crypto_envelope seal --stream)"
+            )
+        if len(head) < STREAM_HEADER_BYTES:
+            raise MalformedEnvelopeError("body shorter than a stream header")
+        stream = open_stream_header(
+            keys,
+            head[:STREAM_HEADER_BYTES],
+            request_context(request.method, request.target),
+            device_id=self.config.device_id,
+        )
+        body_bytes = stream.manifest.body_bytes
+        assert self._firmware is not None
+        if body_bytes > self._firmware.max_bytes + BLOCK_BYTES:
+            raise HttpError(413, f"firmware larger than {self._firmware.max_bytes} bytes")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) != STREAM_HEADER_BYTES + body_bytes:
+            raise MalformedEnvelopeError("Content-Length does not match the stream header")
+        self._check_replay(request, stream.timestamp_s, stream.nonce)
+        return StreamBodyOpener(keys, stream.manifest), head[STREAM_HEADER_BYTES:]
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -12,6 +12,10 @@ staged file under ``<state_dir>/firmware/``:
 The staged file is reported on the retained state ``<p>/firmware`` and in ``<p>/status`` (member
 ``firmware``), also after a restart. A new upload replaces the staged one only once it is complete
 and its hash matched; a failed upload leaves the staged file as it was.
+
+:meth:`FirmwareStager.begin` opens the temporary file, so the config port calls it only once a
+request may write: after the stream header of an encrypted upload was authenticated (and its nonce
+spent), or on a plain port whose installer set ``plain_writes = true``.
 """
 
 from __future__ import annotations

@@ -536,7 +536,8 @@ def register_param_commands(
             data = base64.b64decode(envelope, validate=True)
         except (binascii.Error, ValueError):
             raise CommandError("envelope is not base64") from None
-        opened = open_envelope(EnvelopeKeys.from_parameter(key_text), data, MQTT_SET_CONTEXT)
+        keys = EnvelopeKeys.from_parameter(key_text)
+        opened = open_envelope(keys, data, MQTT_SET_CONTEXT, device_id=config.device_id)
         window = config.toml.config_port.replay_window_s
         state = config.state_dir / "config_port" / "mqtt-replay.json"
         guard = guards.get((str(state), window))

@@ -44,6 +44,8 @@ FUZZ_KEY = "5a" * 32
 FUZZ_KEYS = EnvelopeKeys.from_parameter(FUZZ_KEY)
 """The port's key in the harness: the strategies seal some bodies with it to reach the deep paths."""
 ATTACKER_KEYS = EnvelopeKeys.from_parameter("a5" * 32)
+FUZZ_DEVICE = "dcu-fuzz"
+"""The harness DCU's device_id (envelopes are bound to it)."""
 _SIDES: tuple[iec.ReceiverSide, ...] = ("master", "meter", "p1")
 
 
@@ -255,7 +257,8 @@ class _MemoryWriter:
 
 
 class HttpHarness:
-    """One config port service per mode (plain, encrypted) on one long-lived event loop."""
+    """One config port service per mode (plain, plain with ``plain_writes``, encrypted) on one
+    long-lived event loop. Bit 0 of the first byte picks encryption, bit 1 the plain-writes opt-in."""
 
     def __init__(self) -> None:
         from dcud.config.model import ConfigPortConfig
@@ -265,11 +268,13 @@ class HttpHarness:
 
         self._tmp = tempfile.TemporaryDirectory(prefix="dcud-fuzz-http-")
         state = Path(self._tmp.name)
-        limits = ConfigPortConfig(max_body_bytes=4096, max_firmware_bytes=4096, header_timeout_s=5.0)
         self.runner = asyncio.Runner()
         self.services = []
         self.apis = []
-        for encrypt in (False, True):
+        for index, (encrypt, plain_writes) in enumerate(((False, False), (True, False), (False, True))):
+            limits = ConfigPortConfig(
+                max_body_bytes=4096, max_firmware_bytes=4096, header_timeout_s=5.0, plain_writes=plain_writes
+            )
             settings = ConfigPortSettings(
                 port=0,
                 host="127.0.0.1",
@@ -277,13 +282,14 @@ class HttpHarness:
                 key_text=FUZZ_KEY,
                 limits=limits,
                 state_dir=str(state),
+                device_id=FUZZ_DEVICE,
             )
             api = _FakeApi()
             service = ConfigPortService(settings, api)
             if encrypt:
                 service._keys = FUZZ_KEYS
                 service._guard = ReplayGuard(300)
-            service._firmware = FirmwareStager(state / f"fw{int(encrypt)}", None, 4096)
+            service._firmware = FirmwareStager(state / f"fw{index}", None, 4096)
             self.services.append(service)
             self.apis.append(api)
 
@@ -291,9 +297,11 @@ class HttpHarness:
         if not data:
             return
         encrypted = bool(data[0] & 1)
-        service = self.services[int(encrypted)]
-        api = self.apis[int(encrypted)]
+        index = 1 if encrypted else (2 if data[0] & 2 else 0)
+        service = self.services[index]
+        api = self.apis[index]
         before = len(api.applied)
+        staged_before = service._firmware.staged
         guard = service._guard
         accepted_before = guard.accepted if guard is not None else 0
         response = self.runner.run(self._one(service, data[1:]))
@@ -305,10 +313,14 @@ class HttpHarness:
         assert status in (100, 200, 400, 403, 404, 405, 408, 411, 413, 422, 431, 500, 503), status
         if status == 500:
             raise AssertionError("internal error answered")
+        if index == 0:
+            # A plain port without the opt-in never changes anything.
+            assert len(api.applied) == before, "a plain write was applied without plain_writes"
+            assert service._firmware.staged == staged_before, "firmware staged without plain_writes"
         if encrypted:
             # Nothing is applied unless an envelope passed the tag and the replay checks.
             assert guard is not None
-            if len(api.applied) > before:
+            if len(api.applied) > before or service._firmware.staged != staged_before:
                 assert guard.accepted > accepted_before, "an unauthenticated body was applied"
             assert FUZZ_KEY.encode() not in response
 
@@ -336,7 +348,7 @@ def http_target(data: bytes) -> None:
 def envelope_target(data: bytes) -> None:
     """Bytes not sealed with the key (the harness feeds forgeries and mutations): only EnvelopeError."""
     try:
-        open_envelope(FUZZ_KEYS, data, b"PUT /config")
+        open_envelope(FUZZ_KEYS, data, b"PUT /config", device_id=FUZZ_DEVICE)
     except EnvelopeError:
         return
     raise AssertionError("forged envelope accepted")
@@ -379,4 +391,4 @@ def seal_for_seed(plaintext: bytes, context: bytes) -> bytes:
     """An envelope sealed with the harness key (seeds for the coverage-guided fuzzer)."""
     from dcud.service.crypto_envelope import seal
 
-    return seal(FUZZ_KEYS, plaintext, context)
+    return seal(FUZZ_KEYS, plaintext, context, device_id=FUZZ_DEVICE)

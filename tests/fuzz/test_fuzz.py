@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from targets import ATTACKER_KEYS, FUZZ_KEYS, REGRESSIONS, TARGETS, run_keeping_crash
+from targets import ATTACKER_KEYS, FUZZ_DEVICE, FUZZ_KEYS, REGRESSIONS, TARGETS, run_keeping_crash
 
-from dcud.service.crypto_envelope import seal
+from dcud.service.crypto_envelope import seal, seal_stream
 
 BUDGETS = {"smoke": 200, "ci": 2000, "deep": 200_000}
 PROFILE = os.environ.get("DCUD_FUZZ_PROFILE", "ci")
@@ -136,9 +136,14 @@ HTTP_BODIES = st.one_of(
     st.binary(max_size=300),
     WME_LINES,
     st.builds(
-        lambda b, ctx: seal(FUZZ_KEYS, b, ctx),
+        lambda b, ctx: seal(FUZZ_KEYS, b, ctx, device_id=FUZZ_DEVICE),
         st.binary(max_size=64),
         st.sampled_from([b"PUT /config", b"x"]),
+    ),
+    st.builds(
+        lambda b, ctx: seal_stream(FUZZ_KEYS, b, ctx, device_id=FUZZ_DEVICE),
+        st.binary(max_size=64),
+        st.sampled_from([b"PUT /firmware", b"PUT /firmware?sha256=" + b"0" * 64]),
     )
     .map(lambda envelope: envelope)
     .flatmap(lambda e: st.sampled_from([e, e[:-1], e[:40], e + b"x", bytes([e[0] ^ 1]) + e[1:]])),
@@ -194,11 +199,14 @@ def test_fuzz_http(mode: int, request: bytes) -> None:
 
 FORGED = st.one_of(
     st.binary(max_size=200),
-    st.builds(lambda b: seal(ATTACKER_KEYS, b, b"PUT /config"), st.binary(max_size=64)),
-    st.tuples(st.binary(max_size=64), st.integers(0, 10_000), st.integers(1, 255)).map(
-        lambda t: _flip(seal(FUZZ_KEYS, t[0], b"PUT /config"), t[1], t[2])
+    st.builds(
+        lambda b: seal(ATTACKER_KEYS, b, b"PUT /config", device_id=FUZZ_DEVICE), st.binary(max_size=64)
     ),
-    st.builds(lambda b: seal(FUZZ_KEYS, b, b"PUT /firmware"), st.binary(max_size=64)),
+    st.tuples(st.binary(max_size=64), st.integers(0, 10_000), st.integers(1, 255)).map(
+        lambda t: _flip(seal(FUZZ_KEYS, t[0], b"PUT /config", device_id=FUZZ_DEVICE), t[1], t[2])
+    ),
+    st.builds(lambda b: seal(FUZZ_KEYS, b, b"PUT /firmware", device_id=FUZZ_DEVICE), st.binary(max_size=64)),
+    st.builds(lambda b: seal(FUZZ_KEYS, b, b"PUT /config", device_id="dcu-other"), st.binary(max_size=64)),
 )
 
 
