@@ -5,6 +5,7 @@
 #   2. systemd-analyze security --offline=true systemd/dcud.service  exposure <= 2.5 (printed)
 #   3. the same two with the clock-step drop-in (systemd/dcud.service.d/clock-step.conf) applied
 #   4. systemd-sysusers and systemd-tmpfiles apply dcud's entries to a scratch root
+#   4b. the resource limits are set: MemoryMax=, TasksMax= and LimitCORE=0 (docs/systemd.md)
 #   5. MemoryDenyWriteExecute=: the Python that runs dcud imports dcud and its dependencies and
 #      does AES-256-CBC, TLS setup, a uvloop/asyncio loop and a ctypes callback under the kernel's
 #      W^X lock (prctl PR_SET_MDWE, Linux >= 6.3; the same rule as systemd's filter). Skipped, and
@@ -95,6 +96,12 @@ stage "$work/base"
 check_unit "dcud.service" "$work/base"
 stage "$work/clock-step" with-dropin
 check_unit "dcud.service + dcud.service.d/clock-step.conf" "$work/clock-step"
+
+echo "== resource limits (MemoryMax=, TasksMax=, LimitCORE=0)"
+for setting in 'MemoryMax=[0-9]+[KMG]' 'TasksMax=[0-9]+' 'LimitCORE=0'; do
+    line="$(grep -E "^${setting}\$" "$unit" || true)"
+    if [ -n "$line" ]; then ok "$line"; else fail "no ${setting%%=*}= (or not a plain limit) in $unit"; fi
+done
 
 echo "== systemd-sysusers ($sysusers)"
 root="$work/root"

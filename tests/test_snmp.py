@@ -121,10 +121,18 @@ def test_slice_maps_the_wme_values(tmp_path: Path) -> None:
     assert cfg.engine_id == snmp_mib.default_engine_id(DEVICE_ID)
     v2 = SnmpServiceConfig.from_config(
         load_config(
-            write_site(tmp_path / "b", wme="snmp_trap=1\nsnmp_manager_ip=192.0.2.7\nsnmp_version=2\n")
+            write_site(
+                tmp_path / "b", wme="snmp_trap=1\nsnmp_manager_ip=192.0.2.7\nsnmp_version=2\nsnmp_user=noc\n"
+            )
         )
     )
-    assert v2 is not None and v2.community == "public"
+    assert v2 is not None and v2.community == "noc"
+    unset = SnmpServiceConfig.from_config(
+        load_config(
+            write_site(tmp_path / "d", wme="snmp_trap=1\nsnmp_manager_ip=192.0.2.7\nsnmp_version=2\n")
+        )
+    )
+    assert unset is None  # no default community (tests/test_secrets.py)
     off = SnmpServiceConfig.from_config(
         load_config(write_site(tmp_path / "c", wme="snmp_manager_ip=192.0.2.7\n"))
     )

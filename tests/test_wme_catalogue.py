@@ -187,6 +187,7 @@ def test_secrets() -> None:
         "datapush_host",
         "snmp_auth_key",
         "snmp_priv_key",
+        "snmp_user",
         "com_apn_pass",
         "pdfoff_auth_pass",
         "fw_server_key",

@@ -545,7 +545,11 @@ ENTRIES: tuple[Entry, ...] = (
         support="applied",
         minimum=1,
         maximum=32,
-        note="SNMPv3 USM user name (with snmp_version=2 it is the community).",
+        secret=True,
+        note=(
+            "SNMPv3 USM user name; with snmp_version=2 it is the community, a shared secret, so it is "
+            "secret. No default: unset, dcud sends no trap (never the community 'public')."
+        ),
         description="*Only in case of using SNMP Manager",
     ),
     Entry(

@@ -9,7 +9,9 @@ Configuration (WM-E parameters, see ``dcud params``):
 
 - ``snmp_trap=1`` and ``snmp_manager_ip`` enable it; ``snmp_manager_port`` 0 means 162.
 - ``snmp_version=2``: SNMPv2c; the **community is ``snmp_user``** (the WM-E has no separate community
-  parameter), ``public`` when unset.
+  parameter). There is no default community: with ``snmp_user`` unset dcud sends **no trap at all**
+  (neither v2c with ``public`` nor v3 without a user name) and says so in one warning per
+  configuration load. ``snmp_user`` is a secret parameter: masked wherever parameters are shown.
 - ``snmp_version=3``: USM user ``snmp_user``; ``snmp_auth_algo`` 0 = none, 1 = HMAC-MD5-96,
   2 = HMAC-SHA-96 with ``snmp_auth_key``; ``snmp_priv_algo`` 0 = none, 1 = CBC-DES, 2 = 3DES-EDE
   (draft-reeder, not supported by Net-SNMP), **3 = AES-128-CFB (RFC 3826), recommended** with
@@ -49,7 +51,6 @@ EventListener = Callable[[Mapping[str, Any]], None]
 """Called with every committed event payload (``type``, ``ts``, ``text``, ``uid``, extra fields)."""
 
 DEFAULT_TRAP_PORT: Final = 162
-DEFAULT_COMMUNITY: Final = "public"
 BOOTS_FILE: Final = "snmp-engine-boots"
 _MAX_BOOTS: Final = 2147483647  # RFC 3414: at the maximum the engine must be reconfigured
 
@@ -68,7 +69,7 @@ class SnmpServiceConfig:
     manager_port: int
     version: int
     community: str = field(repr=False)
-    user: str
+    user: str = field(repr=False)
     auth: str
     auth_key: str = field(repr=False)
     priv: str
@@ -86,7 +87,11 @@ class SnmpServiceConfig:
 
     @classmethod
     def from_config(cls, config: LoadedConfig) -> SnmpServiceConfig | None:
-        """The slice, or None when traps are off (``snmp_trap`` unset/0 or no manager address)."""
+        """The slice, or None when traps are off.
+
+        Off: ``snmp_trap`` unset/0, no manager address, or no ``snmp_user`` (the v3 user name and the
+        v2c community: there is no default community, so nothing is sent; logged once per load).
+        """
         params = config.params
         manager = params.get_opt_str("snmp_manager_ip")
         if not params.get_bool("snmp_trap") or not manager:
@@ -94,12 +99,20 @@ class SnmpServiceConfig:
         section = config.toml.snmp
         user = params.get_opt_str("snmp_user") or ""
         version = params.get_int("snmp_version")
+        if not user:
+            log.warning(
+                "SNMP traps are off: snmp_user is not set (the SNMPv3 user, and the SNMPv2c community; "
+                "dcud has no default community and never sends 'public')",
+                snmp_version=version,
+                manager=manager,
+            )
+            return None
         return cls(
             device_id=config.device_id,
             manager_ip=manager,
             manager_port=params.get_int("snmp_manager_port") or DEFAULT_TRAP_PORT,
             version=version,
-            community=user or DEFAULT_COMMUNITY,
+            community=user,
             user=user,
             auth=AUTH_ALGOS.get(params.get_int("snmp_auth_algo"), "none"),
             auth_key=params.get_opt_str("snmp_auth_key") or "",
@@ -303,7 +316,8 @@ class SnmpTrapService:
                 "engine_boots": sender.engine_boots if sender else None,
                 "version": "v3" if cfg.version == 3 else "v2c",
                 "manager": f"{cfg.manager_ip}:{cfg.manager_port}",
-                "user": cfg.user if cfg.version == 3 else None,
+                # snmp_user is a secret parameter (it is the v2c community): never in a state document.
+                "user_set": bool(cfg.user),
                 "security_level": cfg.security_level,
                 "auth": cfg.auth if cfg.version == 3 else None,
                 "priv": cfg.priv if cfg.version == 3 else None,
