@@ -694,3 +694,31 @@ def test_hostile_input_never_stops_the_meter(dlms_peer: Start) -> None:
     assert bad.recv(1) == b"", "not the wrapper protocol: the meter hangs up"
     bad.close()
     assert peer.status()["ok"]
+
+
+@pytest.mark.slow
+def test_get_with_list_entry_descriptor_and_unknown_objects(dlms_peer: Start) -> None:
+    peer = dlms_peer("tcp", **CONFIG)
+    wire = Wire(peer, 16)
+    try:
+        assert aare_field(wire.ask(aarq(1)), 0xA2) == b"\x02\x01\x00"
+        with_list = bytes.fromhex("C003C10200030100010800FF030000030100630100FF0200")
+        answer = wire.ask(with_list)
+        # the register's scaler_unit, then object-class-inconsistent (1.0.99.1.0.255 is class 7, not 3)
+        assert answer == bytes.fromhex("C403C1020002020F00161E0109")
+        # entry descriptor: entries 1..2 (the oldest), column 2 only (the energy import)
+        by_entry = bytes.fromhex("C001C100070100630100FF020102") + bytes.fromhex(
+            "020406000000010600000002120002120002"
+        )
+        first, second = expected_import_wh(PROFILE_START), expected_import_wh("2024-05-31T00:15:00Z")
+        assert wire.ask(by_entry) == bytes.fromhex("C401C1000102020106") + first.to_bytes(
+            4, "big"
+        ) + bytes.fromhex("020106") + second.to_bytes(4, "big")
+        unknown = bytes.fromhex("C001C100030100630700FF0200")
+        assert wire.ask(unknown) == bytes.fromhex("C401C10104"), "object-undefined"
+        assert wire.ask(bytes.fromhex("C001C100030100010800FF0700")) == bytes.fromhex("C401C10104")
+        assert wire.ask(bytes.fromhex("C0028100000001")) == bytes.fromhex("C4028101000000020110"), (
+            "no-long-get-in-progress"
+        )
+    finally:
+        wire.close()
