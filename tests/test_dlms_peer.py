@@ -24,7 +24,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from peers.dlms_fixture import GREEN_BOOK_AUTHENTICATION_KEY, GREEN_BOOK_BLOCK_CIPHER_KEY, DlmsPeer
-from peers.dlms_server import acse, ciphering, hdlc
+from peers.dlms_server import acse, application, ciphering, config, hdlc
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENT = REPO / "tests" / "peers" / "cosem_client.py"
@@ -722,3 +722,81 @@ def test_get_with_list_entry_descriptor_and_unknown_objects(dlms_peer: Start) ->
         )
     finally:
         wire.close()
+
+
+# --- the HDLC link in this process: hostile frames, inactivity (injected clock) ---
+
+
+def hdlc_link(records: list[dict[str, Any]], now: list[float], timeout_s: float = 0.0) -> hdlc.HdlcLink:
+    meter = application.Meter(config.parse({"tcp": {}, **CONFIG}), records.append)
+
+    def open_association(sap: int, link: str) -> application.Association:
+        return application.Association(meter, meter.clients[sap], "hdlc", link)
+
+    return hdlc.HdlcLink(
+        1, 17, 128, {16, 1, 32}, open_association, records.append, lambda: False, timeout_s, lambda: now[0]
+    )
+
+
+def test_hdlc_link_answers_random_frames_without_failing() -> None:
+    import random
+
+    rng = random.Random(46)
+    records: list[dict[str, Any]] = []
+    now = [0.0]
+    link = hdlc_link(records, now)
+    assert link.feed(hdlc_frame(16, 1, 17, 0x93))[0][6] == 0x73
+    llc = bytes.fromhex("E6E600")
+    apdus = [
+        aarq(1),
+        aarq(3, 5, b"x" * 16),
+        GET_IMPORT,
+        reply_to_hls(b"\x10" * 17),
+        bytes.fromhex("6203800100"),
+    ]
+    for _ in range(3000):
+        if not link.connected and rng.random() < 0.5:
+            link.feed(hdlc_frame(16, 1, 17, 0x93))
+        apdu = bytearray(rng.choice(apdus))
+        for _ in range(rng.randrange(3)):  # flip, cut or extend
+            apdu[rng.randrange(len(apdu))] = rng.randrange(256)
+        if rng.random() < 0.5:
+            apdu = apdu[: rng.randrange(1, len(apdu) + 1)] + rng.randbytes(rng.randrange(3))
+        if (
+            rng.random() < 0.5
+        ):  # in sequence, to the meter, from the connected client: reaches the application
+            control = (link.vs << 5) | 0x10 | (link.vr << 1)
+            frame = hdlc_frame(16, 1, 17, control, llc + bytes(apdu))
+        else:
+            control = rng.choice([0x10, 0x32, 0x11, 0x31, 0x93, 0x53, 0x13, rng.randrange(256)])
+            info = rng.choice([b"", llc + bytes(apdu), rng.randbytes(rng.randrange(0, 200))])
+            frame = hdlc_frame(
+                rng.choice([16, 16, 1, 5]), rng.choice([1, 1, 2]), rng.choice([17, 17, 3]), control, info
+            )
+        if rng.random() < 0.1:
+            frame = rng.randbytes(rng.randrange(1, 40)) + frame[: rng.randrange(len(frame))]
+            now[0] += 2.0
+        for answer in link.feed(frame):
+            assert answer[0] == 0x7E and answer[-1] == 0x7E and answer[3] >> 1 in (16, 1, 32)
+            assert fcs(answer[1:-3]) == int.from_bytes(answer[-3:-1], "little")
+        while link.pending:  # take every segment of a long answer
+            link.feed(hdlc_frame(16, 1, 17, 0x11 | (link.vr << 5)))
+    kinds = {r["kind"] for r in records}
+    assert {"aarq", "get", "malformed", "frame_error"} <= kinds, kinds
+    now[0] += 2.0  # a gap on the line: whatever frame was cut short is dropped
+    assert link.feed(b"\x7e" * 5 + hdlc_frame(16, 1, 17, 0x93))[0][6] == 0x73, "still answers an SNRM"
+
+
+def test_hdlc_inactivity_timeout_drops_the_connection() -> None:
+    records: list[dict[str, Any]] = []
+    now = [1000.0]
+    link = hdlc_link(records, now, timeout_s=120.0)
+    assert link.feed(hdlc_frame(16, 1, 17, 0x93))[0][6] == 0x73
+    aare = link.feed(hdlc_frame(16, 1, 17, 0x10, bytes.fromhex("E6E600") + aarq(1)))[0]
+    assert aare[6] == 0x30 and aare[12] == 0x61, "I-frame N(R)=1 N(S)=0 carrying an AARE"
+    now[0] += 119.0
+    answer = link.feed(hdlc_frame(16, 1, 17, 0x32, bytes.fromhex("E6E600") + GET_IMPORT))[0]
+    assert answer[12:16] == bytes.fromhex("C401C100"), "within the timeout: served"
+    now[0] += 121.0
+    assert link.feed(hdlc_frame(16, 1, 17, 0x54, bytes.fromhex("E6E600") + GET_IMPORT))[0][6] == 0x1F, "DM"
+    assert [r["kind"] for r in records][-3:] == ["inactivity_timeout", "aborted", "not_connected"]

@@ -31,6 +31,8 @@ class HdlcConfig:
     device: str
     physical_address: int = 17
     max_info_field: int = 128
+    baud: int = 0
+    inactivity_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,13 +149,22 @@ def parse(raw: dict[str, Any]) -> PeerConfig:
     )  # fmt: skip
     hdlc = None
     if top.get("hdlc") is not None:
-        h = _take(top["hdlc"], "hdlc", {"device", "physical_address", "max_info_field"})
+        h = _take(
+            top["hdlc"],
+            "hdlc",
+            {"device", "physical_address", "max_info_field", "baud", "inactivity_timeout_s"},
+        )
         if not isinstance(h.get("device"), str):
             raise ConfigError("hdlc.device: expected the path of a tty")
+        inactivity_s = h.get("inactivity_timeout_s", 0)
+        if isinstance(inactivity_s, bool) or not isinstance(inactivity_s, int | float) or inactivity_s < 0:
+            raise ConfigError("hdlc.inactivity_timeout_s: expected seconds >= 0")
         hdlc = HdlcConfig(
             h["device"],
             _int(h, "physical_address", 17, 0, 0x3FFD, "hdlc"),
             _int(h, "max_info_field", 128, 32, 2030, "hdlc"),
+            _int(h, "baud", 0, 0, 10_000_000, "hdlc"),
+            float(inactivity_s),
         )
     tcp = None
     if top.get("tcp") is not None:

@@ -6,6 +6,7 @@ SAP it knows. Window size 1 both ways (the standard's default): one I-frame, the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ LLC_REQUEST = b"\xe6\xe6\x00"
 LLC_RESPONSE = b"\xe6\xe7\x00"
 DEFAULT_INFO = 128
 MAX_BUFFER = 8192
+INTER_FRAME_GAP_S = 1.0  # silence that ends a frame cut short (far above a byte time at 300 Bd)
 
 
 def _crc_table() -> list[int]:
@@ -133,7 +135,13 @@ class HdlcLink:
         open_association: Callable[[int, str], Association],
         log: Callable[[Record], None],
         is_silent: Callable[[], bool],
+        inactivity_timeout_s: float = 0.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.inactivity_timeout_s = inactivity_timeout_s
+        self.monotonic = monotonic
+        self.last_frame_at = monotonic()
+        self.last_byte_at = self.last_frame_at
         self.logical_device = logical_device
         self.physical_address = physical_address
         self.max_info = max_info
@@ -157,6 +165,19 @@ class HdlcLink:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Bytes from the line in; frames to write out."""
+        now = self.monotonic()
+        if self.buffer and now - self.last_byte_at > INTER_FRAME_GAP_S:
+            # a frame cut short (its length field promises bytes that never came): a real meter drops it
+            self.log(
+                {
+                    "kind": "frame_error",
+                    "transport": "hdlc",
+                    "why": "incomplete frame",
+                    "bytes": self.buffer.hex(),
+                }
+            )
+            self.buffer.clear()
+        self.last_byte_at = now
         self.buffer += data
         out: list[bytes] = []
         for _ in range(1000):
@@ -229,6 +250,12 @@ class HdlcLink:
                 {"kind": "dropped", "transport": "hdlc", "client_sap": f.client_sap, "control": f.control}
             )
             return []
+        now = self.monotonic()
+        idle_s, self.last_frame_at = now - self.last_frame_at, now
+        if self.connected and self.inactivity_timeout_s and idle_s > self.inactivity_timeout_s:
+            # like a meter whose inactivity timer expired meanwhile: back in disconnected mode
+            self.log({"kind": "inactivity_timeout", "transport": "hdlc", "idle_s": round(idle_s, 3)})
+            self.reset("HDLC inactivity timeout")
         control = f.control & ~PF
         if control == SNRM:
             return self._snrm(f)

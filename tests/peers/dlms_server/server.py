@@ -120,6 +120,7 @@ class Peer:
                 lambda sap, link: self.open_association(sap, link, "hdlc"),
                 self.requests.add,
                 self.is_silent,
+                h.inactivity_timeout_s,
             )
             fd = _open_tty(h.device)
             tasks.append(asyncio.create_task(self._serve_tty(h.device, fd)))
@@ -150,7 +151,17 @@ class Peer:
                         continue
                     if not data:
                         raise OSError(errno.EIO, "end of file")
-                    for frame in self.hdlc.feed(data):
+                    baud = self.cfg.hdlc.baud if self.cfg.hdlc else 0
+                    if baud:  # what the request took on a real line at this speed (a pty takes nothing)
+                        await asyncio.sleep(len(data) * 10 / baud)
+                    try:
+                        frames = self.hdlc.feed(data)
+                    except Exception as exc:  # a bug of the peer: logged for the test to see, never fatal
+                        self.requests.add({"kind": "internal_error", "transport": "hdlc", "why": repr(exc)})
+                        continue
+                    for frame in frames:
+                        if baud:
+                            await asyncio.sleep(len(frame) * 10 / baud)
                         await _write_all(fd, frame)
             except OSError as exc:
                 self.requests.add({"kind": "tty_lost", "transport": "hdlc", "why": str(exc)})
@@ -184,6 +195,11 @@ class Peer:
             why = str(exc)
         except OSError as exc:
             why = f"socket: {exc}"
+        except Exception as exc:  # a bug of the peer: logged for the test to see, the connection dropped
+            why = f"internal error: {exc!r}"
+            self.requests.add(
+                {"kind": "internal_error", "transport": "tcp", "link": link_id, "why": repr(exc)}
+            )
         finally:
             link.close(why)
             self.tcp_links.pop(link_id, None)
