@@ -65,7 +65,7 @@ def expected_export_wh(at: str) -> int:
 
 def cosem(tmp_path: Path, peer: DlmsPeer, transport: str, **plan: Any) -> dict[str, Any]:
     """Run dlms-cosem's client against ``peer`` in its own process; its JSON report."""
-    full: dict[str, Any] = {"transport": transport, "timeout_s": 3, **plan}
+    full: dict[str, Any] = {"transport": transport, "timeout_s": 5, **plan}
     if transport == "tcp":
         full["port"] = peer.tcp_port
     else:
