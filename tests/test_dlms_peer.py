@@ -408,9 +408,14 @@ def test_hls_gmac_with_global_ciphering(dlms_peer: Start, tmp_path: Path, transp
     ],
     ids=["wrong-block-cipher-key", "wrong-authentication-key"],
 )
-def test_wrong_key_is_refused(dlms_peer: Start, tmp_path: Path, keys: dict[str, str], why: str) -> None:
-    peer = dlms_peer("tcp", **CONFIG)
-    report = cosem(tmp_path, peer, "tcp", client_sap=1, auth="hls-gmac", client_invocation_counter=7, **keys)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_wrong_key_is_refused(
+    dlms_peer: Start, tmp_path: Path, keys: dict[str, str], why: str, transport: str
+) -> None:
+    peer = dlms_peer(transport, **CONFIG)
+    report = cosem(
+        tmp_path, peer, transport, client_sap=1, auth="hls-gmac", client_invocation_counter=7, **keys
+    )
     assert not report["associate"]["ok"]
     # AARE rejected-permanent with a ConfirmedServiceError: initiateError, application-reference,
     # deciphering-error (6)
