@@ -297,7 +297,10 @@ class TransparentConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=
     ei_login_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     ei_reconnect_max_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 300.0
     ei_tls: bool = False
-    """The EI client connects with TLS (server verified against bank ``tm.ca_cert`` per ``tm.verify``)."""
+    """The EI client connects with TLS (our certificate from bank ``tm.cert`` when set)."""
+    ei_tls_verify: Literal["mandatory", "none"] = "mandatory"
+    """EI server certificate: verified (chain against bank ``tm.ca_cert``, else the system trust store,
+    and the host name) or not at all; the EI password is never sent to an unverified server."""
 
 
 class DcudToml(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
