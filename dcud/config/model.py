@@ -272,7 +272,9 @@ class TransparentConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=
     )
     """Source addresses/networks (CIDR) allowed to connect; empty: any. Others are dropped before TLS."""
     second_client: Literal["takeover", "refuse"] = "takeover"
-    """A new client while a session runs: end the old one (takeover) or send ``busy_message`` and close."""
+    """A new client while a session runs: takeover ends the old one only when the new client proves the
+    same identity (client certificate subject and issuer, else source address); everybody else, and
+    everybody with refuse, gets ``busy_message`` and is closed."""
     busy_message: Annotated[str, msgspec.Meta(max_length=200)] = "BUSY transparent port in use\r\n"
     idle_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 300.0
     """A session without a byte either way for this long is closed (0 = never)."""
@@ -290,6 +292,8 @@ class TransparentConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=
     handshake_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     max_pending: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
     """Connections in TLS handshake or being admitted at once; more are dropped at once (counted)."""
+    max_pending_per_source: Annotated[int, msgspec.Meta(ge=1, le=256)] = 2
+    """Of those, at most this many from one source (IPv4 address, IPv6 /64); more are dropped (counted)."""
     iec_aware: bool = True
     """Follow IEC 62056-21 mode C/E baud (and framing) switches of the client's sign-on."""
     iec_inactivity_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 120.0
@@ -303,7 +307,10 @@ class TransparentConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=
     ei_login_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     ei_reconnect_max_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 300.0
     ei_tls: bool = False
-    """The EI client connects with TLS (server verified against bank ``tm.ca_cert`` per ``tm.verify``)."""
+    """The EI client connects with TLS (our certificate from bank ``tm.cert`` when set)."""
+    ei_tls_verify: Literal["mandatory", "none"] = "mandatory"
+    """EI server certificate: verified (chain against bank ``tm.ca_cert``, else the system trust store,
+    and the host name) or not at all; the EI password is never sent to an unverified server."""
 
 
 class DcudToml(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
