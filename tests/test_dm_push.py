@@ -56,7 +56,10 @@ async def serve(context: ssl.SSLContext | None = None) -> AsyncIterator[DmServer
 
 def dm_config(tmp_path: Path, port: int, extra: str = "") -> DmPushConfig:
     (tmp_path / "wme.conf").write_text(
-        f"dm.push_enable=1\ndm.server=127.0.0.1\ndm.port={port}\ndm.push_interval=1\n{extra}"
+        f"dm.push_enable=1\ndm.server=127.0.0.1\ndm.port={port}\ndm.push_interval=1\n"
+        # A plain push is an explicit choice (dcud's default is dm.verify=2); tests of verification
+        # set their own dm.verify.
+        f"{'' if 'dm.verify' in extra else 'dm.verify=0' + chr(10)}{extra}"
     )
     (tmp_path / "dcud.toml").write_text('device_id = "dcu-7"\nstate_dir = "state"\n')
     config = DmPushConfig.from_config(load_config(tmp_path / "dcud.toml"))

@@ -37,6 +37,7 @@ INTERPRETED_DEFAULTS = {
     "snrp_connect_start": ("FFFFFFFFF00000", "FFFFFFFF000000"),
     "emeter_date_format": ("YYMMDD (Read Ohv)", "YYMMDD"),
     "tm2.baud": ("2418", "2400"),
+    "dm.verify": ("0", "2"),
 }
 
 

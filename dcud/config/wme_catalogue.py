@@ -1986,13 +1986,18 @@ ENTRIES: tuple[Entry, ...] = (
         name="dm.verify",
         group="RS485",
         term="Device Manager certification verification",
-        default="0",
+        default="2",
         unit="",
         seed_unit="SELECTION",
         kind="selection",
         support="applied",
         allowed=("0", "1", "2"),
-        note="0 = none, 1 = optional, 2 = mandatory (peer certificate verification).",
+        note=(
+            "0 = none, 1 = optional, 2 = mandatory (peer certificate verification). The seed's default"
+            " is 0; dcud defaults to 2 so that the device manager's document never goes to a server"
+            " that was not verified (with dm.tls_enable=0 nothing is pushed until dm.verify=0 is set"
+            " on purpose)."
+        ),
         description="0-None, 1-Optional, 2-Mandatory",
     ),
     Entry(
