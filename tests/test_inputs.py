@@ -421,6 +421,26 @@ async def test_input_file_vanishing_is_unavailable_then_back(tmp_path: Path) -> 
     assert events.items == []
 
 
+def test_one_service_per_input_and_removed_inputs_lose_their_state(tmp_path: Path) -> None:
+    from dcud.app import Runtime, build_services
+    from dcud.service.commands import CommandRouter
+
+    config = load_config(
+        write_config(
+            tmp_path,
+            '[[input]]\nname = "door"\nsource = "file"\npath = "/a"\n\n'
+            '[[input]]\nname = "tamper"\nsource = "gpio"\ngpio_line = 2\n',
+        )
+    )
+    runtime = Runtime("d", "dcu/d", EventBus(), None, CommandRouter())  # type: ignore[arg-type]
+    runtime.bus.set_state("input/gone", {"state": "active"})
+    runtime.bus.set_state("input/door", {"state": "active"})
+    names = [s.name for s in build_services(config, runtime)]
+    assert [n for n in names if n.startswith("input.")] == ["input.door", "input.tamper"]
+    assert "outputs" in names
+    assert set(runtime.bus.states) == {"input/door"}  # a reload that removed "gone" forgets its state
+
+
 # -- relay and LEDs against a temporary sysfs tree -------------------------------------------------
 
 

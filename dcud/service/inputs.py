@@ -156,7 +156,7 @@ class InputService:
         self.since = since
         self.changes += 1
         self._publish()
-        ctx.log.info("input changed", input=cfg.name, level=int(level), **extra)
+        ctx.log.info("input changed", input=cfg.name, state="active" if level else "inactive", **extra)
         await self._event(
             EVENT_TYPE,
             event_text(cfg.text, cfg.name, level),
