@@ -148,6 +148,17 @@ def _alarm_and_time_services(config: LoadedConfig, runtime: Runtime) -> Sequence
     return services
 
 
+def _io_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+    """Digital inputs (one service per [[input]]), the relay and the LEDs (issue 16)."""
+    from dcud.service.inputs import build_input_services
+    from dcud.service.outputs import OutputsConfig, OutputsService
+
+    return [
+        *build_input_services(config, runtime),
+        OutputsService(OutputsConfig.from_config(config), runtime.bus),
+    ]
+
+
 def _push_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
     """Data push (FTP/MQTT), UDP event push, device-manager push, WM-E source meter (issue 5)."""
     from dcud.service.datapush import build_push_services
@@ -185,6 +196,7 @@ SERVICE_BUILDERS: list[ServiceBuilder] = [
     build_line_services,
     _polling_services,
     _alarm_and_time_services,
+    _io_services,
     _config_port_services,
     _push_services,
     _drive_services,

@@ -164,6 +164,8 @@ APPLIED_PREFIXES = (
     "calendar_",
     "com_ping_",
     "snrp_restart_time",
+    "led",
+    "em_relay",
 )
 
 

@@ -179,6 +179,64 @@ class PowerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Time budget of the last-gasp sequence after detection (commit, trap, MQTT, event push)."""
 
 
+class InputConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One digital input (a door contact, a tamper switch...): read like ``[power]``, raises
+    ``input_change`` (dcud.service.inputs, docs/alarms-and-time.md)."""
+
+    name: Name
+    source: Literal["file", "gpio"]
+    path: str = ""
+    """``source = "file"``: a sysfs-style file holding an integer (non-zero = high)."""
+    chip: str = "/dev/gpiochip0"
+    gpio_line: Annotated[int, msgspec.Meta(ge=0)] = 0
+    active_low: bool = False
+    """Invert the level: with a contact to ground and a pull-up, closed reads low and counts as active."""
+    poll_interval_s: Annotated[float, msgspec.Meta(ge=0.005, le=10)] = 0.05
+    """How often the file (or, without edge events, the GPIO line) is read."""
+    debounce_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.1
+    """A new level counts once it has been stable this long (flapping faster than this is ignored)."""
+
+
+LedName = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^$|^(?!\.\.?$)[^/\x00]+$")]
+
+
+class LedsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where the WM-E LEDs ``led1``..``led6`` are: LED class devices under ``root`` (dcud.service.outputs)."""
+
+    root: str = "/sys/class/leds"
+    """The LED class directory (a test points it at a temporary tree)."""
+    led1: LedName = "led1"
+    """The Linux LED name (a directory under ``root``) that is WM-E LED 1; empty: not wired."""
+    led2: LedName = "led2"
+    led3: LedName = "led3"
+    led4: LedName = "led4"
+    led5: LedName = "led5"
+    led6: LedName = "led6"
+
+    def names(self) -> dict[str, str]:
+        """WM-E LED parameter name -> Linux LED name (empty: not wired)."""
+        return {
+            "led1": self.led1,
+            "led2": self.led2,
+            "led3": self.led3,
+            "led4": self.led4,
+            "led5": self.led5,
+            "led6": self.led6,
+        }
+
+
+class RelayConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The relay output that ``em_relay`` drives (dcud.service.outputs)."""
+
+    source: Literal["none", "file", "gpio"] = "none"
+    """none: this DCU has no relay; file: a sysfs-style value file (``1``/``0`` written); gpio: a line."""
+    path: str = ""
+    chip: str = "/dev/gpiochip0"
+    gpio_line: Annotated[int, msgspec.Meta(ge=0)] = 0
+    active_low: bool = False
+    """The relay is energised by a low level."""
+
+
 class SnmpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """SNMP settings that the WM-E snmp_* parameters do not cover (dcud.service.snmp)."""
 
@@ -329,6 +387,9 @@ class DcudToml(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     can: list[CanConfig] = msgspec.field(default_factory=list)
     drive: list[DriveConfig] = msgspec.field(default_factory=list)
     power: PowerConfig = msgspec.field(default_factory=PowerConfig)
+    input: list[InputConfig] = msgspec.field(default_factory=list)
+    leds: LedsConfig = msgspec.field(default_factory=LedsConfig)
+    relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
     snmp: SnmpConfig = msgspec.field(default_factory=SnmpConfig)
     ntp: NtpConfig = msgspec.field(default_factory=NtpConfig)
     watchdog: WatchdogConfig = msgspec.field(default_factory=WatchdogConfig)
