@@ -548,3 +548,14 @@ def test_wrap_frames_are_what_the_meter_decodes() -> None:
     assert frame.hex() == "00010010000100056203800100"
     assert isinstance(decode_apdu(frame[8:]), RLRQ)
     assert isinstance(ActionRequestNormal, type)
+
+
+def test_weaker_protection_than_the_policy_is_refused() -> None:
+    meter = make_meter(policy=SecurityPolicy.AUTHENTICATED, keys=GREEN_BOOK_KEYS)
+    config = DlmsClientConfig(
+        security=SecurityPolicy.AUTHENTICATED_ENCRYPTED, keys=GREEN_BOOK_KEYS, system_title=CLIENT_TITLE
+    )
+    _client, transport, result = run(config, meter)
+    error = failed(result)
+    assert isinstance(error, RemoteProtocolError) and "SC 0x10, less than the policy" in str(error)
+    assert isinstance(meter.received[-1], RLRQ) and transport.closed == 1

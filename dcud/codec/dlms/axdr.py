@@ -226,7 +226,8 @@ class CosemDateTime:
     SIZE: ClassVar[int] = 12
 
     def __post_init__(self) -> None:
-        if self.deviation != DEVIATION_NOT_SPECIFIED and not -0x8000 <= self.deviation <= 0x7FFF:
+        # -0x8000 would go on the wire as 0x8000, which means 'not specified'.
+        if self.deviation != DEVIATION_NOT_SPECIFIED and not -0x7FFF <= self.deviation <= 0x7FFF:
             raise LocalProtocolError(f"date-time deviation {self.deviation} out of range")
         _byte_field("clock status", self.clock_status)
 

@@ -400,8 +400,13 @@ class DlmsClient:
         return self._call(lambda: self.transport.send_apdu(wire, self._now))
 
     def _next_invoke_id(self) -> int:
+        """A fresh invoke id (1..15) for a new exchange; its blocks keep it (see _same_invoke_id)."""
         self._invoke_id = self._invoke_id % 15 + 1
         self._expected_invoke_id = self._invoke_id
+        return 0xC0 | self._invoke_id
+
+    def _same_invoke_id(self) -> int:
+        """The invoke id of the exchange in progress (GET-Request-Next, further SET blocks)."""
         return 0xC0 | self._invoke_id
 
     def _check_invoke_id(self, invoke_id_and_priority: int) -> None:
@@ -813,7 +818,7 @@ class DlmsClient:
         if exchange.block_number > self.config.max_blocks and not apdu.last_block:
             raise RemoteProtocolError(f"GET response in more than {self.config.max_blocks} blocks")
         if not apdu.last_block:
-            following = GetRequestNext(apdu.block_number, self._next_invoke_id())
+            following = GetRequestNext(apdu.block_number, self._same_invoke_id())
             return self._send(following.encode(), self._on_get_response)
         raw = bytes(exchange.blocks)
         if len(exchange.requests) > 1:
@@ -878,7 +883,7 @@ class DlmsClient:
         exchange.block_number += 1
         chunk = exchange.set_chunks[exchange.block_number - 1]
         last = exchange.block_number == len(exchange.set_chunks)
-        following = SetRequestWithDatablock(last, exchange.block_number, chunk, self._next_invoke_id())
+        following = SetRequestWithDatablock(last, exchange.block_number, chunk, self._same_invoke_id())
         return self._send(following.encode(), self._on_set_response)
 
     def _on_action_response(self, apdu: Apdu) -> list[object]:
