@@ -269,3 +269,25 @@ def test_object_list() -> None:
 def test_bad_object_lists(value: object) -> None:
     with pytest.raises(RemoteProtocolError):
         decode_object_list(value)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sans-I/O rule
+
+
+@pytest.mark.parametrize("module", ["axdr.py", "obis.py", "apdu.py", "security.py", "cosem.py", "client.py"])
+def test_dlms_codec_imports_no_io(module: str) -> None:
+    import ast
+    from pathlib import Path
+
+    import dcud.codec.dlms
+
+    tree = ast.parse((Path(dcud.codec.dlms.__file__).parent / module).read_text())
+    modules: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+    assert not {m.split(".")[0] for m in modules} & {"asyncio", "socket", "time", "logging", "threading"}
+    assert not [m for m in modules if m.startswith(("dcud.service", "dcud.transport", "dcud.runtime"))]
