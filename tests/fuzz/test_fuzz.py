@@ -222,6 +222,46 @@ def test_fuzz_envelope(data: bytes) -> None:
     run_keeping_crash("envelope", data)
 
 
+def _prefixed(apdu: bytes) -> bytes:
+    return len(apdu).to_bytes(2, "big") + apdu
+
+
+_DLMS_PIECES = [
+    _prefixed(
+        bytes.fromhex(
+            "6129A109060760857405080101A203020100A305A103020100BE10040E0800065F1F040000501F01F40007"
+        )
+    ),
+    _prefixed(
+        bytes.fromhex(
+            "6142A109060760857405080101A203020100A305A10302010EA40A04084D4D4D0000BC614E88020780890760857405080205"
+            "AA0A8008503677524A323146BE10040E0800065F1F040000501F01F40007"
+        )
+    ),
+    _prefixed(bytes.fromhex("C401C1000600001391")),
+    _prefixed(bytes.fromhex("C401C10101")),
+    _prefixed(bytes.fromhex("C402C10000000001000C010506000000010600000002")),
+    _prefixed(bytes.fromhex("C402C1010000000200050600000005")),
+    _prefixed(bytes.fromhex("C401C10002020F00161E")),
+    _prefixed(bytes.fromhex("C701C1000100091110000000011A52FE7DD3E72748973C1E28")),
+    _prefixed(bytes.fromhex("6303800100")),
+    _prefixed(bytes.fromhex("D80102")),
+    _prefixed(bytes.fromhex("CC1E3001234567411312FF935A47566827C467BC7D825C3BE4A77C3FCC056B6B")),
+    bytes.fromhex("C402C1"),
+    bytes.fromhex("0009"),
+]
+DLMS_BYTES = st.tuples(
+    st.integers(0, 255),
+    st.lists(st.one_of(st.binary(max_size=6), st.sampled_from(_DLMS_PIECES)), max_size=12).map(b"".join),
+).map(lambda t: bytes([t[0]]) + t[1])
+
+
+@budget()
+@given(data=st.one_of(st.binary(max_size=300), DLMS_BYTES))
+def test_fuzz_dlms(data: bytes) -> None:
+    run_keeping_crash("dlms", data)
+
+
 def _corpus() -> list[tuple[str, Path]]:
     return sorted(
         (target.name, path)
