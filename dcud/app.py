@@ -13,6 +13,7 @@ import contextlib
 import json
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,9 @@ class Runtime:
     event_listeners: list[Callable[[Mapping[str, Any]], None]] = field(default_factory=list)
     """Called synchronously with every event right after its commit (payload plus ``uid``): the SNMP
     service turns events into traps here. A listener must not block; its errors are logged."""
+    early_events: deque[Mapping[str, Any]] = field(default_factory=lambda: deque(maxlen=8))
+    """Events committed while no listener existed yet (``outbox_corrupt`` is raised before any service
+    starts): handed once to the first listener that registers, so that they reach the SNMP manager too."""
     restart_reason: str | None = None
     """Set by :meth:`request_restart`; ``run_daemon`` then raises RestartRequested (exit 75)."""
     stop_daemon: Callable[[], None] | None = None
@@ -63,6 +67,12 @@ class Runtime:
     def add_event_listener(self, listener: Callable[[Mapping[str, Any]], None]) -> Callable[[], None]:
         """Register an event listener; returns the function that removes it."""
         self.event_listeners.append(listener)
+        while self.early_events:
+            early = self.early_events.popleft()
+            try:
+                listener(early)
+            except Exception as exc:  # as in event(): an alarm path failure is logged, never raised
+                log.error("event listener failed", event_type=early.get("type"), error=repr(exc))
 
         def remove() -> None:
             if listener in self.event_listeners:
@@ -98,11 +108,13 @@ class Runtime:
             **fields,
         }
         item = await self.outbox.put("event", "event", json.dumps(payload, default=str).encode())
+        if not self.event_listeners:
+            self.early_events.append({**payload, "uid": item.uid})
         for listener in list(self.event_listeners):
             try:
                 listener({**payload, "uid": item.uid})
             except Exception as exc:  # an alarm path failure must never fail the event's producer
-                log.error("event listener failed", event=event_type, error=repr(exc))
+                log.error("event listener failed", event_type=event_type, error=repr(exc))
 
 
 ServiceBuilder = Callable[[LoadedConfig, Runtime], Sequence[Service]]
