@@ -142,12 +142,16 @@ def _alarm_and_time_services(config: LoadedConfig, runtime: Runtime) -> Sequence
     from dcud.service.ntp import NtpService, NtpServiceConfig
     from dcud.service.power import PowerService, PowerServiceConfig
     from dcud.service.snmp import SnmpServiceConfig, SnmpTrapService
+    from dcud.service.snmp_agent import AgentServiceConfig, SnmpAgentService
     from dcud.service.watchdog import WatchdogService, WatchdogServiceConfig
 
     services: list[Service] = []
     snmp = SnmpServiceConfig.from_config(config)
     if snmp is not None:  # first, so that its event hook is in place before power events at start
         services.append(SnmpTrapService(snmp, runtime.bus, runtime.add_event_listener))
+    agent = AgentServiceConfig.from_config(config)
+    if agent is not None:  # read-only SNMP agent: the same state documents as MQTT, read per request
+        services.append(SnmpAgentService(agent, runtime.bus, runtime.status))
     power = PowerServiceConfig.from_config(config)
     if power is not None:
         services.append(PowerService(power, runtime.bus, runtime.event))
