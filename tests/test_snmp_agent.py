@@ -781,3 +781,67 @@ async def test_requests_above_the_rate_are_dropped_and_counted(tmp_path: Path) -
             ra.agent._receive(None, udp.DOMAIN_NAME, ("127.0.0.1", 9), request)
         state = ra.agent.state_document()
     assert state["rate_limited"] == 50 - 10  # the burst (10) passes, the rest is dropped
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_the_agent_slice_comes_from_dcud_toml_and_the_trap_user(tmp_path: Path) -> None:
+    from conftest import write_site
+
+    from dcud.config.loader import load_config
+
+    v3 = (
+        f"snmp_user={USER}\nsnmp_auth_algo=2\nsnmp_auth_key={AUTH_KEY}\nsnmp_priv_algo=3\n"
+        f"snmp_priv_key={PRIV_KEY}\n"
+    )
+    toml = f'\n[snmp]\nagent_listen = "[::1]:1161"\nagent_community = "{COMMUNITY}"\n'
+    loaded = load_config(write_site(tmp_path / "a", toml_extra=toml, wme=v3))
+    cfg = AgentServiceConfig.from_config(loaded)
+    assert cfg is not None
+    assert (cfg.host, cfg.port, cfg.community, cfg.security_level) == ("::1", 1161, COMMUNITY, "authPriv")
+    assert cfg.engine_id == snmp_mib.default_engine_id("dcu-test")  # the trap sender's engine ID
+    for shown in (repr(cfg), repr(loaded.toml), repr(loaded.toml.snmp), str(loaded.toml)):
+        assert COMMUNITY not in shown and AUTH_KEY not in shown
+    assert "agent_community=***" in repr(loaded.toml.snmp)
+    # v2c only: a trap user without authentication is no v3 agent user
+    only_v2c = load_config(write_site(tmp_path / "b", toml_extra=toml, wme=f"snmp_user={USER}\n"))
+    cfg = AgentServiceConfig.from_config(only_v2c)
+    assert cfg is not None and not cfg.v3 and cfg.security_level == ""
+    # nobody could use it: off, with one warning
+    nobody = load_config(write_site(tmp_path / "c", toml_extra='\n[snmp]\nagent_listen = "127.0.0.1:1161"\n'))
+    assert AgentServiceConfig.from_config(nobody) is None
+    assert AgentServiceConfig.from_config(load_config(write_site(tmp_path / "d"))) is None  # the default: off
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ('agent_listen = "localhost:161"', "snmp.agent_listen: Expected `str` matching regex"),
+        ('agent_listen = "999.1.1.1:161"', 'snmp.agent_listen: expected "<IPv4>:<port>"'),
+        ('agent_listen = "127.0.0.1:0"', 'snmp.agent_listen: expected "<IPv4>:<port>"'),
+        ('agent_community = "has a space"', "snmp.agent_community: Expected `str` matching regex"),
+        ("agent_max_message_bytes = 100", "snmp.agent_max_message_bytes: Expected `int` >= 484"),
+        ("inform_retries = 11", "snmp.inform_retries: Expected `int` <= 10"),
+    ],
+)
+def test_bad_agent_settings_stop_check_config_with_file_line_and_key(
+    tmp_path: Path, setting: str, message: str
+) -> None:
+    import sys
+
+    from conftest import write_site
+
+    config = write_site(tmp_path / "site", toml_extra=f"\n[snmp]\n{setting}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "dcud", "check-config", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO,
+    )
+    assert result.returncode == 78
+    line = config.read_text().splitlines().index(setting) + 1
+    assert f"{config}:{line}: {message.replace('`', '')}" in result.stderr + result.stdout, result.stderr
+    assert "has a space" not in result.stderr + result.stdout  # a community is never echoed

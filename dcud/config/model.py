@@ -205,6 +205,14 @@ class SnmpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     inform_timeout_s: Annotated[float, msgspec.Meta(ge=0.1, le=60)] = 5.0
     """Wait for an INFORM's acknowledgement before resending it."""
 
+    def __repr__(self) -> str:
+        # agent_community is a password: never in a repr (and so never in a log line or traceback).
+        shown = (
+            f"{name}={'***' if name == 'agent_community' and value else repr(value)}"
+            for name, value in ((name, getattr(self, name)) for name in self.__struct_fields__)
+        )
+        return f"SnmpConfig({', '.join(shown)})"
+
 
 class NtpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """NTP client policy; server, port, interval and timeout are WM-E parameters (dcud.service.ntp)."""
