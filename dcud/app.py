@@ -52,9 +52,10 @@ class Runtime:
     event_listeners: list[Callable[[Mapping[str, Any]], None]] = field(default_factory=list)
     """Called synchronously with every event right after its commit (payload plus ``uid``): the SNMP
     service turns events into traps here. A listener must not block; its errors are logged."""
-    early_events: deque[Mapping[str, Any]] = field(default_factory=lambda: deque(maxlen=8))
-    """Events committed while no listener existed yet (``outbox_corrupt`` is raised before any service
-    starts): handed once to the first listener that registers, so that they reach the SNMP manager too."""
+    early_events: deque[Mapping[str, Any]] | None = field(default_factory=lambda: deque(maxlen=8))
+    """Events committed before the first listener registered (``outbox_corrupt`` is raised before any
+    service starts): handed to that listener, so that they reach the SNMP manager too. None afterwards:
+    events while a reload restarts the listener, or while traps are off, are not kept for later."""
     restart_reason: str | None = None
     """Set by :meth:`request_restart`; ``run_daemon`` then raises RestartRequested (exit 75)."""
     stop_daemon: Callable[[], None] | None = None
@@ -67,12 +68,12 @@ class Runtime:
     def add_event_listener(self, listener: Callable[[Mapping[str, Any]], None]) -> Callable[[], None]:
         """Register an event listener; returns the function that removes it."""
         self.event_listeners.append(listener)
-        while self.early_events:
-            early = self.early_events.popleft()
+        early, self.early_events = self.early_events, None
+        for event in early or ():
             try:
-                listener(early)
+                listener(event)
             except Exception as exc:  # as in event(): an alarm path failure is logged, never raised
-                log.error("event listener failed", event_type=early.get("type"), error=repr(exc))
+                log.error("event listener failed", event_type=event.get("type"), error=repr(exc))
 
         def remove() -> None:
             if listener in self.event_listeners:
@@ -108,7 +109,7 @@ class Runtime:
             **fields,
         }
         item = await self.outbox.put("event", "event", json.dumps(payload, default=str).encode())
-        if not self.event_listeners:
+        if self.early_events is not None:
             self.early_events.append({**payload, "uid": item.uid})
         for listener in list(self.event_listeners):
             try:

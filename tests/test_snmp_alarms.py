@@ -229,3 +229,36 @@ async def test_informs_beyond_the_pending_bound_go_out_as_traps(tmp_path: Path, 
     assert state["inform_overflow"] == 3
     assert state["sent"] == snmp.MAX_INFORMS_PENDING + 3
     assert len(manager.datagrams) == snmp.MAX_INFORMS_PENDING + 3
+
+
+async def test_events_before_the_first_listener_reach_it_and_later_gaps_are_not_replayed() -> None:
+    """outbox_corrupt is raised before any service runs: the SNMP service gets it when it starts.
+    Events while a reload restarts the listener (or while traps are off) are not kept for later."""
+    from dataclasses import dataclass
+
+    from dcud.app import Runtime
+    from dcud.service.commands import CommandRouter
+
+    @dataclass
+    class Item:
+        uid: str
+
+    class Outbox:
+        count = 0
+
+        async def put(self, kind: str, subtopic: str, payload: bytes) -> Item:
+            self.count += 1
+            return Item(f"u-{self.count}")
+
+    runtime = Runtime("dcu-test", "dcu/dcu-test", EventBus(), Outbox(), CommandRouter())  # type: ignore[arg-type]
+    await runtime.event("outbox_corrupt", "moved aside")
+    first: list[Any] = []
+    remove = runtime.add_event_listener(first.append)
+    assert [(e["type"], e["uid"]) for e in first] == [("outbox_corrupt", "u-1")]
+    await runtime.event("drive_fault", "fault")
+    assert [e["type"] for e in first] == ["outbox_corrupt", "drive_fault"]
+    remove()
+    await runtime.event("meter_error", "while no listener")  # e.g. during a reload
+    second: list[Any] = []
+    runtime.add_event_listener(second.append)
+    assert second == []
