@@ -64,7 +64,8 @@ def fill(bus: EventBus, meters: int) -> None:
             },
         )
     for index in range(4):
-        bus.set_state(f"line/rs485-{index}", {"state": "open", "device": f"/dev/ttyS{index}", "kind": "rs485"})
+        line = {"state": "open", "device": f"/dev/ttyS{index}", "kind": "rs485"}
+        bus.set_state(f"line/rs485-{index}", line)
     bus.set_state("drive/axis-1", {"protocol": "canopen", "online": True, "nmt": "operational"})
     bus.set_state("push/ftp", {"target": "ftp://hes/in", "backlog": 0})
     bus.set_state("bridge/tm", {"tcp_port": 9000, "state": "listening"})
@@ -72,9 +73,7 @@ def fill(bus: EventBus, meters: int) -> None:
 
 def run_tool(*args: str) -> tuple[float, int]:
     started = time.perf_counter()
-    out = subprocess.run(
-        [*args], capture_output=True, text=True, timeout=600, check=True
-    ).stdout
+    out = subprocess.run([*args], capture_output=True, text=True, timeout=600, check=True).stdout
     return time.perf_counter() - started, len(out.splitlines())
 
 

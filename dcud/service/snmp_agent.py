@@ -466,7 +466,6 @@ class Agent:
         for _arc, symbol, _key in _USM_COUNTERS:
             (self._instances[symbol],) = builder.import_symbols("__SNMP-USER-BASED-SM-MIB", symbol)
         (self._unknown_contexts,) = builder.import_symbols("__SNMP-TARGET-MIB", "snmpUnknownContexts")
-        (self._engine_time,) = builder.import_symbols("__SNMP-FRAMEWORK-MIB", "snmpEngineTime")
         ipv6 = ":" in config.host
         module: Any = udp6 if ipv6 else udp
         self._transport: Any = module.UdpTransport().open_server_mode((config.host, config.port))
