@@ -13,6 +13,7 @@ import contextlib
 import json
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,10 @@ class Runtime:
     event_listeners: list[Callable[[Mapping[str, Any]], None]] = field(default_factory=list)
     """Called synchronously with every event right after its commit (payload plus ``uid``): the SNMP
     service turns events into traps here. A listener must not block; its errors are logged."""
+    early_events: deque[Mapping[str, Any]] | None = field(default_factory=lambda: deque(maxlen=8))
+    """Events committed before the first listener registered (``outbox_corrupt`` is raised before any
+    service starts): handed to that listener, so that they reach the SNMP manager too. None afterwards:
+    events while a reload restarts the listener, or while traps are off, are not kept for later."""
     restart_reason: str | None = None
     """Set by :meth:`request_restart`; ``run_daemon`` then raises RestartRequested (exit 75)."""
     stop_daemon: Callable[[], None] | None = None
@@ -63,6 +68,12 @@ class Runtime:
     def add_event_listener(self, listener: Callable[[Mapping[str, Any]], None]) -> Callable[[], None]:
         """Register an event listener; returns the function that removes it."""
         self.event_listeners.append(listener)
+        early, self.early_events = self.early_events, None
+        for event in early or ():
+            try:
+                listener(event)
+            except Exception as exc:  # as in event(): an alarm path failure is logged, never raised
+                log.error("event listener failed", event_type=event.get("type"), error=repr(exc))
 
         def remove() -> None:
             if listener in self.event_listeners:
@@ -98,11 +109,13 @@ class Runtime:
             **fields,
         }
         item = await self.outbox.put("event", "event", json.dumps(payload, default=str).encode())
+        if self.early_events is not None:
+            self.early_events.append({**payload, "uid": item.uid})
         for listener in list(self.event_listeners):
             try:
                 listener({**payload, "uid": item.uid})
             except Exception as exc:  # an alarm path failure must never fail the event's producer
-                log.error("event listener failed", event=event_type, error=repr(exc))
+                log.error("event listener failed", event_type=event_type, error=repr(exc))
 
 
 ServiceBuilder = Callable[[LoadedConfig, Runtime], Sequence[Service]]
@@ -130,12 +143,16 @@ def _alarm_and_time_services(config: LoadedConfig, runtime: Runtime) -> Sequence
     from dcud.service.ntp import NtpService, NtpServiceConfig
     from dcud.service.power import PowerService, PowerServiceConfig
     from dcud.service.snmp import SnmpServiceConfig, SnmpTrapService
+    from dcud.service.snmp_agent import AgentServiceConfig, SnmpAgentService
     from dcud.service.watchdog import WatchdogService, WatchdogServiceConfig
 
     services: list[Service] = []
     snmp = SnmpServiceConfig.from_config(config)
     if snmp is not None:  # first, so that its event hook is in place before power events at start
         services.append(SnmpTrapService(snmp, runtime.bus, runtime.add_event_listener))
+    agent = AgentServiceConfig.from_config(config)
+    if agent is not None:  # read-only SNMP agent: the same state documents as MQTT, read per request
+        services.append(SnmpAgentService(agent, runtime.bus, runtime.status))
     power = PowerServiceConfig.from_config(config)
     if power is not None:
         services.append(PowerService(power, runtime.bus, runtime.event))

@@ -256,6 +256,17 @@ def _cross_check(toml: DcudToml, file: str, locator: LineLocator) -> list[Config
             where = locator.line_of("config_port.listen")
             message = "expected auto, loopback, any or an IP address"
             issues.append(ConfigIssue(file, where, "config_port.listen", message))
+    if toml.snmp.agent_listen:
+        host, _, port = toml.snmp.agent_listen.rpartition(":")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            valid = 1 <= int(port) <= 65535
+        except ValueError:
+            valid = False
+        if not valid:
+            where = locator.line_of("snmp.agent_listen")
+            message = 'expected "<IPv4>:<port>" or "[<IPv6>]:<port>", port 1..65535'
+            issues.append(ConfigIssue(file, where, "snmp.agent_listen", message))
     if toml.mqtt is not None:
         from dcud.config.mqtt_url import MqttUrlError, parse_mqtt_url
 

@@ -246,6 +246,30 @@ class SnmpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
         "1.3.6.1.4.1.32473"
     )
     """DCUD-MIB's root; the default is the RFC 5612 documentation PEN, a placeholder."""
+    agent_listen: Annotated[
+        str, msgspec.Meta(pattern=r"^$|^([0-9]{1,3}(\.[0-9]{1,3}){3}|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}$")
+    ] = ""
+    """``host:port`` (``[v6]:port``) of the read-only SNMP agent (dcud.service.snmp_agent); empty: off."""
+    agent_community: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[\x21-\x7e]*$")] = ""
+    """SNMPv2c read-only community of the agent (a secret); empty: no v2c (v3 only)."""
+    agent_max_message_bytes: Annotated[int, msgspec.Meta(ge=484, le=65507)] = 1472
+    """Largest response datagram (RFC 3417's minimum is 484; 1472 fits an Ethernet frame unfragmented)."""
+    agent_max_requests_per_s: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
+    """Datagrams the agent handles per second (bursts of twice as many); more are dropped, counted."""
+    inform: bool = False
+    """Send alarms as acknowledged INFORMs (the last gasp stays a trap)."""
+    inform_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 3
+    """Resends of an unacknowledged INFORM before it counts as failed."""
+    inform_timeout_s: Annotated[float, msgspec.Meta(ge=0.1, le=60)] = 5.0
+    """Wait for an INFORM's acknowledgement before resending it."""
+
+    def __repr__(self) -> str:
+        # agent_community is a password: never in a repr (and so never in a log line or traceback).
+        shown = (
+            f"{name}={'***' if name == 'agent_community' and value else repr(value)}"
+            for name, value in ((name, getattr(self, name)) for name in self.__struct_fields__)
+        )
+        return f"SnmpConfig({', '.join(shown)})"
 
 
 class NtpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):

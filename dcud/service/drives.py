@@ -270,7 +270,7 @@ class DriveBase:
             dropped = self._service_counters.get("events_dropped", 0) + 1
             self._service_counters["events_dropped"] = dropped
             if dropped == 1 or dropped % 100 == 0:
-                self.log.warning("event queue full; event dropped", event=event_type, dropped=dropped)
+                self.log.warning("event queue full; event dropped", event_type=event_type, dropped=dropped)
 
     def protocol_fields(self) -> dict[str, Any]:
         """Protocol-specific members of the state document."""
@@ -1234,7 +1234,7 @@ class CanDriveService:
             try:
                 await self._event(event_type, text, **fields)
             except DcudError as exc:
-                log.warning("event not stored", event=event_type, error=str(exc))
+                log.warning("event not stored", event_type=event_type, error=str(exc))
 
     async def run(self, ctx: ServiceContext) -> None:
         """Serve the bus and its drives until stopped; a missing bus is a degraded, not failed, start."""

@@ -198,7 +198,7 @@ class PowerService:
             async with asyncio.timeout(cfg.budget_s):
                 await asyncio.shield(self._event(event_type, text, since=since, source=cfg.source, **extra))
         except TimeoutError:
-            ctx.log.error("event commit exceeded the last-gasp budget; pushing anyway", event=event_type)
+            ctx.log.error("event commit exceeded the last-gasp budget; pushing anyway", event_type=event_type)
         timings["commit_trap_ms"] = (time.monotonic() - start) * 1000
         try:
             await record
@@ -210,7 +210,7 @@ class PowerService:
                 async with asyncio.timeout(remaining):
                     await self._push(cfg.push_addr, f"{cfg.device_id}: {text} {since}")
             except (OSError, ValueError, TimeoutError) as exc:
-                ctx.log.warning("event push failed", event=event_type, error=repr(exc))
+                ctx.log.warning("event push failed", event_type=event_type, error=repr(exc))
             timings["push_ms"] = (time.monotonic() - start) * 1000
         timings["total_ms"] = (time.monotonic() - start) * 1000
         self.transitions += 1
