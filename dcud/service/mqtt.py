@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho_mqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -145,7 +146,8 @@ class MqttService:
             identifier=settings.client_id or f"dcud-{cfg.device_id}",
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             clean_session=None if v5 else settings.clean_session,
-            clean_start=settings.clean_session,
+            # paho refuses clean_start under 3.1.1 unless it is left at its default.
+            clean_start=settings.clean_session if v5 else paho_mqtt.MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
             keepalive=settings.keepalive_s,
             will=aiomqtt.Will(f"{cfg.topic_prefix}/status", OFFLINE, qos=1, retain=True),
