@@ -272,12 +272,11 @@ async def test_a_repeated_id_runs_once_and_gets_the_first_reply() -> None:
     other = await call(router, "thing/set", {"id": "op-1", "value": 6})
     assert other["error"]["type"] == "DuplicateIdError" and other["error"]["field"] == "$.id"
     assert calls.sets == [(5, False)] and router.stats.duplicates == 1
-    # Refusals are remembered too: a retry of the same bytes gets the same answer, nothing runs.
+    # A request refused before its command ran is not remembered: it cannot block the id.
     bad = await call(router, "thing/set", {"id": "op-2", "value": 5, "expires": "2001-01-01T00:00:00Z"})
     assert bad["error"]["type"] == "ExpiredError"
-    assert (
-        await call(router, "thing/set", {"id": "op-2", "value": 5, "expires": "2001-01-01T00:00:00Z"}) == bad
-    )
+    assert (await call(router, "thing/set", {"id": "op-2", "value": 6}))["ok"]
+    calls.sets.remove((6, False))
     # After the window the id may be used again.
     clock.now_s += router.limits.dedupe_window_s + 1
     assert (await call(router, "thing/set", {"id": "op-1", "value": 6}))["ok"]
@@ -359,6 +358,18 @@ async def test_state_changing_verbs_need_the_envelope_whenever_a_key_is_set() ->
         and "does not take an envelope" in reply["error"]["message"]
     )
     assert calls.sets == [(2, False), (3, True)]
+
+
+async def test_an_unauthenticated_request_cannot_take_the_id_of_a_sealed_one() -> None:
+    router, calls = make_router(KEY)
+    squat = await call(router, "thing/set", {"id": "hes-1", "value": 66})  # no envelope: refused
+    assert squat["error"]["type"] == "NotAuthorizedError"
+    junk = await call(router, "thing/set", {"id": "hes-1", "envelope": base64.b64encode(b"x" * 96).decode()})
+    assert junk["error"]["type"] == "MalformedEnvelopeError"
+    reply = await router.dispatch("thing/set", sealed({"value": 7}, outer={"id": "hes-1"}))
+    assert reply["ok"] and calls.sets == [(7, True)]
+    again = await router.dispatch("thing/set", sealed({"value": 8}, outer={"id": "hes-1"}))
+    assert again["error"]["type"] == "DuplicateIdError" and calls.sets == [(7, True)]
 
 
 async def test_without_a_key_an_envelope_is_refused_and_plain_requests_run() -> None:

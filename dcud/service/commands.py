@@ -10,9 +10,9 @@ never raises (docs/remote-config.md, "MQTT commands"):
 2. **typed decode**: msgspec decodes into the verb's struct; a wrong type, a missing or unknown
    field or an out-of-range value is a ``BadRequestError`` whose ``field`` is msgspec's path
    (``$.set.ntp_interval``);
-3. **idempotency**: a state-changing request whose ``id`` was seen within ``dedupe_window_s`` is
+3. **idempotency**: a state-changing request whose ``id`` ran within ``dedupe_window_s`` is
    answered with the first reply (same bytes) or refused (``DuplicateIdError``, other bytes), never
-   run twice;
+   run twice; only requests that passed every check below are remembered;
 4. **expiry**: ``expires`` (RFC 3339 with a zone) in the past refuses the request;
 5. **authentication**: a state-changing verb accepts ``{"id", "expires", "envelope": "<base64>"}``,
    an envelope of :mod:`dcud.service.crypto_envelope` (context ``"MQTT <verb>"``) holding the
@@ -475,23 +475,36 @@ class CommandRouter:
                 "repeated request answered from the first reply", verb=progress.verb, id=progress.request_id
             )
             return dict(await asyncio.shield(seen.reply))
-        seen = _Seen(now_s, parsed.digest, asyncio.get_running_loop().create_future())
-        self._dedupe.put(key, seen, self.limits.dedupe_max_entries)
+        admitted: list[_Seen] = []
+
+        def admit() -> None:
+            # Remembered only once the request passed every check and its command starts: a refused
+            # request (bad, expired, unauthenticated) cannot block the id for the real one.
+            entry = _Seen(now_s, parsed.digest, asyncio.get_running_loop().create_future())
+            self._dedupe.put(key, entry, self.limits.dedupe_max_entries)
+            admitted.append(entry)
+
         try:
-            reply = await self._run(parsed, progress)
+            reply = await self._run(parsed, progress, admit)
         except BaseException:
             # Interrupted (the service stops): a repeat may run it again; whoever waits is told.
-            self._dedupe.forget(key, seen)
-            if not seen.reply.done():
-                interrupted = CommandError("the first request with this id was interrupted; send it again")
-                seen.reply.set_result(self._error_reply(progress, interrupted, count=False))
+            for entry in admitted:
+                self._dedupe.forget(key, entry)
+                if not entry.reply.done():
+                    interrupted = CommandError(
+                        "the first request with this id was interrupted; send it again"
+                    )
+                    entry.reply.set_result(self._error_reply(progress, interrupted, count=False))
             raise
-        seen.reply.set_result(reply)
+        for entry in admitted:
+            entry.reply.set_result(reply)
         return reply
 
-    async def _run(self, parsed: _Parsed, progress: _Progress) -> dict[str, Any]:
+    async def _run(
+        self, parsed: _Parsed, progress: _Progress, admit: Callable[[], None] | None = None
+    ) -> dict[str, Any]:
         try:
-            result = dict(await self._execute(parsed, progress))
+            result = dict(await self._execute(parsed, progress, admit))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -499,7 +512,9 @@ class CommandRouter:
         self.stats.ok += 1
         return {"id": progress.request_id, "ok": True, "result": result}
 
-    async def _execute(self, parsed: _Parsed, progress: _Progress) -> Mapping[str, Any]:
+    async def _execute(
+        self, parsed: _Parsed, progress: _Progress, admit: Callable[[], None] | None
+    ) -> Mapping[str, Any]:
         entry = parsed.verb
         outer = parsed.outer
         now_s = self._wall_clock()
@@ -528,6 +543,8 @@ class CommandRouter:
             id=progress.request_id,
             authenticated=authenticated,
         )
+        if admit is not None:
+            admit()  # no await since the dedupe lookup: a concurrent repeat finds this entry
         return await entry.handler(request, ctx)
 
     def _open(self, entry: _Verb[Any], outer: SealedRequest, keys: EnvelopeKeys | None) -> Request:
