@@ -28,7 +28,7 @@ from dcud.runtime.bus import EventBus
 from dcud.runtime.sdnotify import Notifier
 from dcud.runtime.supervisor import Service, Supervisor, SupervisorOptions
 from dcud.runtime.uplink import UplinkReconnect
-from dcud.service.commands import CommandRouter
+from dcud.service.commands import CommandContext, CommandLimits, CommandRouter, Request
 from dcud.service.line import LineRegistry, build_line_services
 from dcud.service.mqtt import MqttService, MqttServiceConfig, status_document
 from dcud.service.outbox import Outbox, OutboxCorrupt, OutboxLimits, OverflowPolicy, OverflowReport
@@ -64,6 +64,8 @@ class Runtime:
     """Uplink reconnect requests (connectivity watchdog -> MQTT and other uplinks)."""
     remote_config: Reloader | None = None
     """The one path for configuration changes: SIGHUP, config port, MQTT param/set (set by run_daemon)."""
+    service_restarts: Callable[[], Mapping[str, int]] = dict
+    """Failures per service since start (the supervisor's counts; set by run_daemon)."""
 
     def add_event_listener(self, listener: Callable[[Mapping[str, Any]], None]) -> Callable[[], None]:
         """Register an event listener; returns the function that removes it."""
@@ -98,6 +100,10 @@ class Runtime:
         )
         if "firmware" in self.bus.states:  # staged firmware (dcud.service.firmware)
             document["firmware"] = dict(self.bus.states["firmware"])
+        restarts = dict(self.service_restarts())
+        # A service that failed and was restarted shows here: the hostile-input tests expect zeros.
+        document["restarts"] = {"total": sum(restarts.values()), "services": restarts}
+        document["commands"] = self.commands.stats.to_json()
         return document
 
     async def event(self, event_type: str, text: str, **fields: object) -> None:
@@ -122,9 +128,25 @@ ServiceBuilder = Callable[[LoadedConfig, Runtime], Sequence[Service]]
 
 
 def _mqtt_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+    remote = config.toml.remote
+    # The router outlives reloads; its bounds follow dcud.toml's [remote] (start and every reload).
+    runtime.commands.configure(
+        CommandLimits(
+            max_request_bytes=remote.max_request_bytes,
+            max_depth=remote.max_depth,
+            dedupe_window_s=remote.dedupe_window_s,
+            dedupe_max_entries=remote.dedupe_max_entries,
+        )
+    )
     if config.toml.mqtt is None:
         return []
-    slice_ = MqttServiceConfig.build(config.toml.mqtt, config.device_id, config.topic_prefix)
+    slice_ = MqttServiceConfig.build(
+        config.toml.mqtt,
+        config.device_id,
+        config.topic_prefix,
+        max_request_bytes=remote.max_request_bytes,
+        max_queued_requests=remote.max_queued_requests,
+    )
     return [
         MqttService(slice_, runtime.bus, runtime.outbox, runtime.commands, runtime.status, runtime.reconnect)
     ]
@@ -238,14 +260,16 @@ def build_services(config: LoadedConfig, runtime: Runtime) -> list[Service]:
 
 
 async def _register_builtin_commands(runtime: Runtime) -> None:
-    async def ping(_request: object) -> dict[str, object]:
-        return {"pong": True, "version": __version__}
+    """``cmd/ping`` (liveness, version, the verbs served) and ``cmd/status`` (the status document)."""
 
-    async def status(_request: object) -> dict[str, object]:
+    async def ping(_request: Request, _ctx: CommandContext) -> dict[str, object]:
+        return {"pong": True, "version": __version__, "verbs": runtime.commands.verbs()}
+
+    async def status(_request: Request, _ctx: CommandContext) -> dict[str, object]:
         return runtime.status()
 
-    runtime.commands.register("ping", ping)
-    runtime.commands.register("status", status)
+    runtime.commands.register("ping", Request, ping)
+    runtime.commands.register("status", Request, status)
 
 
 async def run_daemon(config_path: Path, notifier: Notifier | None = None) -> None:
@@ -327,6 +351,7 @@ async def run_daemon(config_path: Path, notifier: Notifier | None = None) -> Non
     )
     reloader.attach(supervisor)
     runtime.stop_daemon = supervisor.request_stop
+    runtime.service_restarts = lambda: supervisor.restart_counts
     loop.add_signal_handler(signal.SIGTERM, supervisor.request_stop)
     loop.add_signal_handler(signal.SIGINT, supervisor.request_stop)
     loop.add_signal_handler(signal.SIGHUP, reloader.request_reload)

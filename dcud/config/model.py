@@ -6,6 +6,7 @@ default where a sensible one exists, so a minimal installation file stays short.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -35,6 +36,31 @@ class MqttConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     status_interval_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 60.0
     reconnect_max_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 60.0
     clean_session: bool = False
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    """MQTT version: auto tries 5 (broker-side Maximum Packet Size, retain flags as published) and falls
+    back to 3.1.1 when the broker refuses it."""
+
+
+class RemoteConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Remote commands (``<p>/cmd/<verb>``): who may change what, and the bounds of the command path.
+
+    docs/remote-config.md ("MQTT commands"). dcud.toml itself is never changed remotely.
+    """
+
+    plain_param_set: bool = False
+    """Accept ``param/set`` without an envelope. Even then, parameters that decide who can reach or
+    control the DCU (``fw_server_*``, ``ei_client_*``, ``tm.*`` TLS/verify, ``dm.*``, ``snmp_*``,
+    ``com_ping_host``) change only in an envelope (or in the files on the DCU)."""
+    max_request_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 64 * 1024
+    """Largest command message; bigger ones are dropped before they are queued (MQTT 5: by the broker)."""
+    max_queued_requests: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
+    """Incoming command messages waiting to be read; more are dropped (counted)."""
+    max_depth: Annotated[int, msgspec.Meta(ge=2, le=64)] = 8
+    """Deepest JSON nesting of a request (objects and arrays)."""
+    dedupe_window_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 600.0
+    """A state-changing request repeating an ``id`` within this is answered from the first reply."""
+    dedupe_max_entries: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
+    """Remembered ids at most (oldest forgotten first)."""
 
 
 class OutboxConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -161,6 +187,30 @@ class DriveConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Modbus RTU: rate for this drive's transactions (default: the line's)."""
     framing: Framing | None = None
     """Modbus RTU: framing for this drive's transactions (default: the line's)."""
+    writable: list[Annotated[str, msgspec.Meta(max_length=16)]] = msgspec.field(default_factory=list)
+    """What ``drive/write`` may write (empty, the default: nothing). CANopen: objects ``"6060"`` (every
+    sub-index) or ``"607A:00"`` (hex); Modbus RTU: holding registers ``"40"`` or ranges ``"40-47"``
+    (0-based, decimal). The controlword/control register is never writable this way."""
+
+    def __post_init__(self) -> None:
+        pattern = WRITABLE_OBJECT if self.protocol == "canopen" else WRITABLE_REGISTERS
+        example = '"6060" or "607A:00" (hex)' if self.protocol == "canopen" else '"40" or "40-47" (decimal)'
+        for entry in self.writable:
+            match = re.fullmatch(pattern, entry)
+            if match is None or (self.protocol != "canopen" and not _register_range_ok(entry)):
+                raise ValueError(f'writable: "{entry}" is not {example} for a {self.protocol} drive')
+
+
+WRITABLE_OBJECT = r"(0x)?[0-9A-Fa-f]{4}(:(0x)?[0-9A-Fa-f]{1,2})?"
+"""A CANopen ``[[drive]] writable`` entry: index, optional sub-index, hex."""
+WRITABLE_REGISTERS = r"[0-9]{1,5}(-[0-9]{1,5})?"
+"""A Modbus ``[[drive]] writable`` entry: a register or an inclusive range, decimal, 0-based."""
+
+
+def _register_range_ok(entry: str) -> bool:
+    first, _, last = entry.partition("-")
+    low, high = int(first), int(last or first)
+    return low <= high <= 65535
 
 
 class PowerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -405,6 +455,7 @@ class DcudToml(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     timezone: str = ""
     grace_s: Annotated[float, msgspec.Meta(ge=0.1, le=120)] = 5.0
     mqtt: MqttConfig | None = None
+    remote: RemoteConfig = msgspec.field(default_factory=RemoteConfig)
     outbox: OutboxConfig = msgspec.field(default_factory=OutboxConfig)
     line: list[LineConfig] = msgspec.field(default_factory=list)
     meter: list[MeterConfig] = msgspec.field(default_factory=list)

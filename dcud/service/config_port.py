@@ -153,9 +153,9 @@ class ConfigApi(Protocol):
         ...
 
     async def apply_text(
-        self, text: str, *, partial: bool, who: str, via: Via, dry_run: bool = False
+        self, text: str, *, partial: bool, who: str, via: Via, authenticated: bool, dry_run: bool = False
     ) -> ApplyResult:
-        """Validate, write and apply (see remote_config)."""
+        """Validate, write and apply (see remote_config; unauthenticated: protected names refused)."""
         ...
 
 
@@ -737,6 +737,7 @@ class ConfigPortService:
                 partial=request.method == "PATCH",
                 who=request.peer,
                 via="config-port",
+                authenticated=request.nonce is not None,  # the body came in an envelope whose tag matched
                 dry_run=dry_run,
             )
         except ConfigError as exc:

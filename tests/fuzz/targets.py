@@ -227,7 +227,7 @@ class _FakeApi:
         return f"fw_server_key={FUZZ_KEY}\nntp_interval=600\n"
 
     async def apply_text(
-        self, text: str, *, partial: bool, who: str, via: str, dry_run: bool = False
+        self, text: str, *, partial: bool, who: str, via: str, authenticated: bool, dry_run: bool = False
     ) -> ApplyResult:
         _params, issues = parse_parameter_text(text, "upload")
         if issues:
@@ -453,6 +453,59 @@ def dlms_target(data: bytes) -> None:
     assert len(ends) == 1, f"the session ended {len(ends)} times"
 
 
+class CommandHarness:
+    """The command router with every verb's real request struct and do-nothing handlers."""
+
+    def __init__(self) -> None:
+        from dcud.service.commands import CommandRouter, Request
+        from dcud.service.drives import DriveReadRequest, DriveRequest, DriveWriteRequest
+        from dcud.service.polling import ReadRequest, ScanRequest
+        from dcud.service.remote_config import ParamGetRequest, ParamSetRequest, parameter_updates
+
+        self.loop = asyncio.new_event_loop()
+        self.router = CommandRouter()
+
+        async def done(request: Any, _ctx: Any) -> dict[str, Any]:
+            if isinstance(request, ParamSetRequest) and request.set is not None:
+                parameter_updates(request.set)  # the per-value check the real handler makes
+            return {}
+
+        verbs: dict[str, type[Any]] = {
+            "ping": Request,
+            "param/get": ParamGetRequest,
+            "param/set": ParamSetRequest,
+            "read": ReadRequest,
+            "scan": ScanRequest,
+            "drive/enable": DriveRequest,
+            "drive/read": DriveReadRequest,
+            "drive/write": DriveWriteRequest,
+        }
+        for verb, request_type in verbs.items():
+            self.router.register(
+                verb, request_type, done, state_changing=verb in ("param/set", "drive/write")
+            )
+        self.verbs = list(verbs)
+
+    def run(self, data: bytes) -> None:
+        verb = self.verbs[data[0] % len(self.verbs)] if data else "ping"
+        reply = self.loop.run_until_complete(self.router.dispatch(verb, data[1:]))
+        assert set(reply) <= {"id", "ok", "result", "error"} and isinstance(reply["ok"], bool), reply
+        if not reply["ok"]:
+            assert reply["error"]["type"] != "internal", reply
+            assert isinstance(reply["error"]["message"], str)
+
+
+_COMMANDS: CommandHarness | None = None
+
+
+def commands_target(data: bytes) -> None:
+    """First byte: the verb; the rest: the MQTT payload. Always one well-formed reply, never internal."""
+    global _COMMANDS  # noqa: PLW0603 (one harness per process: the loop is reused)
+    if _COMMANDS is None:
+        _COMMANDS = CommandHarness()
+    _COMMANDS.run(data)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "dlms": dlms_target,
     "iec": iec_target,
@@ -460,6 +513,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "wme": wme_target,
     "http": http_target,
     "envelope": envelope_target,
+    "commands": commands_target,
 }
 
 REGRESSIONS = Path(__file__).resolve().parent.parent / "vectors" / "fuzz-regressions"

@@ -173,6 +173,46 @@ HTTP_BYTES = st.one_of(
 )
 
 
+COMMAND_BYTES = pieces(
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b'"',
+    b"\\",
+    b'"id":',
+    b'"expires":"2999-01-01T00:00:00Z"',
+    b'"set":{"ntp_interval":',
+    b'"text":"ntp_interval=1\\n"',
+    b'"names":["ntp_interval"]',
+    b'"meter":"m1"',
+    b'"line":"mbus-1","first":1,"last":300',
+    b'"drive":"axis-1"',
+    b'"index":"0x6060","value":1e400',
+    b'"values":[1,2,70000]',
+    b'"envelope":"AAAA"',
+    b"null",
+    b"true",
+    b"-0.0",
+    b"1e999",
+    b"99999999999999999999999",
+    b"\xff",
+    b"\\u0000",
+    max_size=60,
+)
+
+
+@budget(0.5)
+@given(
+    verb=st.integers(0, 255),
+    payload=st.one_of(st.binary(max_size=300), COMMAND_BYTES, COMMAND_BYTES.map(lambda b: b"{" + b + b"}")),
+)
+def test_fuzz_commands(verb: int, payload: bytes) -> None:
+    run_keeping_crash("commands", bytes([verb]) + payload)
+
+
 @budget()
 @given(data=st.one_of(st.binary(max_size=400), IEC_BYTES.map(lambda b: b"\x01\x00" + b), IEC_BYTES))
 def test_fuzz_iec(data: bytes) -> None:
