@@ -30,7 +30,7 @@ rootfs_host_tools() {
     done
     if [ "${#missing[@]}" -gt 0 ]; then
         log "apt-get install ${missing[*]} (host tools)"
-        apt-get update -qq
+        apt-get update -qq >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 }
@@ -176,5 +176,5 @@ rootfs_apt() {
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends $* >/dev/null
         apt-get clean
-    "
+    " >&2
 }

@@ -154,7 +154,7 @@ build_venv() {
         /opt/dcud/bin/python /build/bundled_licences.py >/build/bundled.txt
         /opt/dcud/bin/dcud --version
         /opt/dcud/bin/python -c 'import platform; print(platform.machine(), platform.python_version())'
-    "
+    " >&2  # stdout carries only the one JSON line per package
     cp "$root/build/requirements.txt" "$root/build/bundled.txt" "$work/"
     rm -rf "$work/venv"
     cp -a "$root/opt/dcud" "$work/venv"

@@ -11,7 +11,7 @@
 #      /etc/dcud/* root:dcud 0640, /var/lib/dcud dcud:dcud 0750, the unit enabled and NOT started
 #      (the examples are not a configuration of this box), `dcud check-config` run as user dcud,
 #      `systemd-analyze verify` of the installed unit silent, every dcud module and the compiled
-#      dependencies import for user dcud, /usr/bin/dcud on PATH.
+#      dependencies import for user dcud, the shipped byte code is current, /usr/bin/dcud on PATH.
 #   2. the installer edits dcud.toml and dcud has state in /var/lib/dcud; the same version is
 #      installed again: both kept, dcud stopped before and started after (it is configured now).
 #   3. a bumped version (this package repacked as <version>+upgradetest1 with both examples changed)
@@ -163,6 +163,11 @@ STUB
     step - 'runuser -u dcud -- /opt/dcud/bin/python /tmp/import_probe.py' || true
     printf '      %s\n' "$OUT" >&2
     check "every module imports (native ones too)" grep -q '"failed": \[\]' <<<"$OUT"
+    # The shipped byte code is current: root, who could write it, finds nothing to rewrite (the
+    # service cannot write /opt and would compile in memory at every start, slowly on a DCU).
+    step - 'touch /tmp/before-import; /opt/dcud/bin/python /tmp/import_probe.py >/dev/null
+            find /opt/dcud -newer /tmp/before-import -name "*.pyc"' || true
+    check "shipped byte code is current [$OUT]" test -z "$OUT"
 
     log "$arch: the installer configures dcud; the same version again"
     in_root "sed -i 's/^device_id = .*/device_id = \"dcu-debcheck\"/' /etc/dcud/dcud.toml

@@ -198,13 +198,13 @@ def test_build_install_upgrade_purge_in_fresh_debian_rootfs(tmp_path: Path) -> N
         env=env, capture_output=True, text=True, timeout=5400, check=False,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-4000:]
-    built = [json.loads(line) for line in build.stdout.splitlines() if line.startswith("{")]
+    built = [json.loads(line) for line in build.stdout.splitlines() if line.startswith('{"arch"')]
     assert [row["arch"] for row in built] == ON_DEMAND_ARCHES
     check = subprocess.run(
         ["bash", str(REPO / "scripts" / "deb_check.sh"), *ON_DEMAND_ARCHES],
         env=env, capture_output=True, text=True, timeout=5400, check=False,
     )  # fmt: skip
-    results = [json.loads(line) for line in check.stdout.splitlines() if line.startswith("{")]
+    results = [json.loads(line) for line in check.stdout.splitlines() if line.startswith('{"arch"')]
     sys.stderr.write(build.stdout + check.stdout)
     assert check.returncode == 0, check.stderr[-4000:]
     assert [row["arch"] for row in results] == ON_DEMAND_ARCHES
