@@ -151,6 +151,27 @@ def _cmd_sim_meters(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_sim_dlms(args: argparse.Namespace) -> int:
+    from dcud.sim.dlms_sim import cmd_sim_dlms
+
+    return cmd_sim_dlms(args)
+
+
+def _add_dlms_sim_command(sim_sub: Any) -> None:
+    """``dcud sim dlms``: DLMS/COSEM meters on HDLC lines and the TCP wrapper (docs/dlms.md)."""
+    dlms = sim_sub.add_parser("dlms", help="DLMS/COSEM meters on HDLC ptys and the TCP wrapper")
+    dlms.add_argument("--config", dest="sim_config", help="simulator TOML/JSON ([[line]], [[meter]])")
+    dlms.add_argument("--link", default="", help="one meter on HDLC on a new pty, symlinked here")
+    dlms.add_argument("--device", default="", help="... or on this existing tty (socat pair end)")
+    dlms.add_argument("--tcp-port", type=int, default=None, help="one meter on the wrapper at 127.0.0.1:PORT")
+    dlms.add_argument("--baud", type=int, default=0, help="pace the pty at this rate (default 0: unpaced)")
+    dlms.add_argument("--mode-e", action="store_true", help="IEC 62056-21 sign-on before HDLC")
+    dlms.add_argument("--physical-address", type=int, default=17, help="HDLC physical address (17)")
+    dlms.add_argument("--silent", action="store_true", help="start silent")
+    dlms.add_argument("--control", default="", help='JSON control file: {"silent": ["<meter>"]}')
+    dlms.set_defaults(func=_cmd_sim_dlms)
+
+
 def _cmd_sim_drive(args: argparse.Namespace) -> int:
     from dcud.sim.drive import cmd_sim_drive
 
@@ -249,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim_sub = _add_meter_commands(sub)
     # Other simulators join the ``sim`` group here: sim_sub.add_parser("drive", ...).
     _add_drive_sim_command(sim_sub)
+    _add_dlms_sim_command(sim_sub)
 
     return parser
 
