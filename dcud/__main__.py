@@ -132,6 +132,18 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
+    if args.protocol == "dlms":
+        from dcud.cli_decode_dlms import cmd_decode_dlms
+
+        return cmd_decode_dlms(
+            args.source,
+            framing=args.framing,
+            key=args.key,
+            auth_key=args.auth_key,
+            key_file=args.key_file,
+            system_title=args.system_title,
+            client_system_title=args.client_system_title,
+        )
     from dcud.cli_meters import cmd_decode
 
     return cmd_decode(args.protocol, args.source, args.bcc, args.p1)
@@ -220,11 +232,22 @@ def _add_meter_commands(sub: Any) -> Any:
     scan.add_argument("--last", type=int, default=250, help="last primary address (default 250)")
     scan.set_defaults(func=_cmd_scan, mode="primary")
 
-    decode = sub.add_parser("decode", help="decode a captured M-Bus or IEC 62056-21 exchange offline")
-    decode.add_argument("protocol", choices=["mbus", "iec"])
+    decode = sub.add_parser("decode", help="decode a captured M-Bus, IEC 62056-21 or DLMS exchange offline")
+    decode.add_argument("protocol", choices=["mbus", "iec", "dlms"])
     decode.add_argument("source", help="file with hex text or raw bytes; - for stdin")
     decode.add_argument("--bcc", default="xor", choices=["xor", "sum7", "none"], help="IEC BCC rule")
     decode.add_argument("--p1", action="store_true", help="IEC: DSMR P1 / mode D telegrams")
+    decode.add_argument(
+        "--framing",
+        default="auto",
+        choices=["auto", "hdlc", "wrapper", "apdu"],
+        help="DLMS: what the capture holds",
+    )
+    decode.add_argument("--key", help="DLMS: block cipher key (hex) to decipher ciphered APDUs")
+    decode.add_argument("--auth-key", help="DLMS: authentication key (hex)")
+    decode.add_argument("--key-file", help="DLMS: TOML/JSON with block_cipher_key and authentication_key")
+    decode.add_argument("--system-title", help="DLMS: the meter's system title (hex), if not in the capture")
+    decode.add_argument("--client-system-title", help="DLMS: the client's system title (hex)")
     decode.set_defaults(func=_cmd_decode)
 
     sim = sub.add_parser("sim", help="field-device simulators")

@@ -224,3 +224,70 @@ def hls_config(**extra: Any) -> DlmsClientConfig:
     }
     values.update(extra)
     return DlmsClientConfig(**values)
+
+
+class RecordingPort:
+    """Wraps a session port and keeps every chunk written and read, in order: a capture of the line."""
+
+    def __init__(self, port: Any) -> None:
+        self.port = port
+        self.chunks: list[tuple[str, bytes]] = []
+
+    def write(self, data: bytes) -> Any:
+        self.chunks.append(("client", bytes(data)))
+        return self.port.write(data)
+
+    async def drain(self) -> None:
+        await self.port.drain()
+
+    async def read(self, max_bytes: int = 4096, timeout_s: float = 1.0) -> bytes:
+        data: bytes = await self.port.read(max_bytes, timeout_s)
+        if data:
+            self.chunks.append(("meter", data))
+        return data
+
+    async def set_baud(self, baud: int) -> None:
+        await self.port.set_baud(baud)
+
+    async def set_framing(self, framing: str) -> None:
+        await self.port.set_framing(framing)
+
+    def flush_input(self) -> None:
+        self.port.flush_input()
+
+    def hex_text(self, title: str) -> str:
+        """The capture as hex text, one line per chunk, with who sent it as a comment."""
+        lines = [f"# {title}"]
+        for who, data in self.chunks:
+            direction = "client -> meter" if who == "client" else "meter -> client"
+            lines.append(f"{data.hex(' ').upper()}  # {direction}")
+        return "\n".join(lines) + "\n"
+
+
+async def record_hdlc_session(
+    client_tty: Path, config: DlmsClientConfig, requests: Sequence[Request], client_sap: int
+) -> RecordingPort:
+    """One dcud client session over HDLC on ``client_tty``, recorded."""
+    async with hdlc_line(str(client_tty)) as line:
+        link = HdlcLink(client_sap=client_sap, physical_address=17, response_timeout_s=5.0)
+        client = DlmsClient(link, config, requests)
+        async with line.line.lease("test", "cli", timeout_s=10) as port:
+            recording = RecordingPort(port)
+            await asyncio.wait_for(run_session(client, recording), 60)
+    return recording
+
+
+async def record_tcp_session(
+    port: int, config: DlmsClientConfig, requests: Sequence[Request], client_sap: int
+) -> RecordingPort:
+    """One dcud client session over the wrapper, recorded."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        recording = RecordingPort(TcpPort(reader, writer))
+        client = DlmsClient(WrapperTransport(client_sap=client_sap), config, requests)
+        await asyncio.wait_for(run_session(client, recording), 60)
+        return recording
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
