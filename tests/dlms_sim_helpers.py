@@ -150,6 +150,12 @@ async def hdlc_line(path: str, baud: int = 9600, framing: str = "8N1") -> AsyncI
         yield HdlcLine(line)
     finally:
         line.detach("closed")
+        # The tty closes on the next loop turns; the next Line on it must find its lock free.
+        serial_port = getattr(port, "_serial", None)
+        for _ in range(200):
+            if serial_port is None or not serial_port.is_open:
+                break
+            await asyncio.sleep(0.01)
 
 
 async def cosem(tmp_path: Path, plan: dict[str, Any], timeout_s: float = 120) -> dict[str, Any]:

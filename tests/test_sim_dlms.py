@@ -31,6 +31,8 @@ from dlms_sim_helpers import (
     read_tcp,
     running,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from meter_helpers import SocatPair, wait_until, write_control
 
 from dcud.codec.dlms.axdr import array_of, number, structure_of
@@ -738,3 +740,81 @@ def test_sim_dlms_command_on_a_pty_and_tcp(tmp_path: Path) -> None:
         [sys.executable, "-m", "dcud", "sim", "dlms"], capture_output=True, text=True, cwd=REPO, check=False
     )
     assert bad.returncode == 1 and "--tcp-port" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+async def test_two_meters_on_one_line(ttys: tuple[Path, Path]) -> None:
+    config = config_from_dict(
+        {
+            "line": [{"name": "dlms", "device": str(ttys[1])}],
+            "meter": [
+                {"name": "em-1", "line": "dlms", "physical_address": 17, "base_import_wh": 1000},
+                {"name": "em-2", "line": "dlms", "physical_address": 18, "base_import_wh": 2_000_000},
+            ],
+        }
+    )
+    energy = [GetRequest(AttributeRef.parse("3/1.0.1.8.0.255/2"))]
+    async with running(config, HostClock(NOW)) as sim:
+        for name in ("em-1", "em-2"):
+            async with dcud_reader("hdlc", sim, ttys[0], meter=name) as read:
+                result = await read(PUBLIC, energy)
+            meter = sim.meters[name]
+            assert number(result.outcomes[0].value) == meter.model.import_wh(parse_time(NOW))
+        assert all(len(m.records_of("aarq")) == 1 for m in sim.meters.values()), (
+            "each answered its own frames"
+        )
+
+
+# --- hostile input to the meter ---
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=200), max_size=10), st.sampled_from([16, 32, 1, 99]))
+def test_random_apdus_never_raise(apdus: list[bytes], sap: int) -> None:
+    meter = DlmsMeter(MeterSpec(), clock=HostClock(NOW))
+    for apdu in apdus:
+        answer = meter.handle("fuzz", sap, apdu)
+        assert answer is None or isinstance(answer, bytes)
+    assert not meter.records_of("internal_error")
+
+
+def _aarq_like(draw: st.DrawFn) -> bytes:
+    from dcud.codec.dlms.apdu import AARQ, InitiateRequest
+
+    initiate = InitiateRequest(
+        conformance=draw(st.integers(0, 0xFFFFFF)),
+        max_receive_pdu_size=draw(st.integers(0, 0xFFFF)),
+        dlms_version=draw(st.integers(0, 9)),
+    ).encode()
+    return AARQ(
+        application_context=draw(st.integers(0, 5)),
+        calling_ap_title=draw(st.none() | st.binary(min_size=0, max_size=10)),
+        mechanism=draw(st.none() | st.integers(0, 7)),
+        authentication_value=draw(st.none() | st.binary(max_size=70)),
+        user_information=draw(st.sampled_from([initiate, b"\x21\x05" + bytes(5), b"\x01", initiate[:-1]])),
+    ).encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), st.sampled_from([16, 32, 1]))
+def test_random_associations_and_requests_never_raise(data: st.DataObject, sap: int) -> None:
+    meter = DlmsMeter(MeterSpec(), clock=HostClock(NOW))
+    aarq = data.draw(st.composite(_aarq_like)())
+    assert isinstance(meter.handle("fuzz", sap, aarq), bytes), "an AARQ always gets an AARE"
+    for _ in range(data.draw(st.integers(0, 5))):
+        request = data.draw(
+            st.sampled_from(
+                [
+                    "C001C1000300" + "0100010800FF" + "0200",
+                    "C001C1000700" + "0100630100FF" + "0201" + "02",
+                    "C002C100000001",
+                    "C101C1000800" + "0000010000FF" + "0200" + "090C07E8060106",
+                    "C301C1000F0000280000FF010109021000",
+                    "C801" + "00",
+                    "6200",
+                ]
+            )
+        )
+        tail = data.draw(st.binary(max_size=40))
+        meter.handle("fuzz", sap, bytes.fromhex(request) + tail)
+    assert not meter.records_of("internal_error"), meter.records_of("internal_error")
