@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -740,6 +741,19 @@ def test_sim_dlms_command_on_a_pty_and_tcp(tmp_path: Path) -> None:
         [sys.executable, "-m", "dcud", "sim", "dlms"], capture_output=True, text=True, cwd=REPO, check=False
     )
     assert bad.returncode == 1 and "--tcp-port" in bad.stderr and "Traceback" not in bad.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port_in_use = str(taken.getsockname()[1])
+        busy = subprocess.run(
+            [sys.executable, "-m", "dcud", "sim", "dlms", "--tcp-port", port_in_use],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=False,
+            timeout=60,
+        )
+    assert busy.returncode == 1 and "cannot start" in busy.stderr and "Traceback" not in busy.stderr
 
 
 @pytest.mark.slow

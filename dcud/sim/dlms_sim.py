@@ -643,7 +643,10 @@ def cmd_sim_dlms(args: Any) -> int:
             )
     except SimConfigError as exc:
         raise CliError(str(exc)) from exc
-    return run_cli(config)
+    try:
+        return run_cli(config)
+    except OSError as exc:  # a port in use, a link that cannot be made
+        raise CliError(f"cannot start the DLMS simulator: {exc}") from exc
 
 
 def run_cli(config: DlmsSimConfig) -> int:
