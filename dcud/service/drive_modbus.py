@@ -377,7 +377,6 @@ class ModbusDriveService:
 def build_modbus_drive_services(
     config: LoadedConfig,
     registry: DriveRegistry,
-    *,
     lines: LineRegistry,
     bus: EventBus,
     event: EventSink,

@@ -821,12 +821,8 @@ class CanopenDrive(DriveBase):
             self.count("malformed")
             return
         self.count("emcy")
-        self.last_emcy = {
-            "code": emcy.code,
-            "text": emcy.text,
-            "register": emcy.register,
-            "ts": rfc3339_ms(time.time()),
-        }
+        stamp = rfc3339_ms(time.time())
+        self.last_emcy = {"code": emcy.code, "text": emcy.text, "register": emcy.register, "ts": stamp}
         level = self.log.info if emcy.is_reset else self.log.warning
         level("EMCY", code=f"0x{emcy.code:04X}", text=emcy.text, register=emcy.register)
         if not emcy.is_reset:
@@ -1437,9 +1433,7 @@ def build_drive_services(
         on_bus = tuple(d for d in drives if d.protocol == "canopen" and d.bus == can.name)
         if on_bus:
             services.append(CanDriveService(CanDrivesConfig(can, on_bus), bus, event, history, registry))
-    services.extend(
-        build_modbus_drive_services(config, registry, lines=lines, bus=bus, event=event, history=history)
-    )
+    services.extend(build_modbus_drive_services(config, registry, lines, bus, event, history))
     configured = {d.name for d in drives}
     for name in list(bus.states):
         if name.startswith("drive/") and name.removeprefix("drive/") not in configured:
