@@ -62,7 +62,7 @@ def _render(message: aiomqtt.Message) -> str:
         return (
             f"{topic}  online={payload.get('online')} nmt={payload.get('nmt')} "
             f"cia402={payload.get('cia402')} position={payload.get('position')} "
-            f"velocity={payload.get('velocity')} error={payload.get('error_text')}"
+            f"velocity={payload.get('velocity')} error={payload.get('error_text') or 'none'}"
         )
     if topic.endswith("/status") and isinstance(payload, dict):
         outbox = payload.get("outbox", {})

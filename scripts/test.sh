@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-PEERS=(mosquitto mosquitto-clients socat snmptrapd snmp smitools chrony systemd procps util-linux python3-venv python3-dev gcc curl iproute2)
+PEERS=(mosquitto mosquitto-clients socat dbus-daemon snmptrapd snmp smitools chrony systemd procps util-linux python3-venv python3-dev gcc curl iproute2)
 missing=()
 for pkg in "${PEERS[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

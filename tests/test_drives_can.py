@@ -176,6 +176,7 @@ async def test_boot_up_heartbeat_and_tpdo_state(pty_pair: SocatPair, interface: 
         assert state["heartbeat_timeout_s"] == pytest.approx(0.3)  # 100 ms producer + margin
         assert state["cia402"] == "switch_on_disabled"
         assert state["error_code"] == 0
+        assert state["error_text"] is None  # 0 is no error: no text (MQTT null, SNMP "")
         # TPDOs (not SDO polls) keep the state current.
         before = tpdos(h)
         await wait_until(lambda: tpdos(h) > before + 5, 10)

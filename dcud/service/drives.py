@@ -298,7 +298,8 @@ class DriveBase:
             "velocity": self.velocity,
             "mode": self.mode,
             "error_code": code,
-            "error_text": emcy_text(code) if code is not None else None,
+            # 0 is "no error": no text at all (MQTT null, SNMP ""), never "error reset or no error".
+            "error_text": emcy_text(code) if code else None,
             "io": self.digital_io,
             "commands": self.config.commands,
             "last_error": self.last_error or None,

@@ -187,7 +187,7 @@ class EiClientService:
             self.trace = HexTrace(Path(config.trace_file), config.trace_max_bytes)
 
     def state_document(self) -> dict[str, Any]:
-        """The retained ``<p>/bridge/ei`` document (no credentials)."""
+        """The retained ``<p>/bridge/ei/state`` document (no credentials)."""
         cfg = self.config
         return {
             "port": "ei",

@@ -318,8 +318,10 @@ class MqttService:
         running: set[asyncio.Task[None]] = set()
 
         async def serve(topic: str, verb: str, payload: bytes) -> None:
-            reply = await self._commands.handle(verb, payload)
-            await client.publish(f"{topic}/reply", reply, qos=1)
+            # The reply is PUBACKed before a restart or reboot it asked for begins (CommandRouter.serve).
+            await self._commands.serve(
+                verb, payload, lambda reply: client.publish(f"{topic}/reply", reply, qos=1)
+            )
             ctx.beat()
 
         async with asyncio.TaskGroup() as tg:

@@ -2,7 +2,7 @@
 
 What it does
     Every interval it sends one SNTP request (in a worker thread), checks the answer (below),
-    and publishes the ``clock`` state (``<p>/clock`` and the ``clock`` member of ``<p>/status``)::
+    and publishes the ``clock`` state (``<p>/clock/state`` and the ``clock`` member of ``<p>/status``)::
 
         {"synced": true, "offset_s": 0.0003, "delay_s": 0.0004, "stratum": 8, "server": "host:123",
          "last_sync_ts": "...Z", "failures": 0, "last_error": null, "refused_answers": 0,
