@@ -13,6 +13,7 @@ import contextlib
 import json
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from dcud.runtime.bus import EventBus
 from dcud.runtime.sdnotify import Notifier
 from dcud.runtime.supervisor import Service, Supervisor, SupervisorOptions
 from dcud.runtime.uplink import UplinkReconnect
-from dcud.service.commands import CommandRouter
+from dcud.service.commands import CommandContext, CommandLimits, CommandRouter, Request
 from dcud.service.line import LineRegistry, build_line_services
 from dcud.service.mqtt import MqttService, MqttServiceConfig, status_document
 from dcud.service.outbox import Outbox, OutboxCorrupt, OutboxLimits, OverflowPolicy, OverflowReport
@@ -51,6 +52,10 @@ class Runtime:
     event_listeners: list[Callable[[Mapping[str, Any]], None]] = field(default_factory=list)
     """Called synchronously with every event right after its commit (payload plus ``uid``): the SNMP
     service turns events into traps here. A listener must not block; its errors are logged."""
+    early_events: deque[Mapping[str, Any]] | None = field(default_factory=lambda: deque(maxlen=8))
+    """Events committed before the first listener registered (``outbox_corrupt`` is raised before any
+    service starts): handed to that listener, so that they reach the SNMP manager too. None afterwards:
+    events while a reload restarts the listener, or while traps are off, are not kept for later."""
     restart_reason: str | None = None
     """Set by :meth:`request_restart`; ``run_daemon`` then raises RestartRequested (exit 75)."""
     stop_daemon: Callable[[], None] | None = None
@@ -59,10 +64,18 @@ class Runtime:
     """Uplink reconnect requests (connectivity watchdog -> MQTT and other uplinks)."""
     remote_config: Reloader | None = None
     """The one path for configuration changes: SIGHUP, config port, MQTT param/set (set by run_daemon)."""
+    service_restarts: Callable[[], Mapping[str, int]] = dict
+    """Failures per service since start (the supervisor's counts; set by run_daemon)."""
 
     def add_event_listener(self, listener: Callable[[Mapping[str, Any]], None]) -> Callable[[], None]:
         """Register an event listener; returns the function that removes it."""
         self.event_listeners.append(listener)
+        early, self.early_events = self.early_events, None
+        for event in early or ():
+            try:
+                listener(event)
+            except Exception as exc:  # as in event(): an alarm path failure is logged, never raised
+                log.error("event listener failed", event_type=event.get("type"), error=repr(exc))
 
         def remove() -> None:
             if listener in self.event_listeners:
@@ -87,6 +100,10 @@ class Runtime:
         )
         if "firmware" in self.bus.states:  # staged firmware (dcud.service.firmware)
             document["firmware"] = dict(self.bus.states["firmware"])
+        restarts = dict(self.service_restarts())
+        # A service that failed and was restarted shows here: the hostile-input tests expect zeros.
+        document["restarts"] = {"total": sum(restarts.values()), "services": restarts}
+        document["commands"] = self.commands.stats.to_json()
         return document
 
     async def event(self, event_type: str, text: str, **fields: object) -> None:
@@ -98,20 +115,38 @@ class Runtime:
             **fields,
         }
         item = await self.outbox.put("event", "event", json.dumps(payload, default=str).encode())
+        if self.early_events is not None:
+            self.early_events.append({**payload, "uid": item.uid})
         for listener in list(self.event_listeners):
             try:
                 listener({**payload, "uid": item.uid})
             except Exception as exc:  # an alarm path failure must never fail the event's producer
-                log.error("event listener failed", event=event_type, error=repr(exc))
+                log.error("event listener failed", event_type=event_type, error=repr(exc))
 
 
 ServiceBuilder = Callable[[LoadedConfig, Runtime], Sequence[Service]]
 
 
 def _mqtt_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+    remote = config.toml.remote
+    # The router outlives reloads; its bounds follow dcud.toml's [remote] (start and every reload).
+    runtime.commands.configure(
+        CommandLimits(
+            max_request_bytes=remote.max_request_bytes,
+            max_depth=remote.max_depth,
+            dedupe_window_s=remote.dedupe_window_s,
+            dedupe_max_entries=remote.dedupe_max_entries,
+        )
+    )
     if config.toml.mqtt is None:
         return []
-    slice_ = MqttServiceConfig.build(config.toml.mqtt, config.device_id, config.topic_prefix)
+    slice_ = MqttServiceConfig.build(
+        config.toml.mqtt,
+        config.device_id,
+        config.topic_prefix,
+        max_request_bytes=remote.max_request_bytes,
+        max_queued_requests=remote.max_queued_requests,
+    )
     return [
         MqttService(slice_, runtime.bus, runtime.outbox, runtime.commands, runtime.status, runtime.reconnect)
     ]
@@ -130,12 +165,16 @@ def _alarm_and_time_services(config: LoadedConfig, runtime: Runtime) -> Sequence
     from dcud.service.ntp import NtpService, NtpServiceConfig
     from dcud.service.power import PowerService, PowerServiceConfig
     from dcud.service.snmp import SnmpServiceConfig, SnmpTrapService
+    from dcud.service.snmp_agent import AgentServiceConfig, SnmpAgentService
     from dcud.service.watchdog import WatchdogService, WatchdogServiceConfig
 
     services: list[Service] = []
     snmp = SnmpServiceConfig.from_config(config)
     if snmp is not None:  # first, so that its event hook is in place before power events at start
         services.append(SnmpTrapService(snmp, runtime.bus, runtime.add_event_listener))
+    agent = AgentServiceConfig.from_config(config)
+    if agent is not None:  # read-only SNMP agent: the same state documents as MQTT, read per request
+        services.append(SnmpAgentService(agent, runtime.bus, runtime.status))
     power = PowerServiceConfig.from_config(config)
     if power is not None:
         services.append(PowerService(power, runtime.bus, runtime.event))
@@ -146,6 +185,17 @@ def _alarm_and_time_services(config: LoadedConfig, runtime: Runtime) -> Sequence
             WatchdogService(watchdog, runtime.bus, runtime.event, runtime.request_restart, runtime.reconnect)
         )
     return services
+
+
+def _io_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+    """Digital inputs (one service per [[input]]), the relay and the LEDs (issue 16)."""
+    from dcud.service.inputs import build_input_services
+    from dcud.service.outputs import OutputsConfig, OutputsService
+
+    return [
+        *build_input_services(config, runtime),
+        OutputsService(OutputsConfig.from_config(config), runtime.bus),
+    ]
 
 
 def _push_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
@@ -185,6 +235,7 @@ SERVICE_BUILDERS: list[ServiceBuilder] = [
     build_line_services,
     _polling_services,
     _alarm_and_time_services,
+    _io_services,
     _config_port_services,
     _push_services,
     _drive_services,
@@ -209,14 +260,16 @@ def build_services(config: LoadedConfig, runtime: Runtime) -> list[Service]:
 
 
 async def _register_builtin_commands(runtime: Runtime) -> None:
-    async def ping(_request: object) -> dict[str, object]:
-        return {"pong": True, "version": __version__}
+    """``cmd/ping`` (liveness, version, the verbs served) and ``cmd/status`` (the status document)."""
 
-    async def status(_request: object) -> dict[str, object]:
+    async def ping(_request: Request, _ctx: CommandContext) -> dict[str, object]:
+        return {"pong": True, "version": __version__, "verbs": runtime.commands.verbs()}
+
+    async def status(_request: Request, _ctx: CommandContext) -> dict[str, object]:
         return runtime.status()
 
-    runtime.commands.register("ping", ping)
-    runtime.commands.register("status", status)
+    runtime.commands.register("ping", Request, ping)
+    runtime.commands.register("status", Request, status)
 
 
 async def run_daemon(config_path: Path, notifier: Notifier | None = None) -> None:
@@ -298,6 +351,7 @@ async def run_daemon(config_path: Path, notifier: Notifier | None = None) -> Non
     )
     reloader.attach(supervisor)
     runtime.stop_daemon = supervisor.request_stop
+    runtime.service_restarts = lambda: supervisor.restart_counts
     loop.add_signal_handler(signal.SIGTERM, supervisor.request_stop)
     loop.add_signal_handler(signal.SIGINT, supervisor.request_stop)
     loop.add_signal_handler(signal.SIGHUP, reloader.request_reload)

@@ -3,8 +3,10 @@
 #
 #   1. systemd-analyze verify   systemd/dcud.service                 must print nothing
 #   2. systemd-analyze security --offline=true systemd/dcud.service  exposure <= 2.5 (printed)
-#   3. the same two with the clock-step drop-in (systemd/dcud.service.d/clock-step.conf) applied
+#   3. the same two with each drop-in of systemd/dcud.service.d applied (clock-step.conf: dcud sets
+#      the clock; snmp-port.conf: the SNMP agent on port 161), then with all of them at once
 #   4. systemd-sysusers and systemd-tmpfiles apply dcud's entries to a scratch root
+#   4b. the resource limits are set: MemoryMax=, TasksMax= and LimitCORE=0 (docs/systemd.md)
 #   5. MemoryDenyWriteExecute=: the Python that runs dcud imports dcud and its dependencies and
 #      does AES-256-CBC, TLS setup, a uvloop/asyncio loop and a ctypes callback under the kernel's
 #      W^X lock (prctl PR_SET_MDWE, Linux >= 6.3; the same rule as systemd's filter). Skipped, and
@@ -55,14 +57,17 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-# stage DIR [with-dropin]: the unit (named dcud.service, as installed) with ExecStart= resolved.
+# stage DIR [DROPIN...]: the unit (named dcud.service, as installed) with ExecStart= resolved, and
+# the given drop-in files next to it.
 stage() {
-    mkdir -p "$1"
-    sed "s#^ExecStart=$unit_exec #ExecStart=$dcud_bin #" "$unit" >"$1/dcud.service"
-    grep -q "^ExecStart=$dcud_bin " "$1/dcud.service" || { echo "ExecStart= not found in $unit" >&2; exit 1; }
-    if [ "${2:-}" = with-dropin ]; then
-        mkdir -p "$1/dcud.service.d"
-        cp "$dropin_dir"/*.conf "$1/dcud.service.d/"
+    local dir="$1"
+    shift
+    mkdir -p "$dir"
+    sed "s#^ExecStart=$unit_exec #ExecStart=$dcud_bin #" "$unit" >"$dir/dcud.service"
+    grep -q "^ExecStart=$dcud_bin " "$dir/dcud.service" || { echo "ExecStart= not found in $unit" >&2; exit 1; }
+    if [ "$#" -gt 0 ]; then
+        mkdir -p "$dir/dcud.service.d"
+        cp "$@" "$dir/dcud.service.d/"
     fi
 }
 
@@ -93,8 +98,19 @@ check_unit() {
 
 stage "$work/base"
 check_unit "dcud.service" "$work/base"
-stage "$work/clock-step" with-dropin
-check_unit "dcud.service + dcud.service.d/clock-step.conf" "$work/clock-step"
+for dropin in "$dropin_dir"/*.conf; do
+    name="$(basename "$dropin" .conf)"
+    stage "$work/$name" "$dropin"
+    check_unit "dcud.service + dcud.service.d/$name.conf" "$work/$name"
+done
+stage "$work/all-dropins" "$dropin_dir"/*.conf
+check_unit "dcud.service + every drop-in" "$work/all-dropins"
+
+echo "== resource limits (MemoryMax=, TasksMax=, LimitCORE=0)"
+for setting in 'MemoryMax=[0-9]+[KMG]' 'TasksMax=[0-9]+' 'LimitCORE=0'; do
+    line="$(grep -E "^${setting}\$" "$unit" || true)"
+    if [ -n "$line" ]; then ok "$line"; else fail "no ${setting%%=*}= (or not a plain limit) in $unit"; fi
+done
 
 echo "== systemd-sysusers ($sysusers)"
 root="$work/root"

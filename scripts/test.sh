@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 source scripts/debian_packages.sh
 
-PEERS=(mosquitto mosquitto-clients socat snmptrapd snmp chrony systemd procps util-linux python3-venv python3-dev gcc curl iproute2)
+PEERS=(mosquitto mosquitto-clients socat snmptrapd snmp smitools chrony systemd procps util-linux python3-venv python3-dev gcc curl iproute2)
 ensure_debian_packages test.sh "${PEERS[@]}"
 PY="$(python_for_dcud test.sh)"
 if [ ! -x .venv/bin/python ]; then

@@ -7,13 +7,17 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
+from dcud.config.loader import load_config
+from dcud.runtime.bus import EventBus
+from dcud.runtime.supervisor import ServiceContext
 from dcud.service import snmp_mib
+from dcud.service.snmp import SnmpServiceConfig, SnmpTrapService
 from dcud.sim.alarm_peers import SnmpTrapd, SnmpUser, start_snmptrapd
 from dcud.sim.peers import free_port
 
@@ -28,14 +32,25 @@ USER = "dcud"
 COMMUNITY = "noc-watch"
 
 
-def trap_receiver(workdir: Path, **users: tuple[str, str]) -> SnmpTrapd:
-    """snmptrapd with DCUD-MIB loaded, community ``public`` and the v3 user ``dcud`` (SHA + AES)."""
+def trap_receiver(workdir: Path, port: int | None = None, **users: tuple[str, str]) -> SnmpTrapd:
+    """snmptrapd with DCUD-MIB loaded, community ``public`` and the v3 user ``dcud`` (SHA + AES).
+
+    ``dcud`` exists twice: for traps under dcud's engine ID, and for INFORMs under snmptrapd's own.
+    """
     engine_id = snmp_mib.default_engine_id(DEVICE_ID)
-    all_users = [SnmpUser(USER, engine_id, "SHA", AUTH_KEY, "AES", PRIV_KEY)]
+    all_users = [
+        SnmpUser(USER, engine_id, "SHA", AUTH_KEY, "AES", PRIV_KEY),
+        SnmpUser(USER, None, "SHA", AUTH_KEY, "AES", PRIV_KEY),
+    ]
     for name, (auth, priv) in users.items():
         all_users.append(SnmpUser(name, engine_id, auth, AUTH_KEY, priv, PRIV_KEY))
     return start_snmptrapd(
-        workdir, communities=("public", COMMUNITY), users=tuple(all_users), mib_dirs=MIB_DIRS, mibs=MIBS
+        workdir,
+        communities=("public", COMMUNITY),
+        users=tuple(all_users),
+        mib_dirs=MIB_DIRS,
+        mibs=MIBS,
+        port=port,
     )
 
 
@@ -156,3 +171,34 @@ class EventSubscriber:
 def pick_udp_port() -> int:
     """A free UDP port on 127.0.0.1."""
     return free_port(socket.SOCK_DGRAM)
+
+
+@contextlib.asynccontextmanager
+async def running_service(
+    config_path: Path, state_dir: Path, bus: EventBus | None = None
+) -> AsyncIterator[Callable[[Mapping[str, Any]], None]]:
+    """The ``snmp`` service of a site, running; yields the function the runtime would call per event."""
+    slice_ = SnmpServiceConfig.from_config(load_config(config_path))
+    assert slice_ is not None
+    listeners: list[Callable[[Mapping[str, Any]], None]] = []
+
+    def add(listener: Callable[[Mapping[str, Any]], None]) -> Callable[[], None]:
+        listeners.append(listener)
+        return lambda: listeners.remove(listener)
+
+    bus = bus if bus is not None else EventBus()
+    service = SnmpTrapService(slice_, bus, add)
+    ctx = ServiceContext("snmp", 30.0, lambda: None)
+    task = asyncio.create_task(service.run(ctx))
+    try:
+        for _ in range(500):
+            if ctx.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert ctx.ready and "snmp" in bus.states
+        assert bus.states["snmp"]["engine_id"] == snmp_mib.engine_id_hex(slice_.engine_id)
+        yield lambda event: [listener(event) for listener in listeners]  # type: ignore[func-returns-value]
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 10)
+        assert not listeners

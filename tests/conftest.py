@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from peers.dlms_fixture import dlms_peer  # noqa: F401  (the DLMS/COSEM test peer: tests/peers/README.md)
 
 from dcud.runtime.sdnotify import Notifier
 from dcud.sim.peers import Mosquitto, start_mosquitto

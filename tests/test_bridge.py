@@ -170,7 +170,13 @@ async def test_iec_mode_c_readout_switches_the_uart(tmp_path: Path, line_api: st
         parsed = parse_data_message(data)
         assert parsed.bcc_ok and parsed.readout
         assert {ds.address for ds in parsed.datasets} >= {"1.8.0", "F.F"}
-    assert records[0]["iec"] == {"signons": 1, "switches": 2, "readouts": 1, "bcc_errors": 0}
+    assert records[0]["iec"] == {
+        "signons": 1,
+        "switches": 2,
+        "readouts": 1,
+        "bcc_errors": 0,
+        "breaks_sent": 0,
+    }
     assert records[1]["iec"]["readouts"] == 1
     lines = trace.read_text().splitlines()
     option = next(i for i, ln in enumerate(lines) if " c>m 6 063035300d0a" in ln)

@@ -160,7 +160,12 @@ async def test_a_flood_is_paced_by_the_line_and_everything_else_goes_on(tmp_path
 async def test_half_open_tls_handshakes_time_out_and_honest_clients_get_in(tmp_path: Path) -> None:
     tls = TlsSettings(enabled=True)
     async with _two_lines(
-        tmp_path, tls=tls, state_dir=str(tmp_path / "state"), max_pending=4, handshake_timeout_s=1.0
+        tmp_path,
+        tls=tls,
+        state_dir=str(tmp_path / "state"),
+        max_pending=4,
+        max_pending_per_source=4,  # the global bound is what this test is about (one source here)
+        handshake_timeout_s=1.0,
     ) as (h, _tm2, outbox):
         device = PtyDevice(h.pair.b)
         device.start()
@@ -213,6 +218,8 @@ async def test_many_connection_attempts_while_a_session_runs(tmp_path: Path) -> 
         writer.close()
         device.stop()
         counters = h.bridge.counters
-        assert counters["refused_busy"] + counters["dropped_pending"] == 300
+        assert (
+            counters["refused_busy"] + counters["dropped_pending"] + counters["dropped_pending_source"] == 300
+        )
         assert set(answers) <= {b"BUSY transparent port in use\r\n", b""}
         assert b"intruder" not in bytes(device.received)

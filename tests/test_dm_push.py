@@ -1,10 +1,12 @@
 """Device-manager push against a real TCP/TLS server on loopback: framing, content, certificate banks,
-verify modes 0/1/2 and a client certificate."""
+verify modes 0/1/2 and a client certificate; with mandatory verification nothing reaches an unverified
+server."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import make_cert
+from tls_capture import capture_server, server_context
 
 from dcud.config.loader import load_config
 from dcud.runtime.bus import EventBus
@@ -53,7 +56,10 @@ async def serve(context: ssl.SSLContext | None = None) -> AsyncIterator[DmServer
 
 def dm_config(tmp_path: Path, port: int, extra: str = "") -> DmPushConfig:
     (tmp_path / "wme.conf").write_text(
-        f"dm.push_enable=1\ndm.server=127.0.0.1\ndm.port={port}\ndm.push_interval=1\n{extra}"
+        f"dm.push_enable=1\ndm.server=127.0.0.1\ndm.port={port}\ndm.push_interval=1\n"
+        # A plain push is an explicit choice (dcud's default is dm.verify=2); tests of verification
+        # set their own dm.verify.
+        f"{'' if 'dm.verify' in extra else 'dm.verify=0' + chr(10)}{extra}"
     )
     (tmp_path / "dcud.toml").write_text('device_id = "dcu-7"\nstate_dir = "state"\n')
     config = DmPushConfig.from_config(load_config(tmp_path / "dcud.toml"))
@@ -171,3 +177,43 @@ async def test_unreachable_server_is_recorded_not_raised(tmp_path: Path) -> None
     assert not await service.push_once(ctx)
     assert not await service.push_once(ctx)
     assert bus.states["push/dm"]["failures"] == 2 and bus.states["push/dm"]["pushes"] == 0
+
+
+@pytest.mark.parametrize("ca", ["system", "wrong"])
+async def test_mandatory_verification_sends_nothing_to_an_unverified_server(tmp_path: Path, ca: str) -> None:
+    rogue_cert, rogue_key = make_cert("rogue-dm")
+    other_cert, _ = make_cert("the-real-dm")
+    async with capture_server(server_context(rogue_cert, rogue_key, str(tmp_path))) as rogue:
+        ca_bank = 0 if ca == "system" else 2
+        config = dm_config(tmp_path, rogue.port, f"dm.tls_enable=1\ndm.ca_cert={ca_bank}\ndm.verify=2\n")
+        if ca_bank:
+            write_bank(config.state_dir, ca_bank, other_cert)
+        bus = EventBus()
+        service = DmPushService(config, bus, status)
+        ctx = ServiceContext("dm", 30.0, lambda: None)
+        for _ in range(3):
+            assert not await service.push_once(ctx)
+        assert "CERTIFICATE_VERIFY_FAILED" in bus.states["push/dm"]["last_error"]["message"]
+    assert len(rogue.connections) == 3 and not any(c.handshake_done for c in rogue.connections)
+    assert rogue.all_plaintext() == b"" and b"dcu-7" not in rogue.all_raw()
+
+
+async def test_mandatory_verification_without_tls_makes_no_connection(tmp_path: Path) -> None:
+    # A listening socket nobody accepts on: a connection the push made would wait in its backlog.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    try:
+        port = listener.getsockname()[1]
+        config = dm_config(tmp_path, port, "dm.tls_enable=0\ndm.verify=2\n")
+        bus = EventBus()
+        service = DmPushService(config, bus, status)
+        ctx = ServiceContext("dm", 30.0, lambda: None)
+        assert not await service.push_once(ctx)
+        assert not await service.push_once(ctx)
+        state = bus.states["push/dm"]
+        assert state["failures"] == 2 and state["pushes"] == 0
+        assert "dm.verify=2 (mandatory) needs dm.tls_enable=1" in state["last_error"]["message"]
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing ever connected
+    finally:
+        listener.close()

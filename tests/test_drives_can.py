@@ -125,7 +125,13 @@ class Harness:
 
 
 def drive(name: str = "axis-1", node_id: int = 1, **extra: Any) -> DriveConfig:
-    defaults: dict[str, Any] = {"commands": True, "state_interval_s": 0.1, "poll_interval_s": 0.2}
+    defaults: dict[str, Any] = {
+        "commands": True,
+        "state_interval_s": 0.1,
+        "poll_interval_s": 0.2,
+        # drive/write allow-list: listing the controlword does not make it writable (checked below).
+        "writable": ["60FF", "1008:00", "6041", "6040"],
+    }
     return DriveConfig(name=name, bus="can0", protocol="canopen", node_id=node_id, **{**defaults, **extra})
 
 
@@ -276,9 +282,17 @@ async def test_sdo_read_write_and_aborts(pty_pair: SocatPair) -> None:
         assert "attempt to write a read only object" in reply["error"]["message"]
         reply = await h.command("write", index="0x6040", value=15)
         assert reply["error"]["type"] == "DriveStateError" and "drive/enable" in reply["error"]["message"]
+        # Not in [[drive]] writable: refused before any SDO, nothing written.
+        reply = await h.command("write", index="0x6060", value=1, type="i8")
+        assert reply["error"]["type"] == "DriveWriteRefusedError" and reply["error"]["field"] == "$.index"
+        reply = await h.command("write", index="0x1008", subindex=1, value="x", type="str")
+        assert reply["error"]["type"] == "DriveWriteRefusedError", reply
         for bad in ({"index": "zz"}, {"index": 70000}, {"index": "0x6041", "type": "u128"}, {}):
             reply = await h.command("read", **bad)
-            assert not reply["ok"] and reply["error"]["type"] == "CommandError", (bad, reply)
+            assert not reply["ok"] and reply["error"]["type"] in ("CommandError", "BadRequestError"), (
+                bad,
+                reply,
+            )
         assert h.service.drives["axis-1"].counters.get("sdo_aborts", 0) >= 3
 
 

@@ -172,6 +172,7 @@ def modbus_drive(**extra: Any) -> DriveConfig:
         "baud": 9600,
         "framing": "8E1",
         "registers": registers,
+        "writable": ["1"],  # listing the control register does not make it writable (checked below)
     }
     return DriveConfig(name="axis-m", bus=LINE, protocol="modbus-rtu", node_id=1, **{**defaults, **extra})
 
@@ -287,6 +288,13 @@ async def test_modbus_commands_and_fault(tmp_path: Path) -> None:
         )
         reply = await s.command("write", address=1, value=0)
         assert reply["error"]["type"] == "DriveStateError"
+        reply = await s.command("write", address=8, values=[1, 2])
+        assert (
+            reply["error"]["type"] == "DriveWriteRefusedError"
+            and "registers 8..9" in reply["error"]["message"]
+        )
+        reply = await s.command("write", address=0, values=[1, 2])  # 0 is not listed, 1 is
+        assert reply["error"]["type"] == "DriveWriteRefusedError"
         s.drive_sim.model.inject_fault(0x2310, 0.0)
         await wait_until(lambda: s.state().get("cia402") == "fault", 10)
         await wait_until(lambda: any(e["type"] == "drive_fault" for e in s.events.items), 10)

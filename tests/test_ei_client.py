@@ -1,4 +1,5 @@
-"""EI client against a test head-end: login, bridging to the primary line, keepalive, reconnects."""
+"""EI client against a test head-end: login, bridging to the primary line, keepalive, reconnects, and TLS
+(the server verified by default; the password never sent to an unverified server)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import contextlib
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from bridge_helpers import FAST_POLICY, Harness, PtyDevice, bridge_harness, policy
+from conftest import make_cert, write_site
 from meter_helpers import wait_until
+from tls_capture import capture_server, server_context
 
-from dcud.service.ei_client import EiClientConfig, EiClientService
+from dcud.config.loader import load_config
+from dcud.service.ei_client import EiClientConfig, EiClientService, build_ei_client
 from dcud.sim.peers import free_port
 
 
@@ -160,3 +166,98 @@ async def test_unreachable_head_end_keeps_retrying_quietly(tmp_path: Path) -> No
         await wait_until(lambda: service.failures >= 3, 20)
         assert service.state in ("backoff", "connecting")
         assert service.connects == 0
+
+
+# -- TLS: the server is verified, and the password never goes to one that is not ----------------------
+
+PASSWORD = "Pa55-w0rd secret"
+
+
+@contextlib.asynccontextmanager
+async def ei_from_config(
+    tmp_path: Path,
+    port: int,
+    toml: str = "",
+    wme: str = "",
+    auth: str = "E",
+    banks: dict[int, bytes] | None = None,
+) -> Any:
+    """The EI client as the daemon builds it from dcud.toml and wme.conf (and certificate banks)."""
+    services: list[Any] = []
+    site = tmp_path / "site"
+
+    def extra(h: Harness) -> list[Any]:
+        line = (
+            f'[[line]]\nname = "rs485-1"\ndevice = "{h.pair.a}"\nkind = "rs232"\nbaud = 9600\n'
+            'framing = "8N1"\ntransparent = "primary"\n'
+        )
+        params = (
+            f"ei_client_addr=127.0.0.1\nei_client_port={port}\nei_client_auth_mode={auth}\n"
+            f"ei_client_type=hes-1\nei_client_pass={PASSWORD}\n{wme}"
+        )
+        loaded = load_config(
+            write_site(site, toml_extra=f"[transparent]\nei_tls = true\n{toml}{line}", wme=params)
+        )
+        runtime = SimpleNamespace(lines=h.lines, bus=h.bus, event=h.events)
+        services.extend(build_ei_client(loaded, runtime))  # type: ignore[arg-type]
+        return services
+
+    (site / "state" / "certbank").mkdir(parents=True, exist_ok=True)
+    for number, pem in (banks or {}).items():
+        (site / "state" / "certbank" / f"{number}.pem").write_bytes(pem)
+    async with bridge_harness(tmp_path, extra_services=extra) as h:
+        yield h, services[0]
+
+
+def _ok_after_login(received: bytes) -> bytes:
+    return b"OK welcome\r\n" if received.endswith(b"\r\n") and received.count(b"\r\n") == 2 else b""
+
+
+@pytest.mark.parametrize("ca", ["system store", "another CA in tm.ca_cert"])
+async def test_tls_by_default_verifies_the_server_and_never_sends_it_the_password(
+    tmp_path: Path, ca: str
+) -> None:
+    rogue_cert, rogue_key = make_cert("rogue-head-end")
+    other_cert, _ = make_cert("the-real-head-end")
+    async with capture_server(server_context(rogue_cert, rogue_key, str(tmp_path)), _ok_after_login) as rogue:
+        banks = {} if ca == "system store" else {3: other_cert}
+        wme = "tm.ca_cert=3\n" if banks else ""
+        async with ei_from_config(tmp_path, rogue.port, wme=wme, banks=banks) as (h, service):
+            await wait_until(lambda: service.failures >= 2 and len(rogue.connections) >= 2, 20)
+            assert "CERTIFICATE_VERIFY_FAILED" in service.last_error
+            assert h.bus.states["bridge/ei"]["tls_verify"] == "mandatory"
+            assert service.connects == 0 and h.line.counters.leases_granted == 0
+    assert not any(c.handshake_done for c in rogue.connections)
+    assert rogue.all_plaintext() == b""
+    assert PASSWORD.encode() not in rogue.all_raw() and b"PASS" not in rogue.all_raw()
+
+
+async def test_tls_to_a_verified_server_logs_in(tmp_path: Path) -> None:
+    cert, key = make_cert("head-end")
+    async with (
+        capture_server(server_context(cert, key, str(tmp_path)), _ok_after_login) as head_end,
+        ei_from_config(tmp_path, head_end.port, wme="tm.ca_cert=3\n", banks={3: cert}) as (h, service),
+    ):
+        await wait_until(lambda: service.state == "connected", 20)
+        assert head_end.connections[-1].plaintext == f"USER hes-1\r\nPASS {PASSWORD}\r\n".encode()
+        assert h.bus.states["bridge/ei"]["tls"] is True
+
+
+@pytest.mark.parametrize("auth", ["E", "N"])
+async def test_verify_none_is_encryption_only_and_never_carries_the_password(
+    tmp_path: Path, auth: str
+) -> None:
+    cert, key = make_cert("anyone")
+    async with (
+        capture_server(server_context(cert, key, str(tmp_path))) as server,
+        ei_from_config(tmp_path, server.port, toml='ei_tls_verify = "none"\n', auth=auth) as (h, service),
+    ):
+        if auth == "E":
+            await wait_until(lambda: service.state == "refused", 10)
+            assert "EI password not sent to an unverified server" in service.last_error
+            assert h.bus.states["bridge/ei"]["state"] == "refused"
+            assert server.connections == []  # not even a connection: nothing to retry
+        else:
+            await wait_until(lambda: service.state == "connected", 20)
+            assert server.connections[-1].handshake_done
+    assert PASSWORD.encode() not in server.all_raw() + server.all_plaintext()

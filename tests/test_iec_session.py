@@ -577,11 +577,12 @@ def test_sim_option_window_fallback() -> None:
     assert meter.baud == 300
 
 
-def test_sim_meter_ignores_programming_option() -> None:
+def test_sim_meter_ignores_the_hdlc_option() -> None:
+    # Programming mode (Y=1) is modelled: tests/test_bridge_iec_break.py; mode E/HDLC (Y=2) is not.
     meter = IecMeter("1", datasets=DATA)
     meter.receive_data(encode_request("1"), 0.0)
     meter.handle_timer(0.2)
-    assert meter.receive_data(encode_option_select("5", mode_control="1"), 0.8) == []
+    assert meter.receive_data(encode_option_select("5", mode_control="2"), 0.8) == []
     assert meter.state == "idle" and meter.ignored_options == 1
     assert meter.next_deadline() is None
 

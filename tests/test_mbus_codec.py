@@ -238,13 +238,71 @@ def test_vif_units_and_exponents() -> None:
         (h("02 FB 01 02 00"), 2000000, "Wh", "energy"),
         (h("02 FB 1A 13 02"), 53.1, "%", "relative_humidity"),
         (h("0A FB 5A 12 03"), 31.2, "degF", "flow_temperature"),
-        (h("01 FD 71 1E"), -70, "dBm", "reception_level"),
+        (h("01 FD 71 A9"), -87, "dBm", "reception_level"),
         (h("02 6E 05 00"), 5, "", "hca"),
     ]
     for data, value, unit, quantity in cases:
         record = _one(data)
         assert (record.unit, record.quantity) == (unit, quantity), data.hex()
         assert record.value == pytest.approx(value), data.hex()
+
+
+def test_reception_level_is_plain_dbm() -> None:
+    """01 FD 71 A9: -87 dBm as jMbus, exmbus and MBusParser read it (the old decoder said -304 dBm)."""
+    record = _one(h("01 FD 71 A9"))
+    assert (record.value, record.unit, record.quantity, record.invalid) == (-87, "dBm", "reception_level", "")
+    assert "invalid" not in record.to_json()
+    assert _one(h("02 FD 71 A9 FF")).value == -87  # the same level in a 16-bit record
+    # The same record inside a whole RSP_UD, parsed split at every byte boundary.
+    frame = encode_rsp_ud(
+        3,
+        ident="12345678",
+        manufacturer="WEP",
+        version=2,
+        medium=0x1B,
+        access_number=7,
+        records=[h("01 FD 71 A9"), encode_record(2210, vif=0x65, data_field=DataField.INT16)],
+    )
+    for cut in range(len(frame) + 1):
+        parser = MbusLinkParser()
+        parser.receive_data(frame[:cut])
+        parser.receive_data(frame[cut:])
+        (event,) = parser.events()
+        assert isinstance(event, MbusFrame)
+        telegram = decode_telegram(event)
+        assert isinstance(telegram, MbusTelegram)
+        assert [(r.value, r.unit) for r in telegram.records] == [(-87, "dBm"), (pytest.approx(22.1), "degC")]
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        ("01 FD 71 1E", "reception_level 30 dBm is physically impossible (allowed: -174..+27 dBm)"),
+        ("02 FD 71 00 80", "reception_level -32768 dBm is physically impossible"),
+        ("02 65 00 80", "external_temperature -327.68 degC is physically impossible (allowed: >= -273.15"),
+        ("02 5B 00 FE", "flow_temperature -512 degC"),
+        ("02 FB 1A E9 03", "relative_humidity 100.1 % is physically impossible (allowed: 0..+100 %)"),
+        ("05 5B" + struct.pack("<f", float("nan")).hex(), "flow_temperature is not a number"),
+    ],
+)
+def test_physically_impossible_values_are_refused_not_published(record: str, reason: str) -> None:
+    # An impossible record between two good ones: it keeps its place, loses its value, the rest decode.
+    data = h("02 5B 16 00") + h(record) + h("02 FB 1A 13 02")
+    records, _more = decode_records(data)
+    assert [r.value for r in records] == [22, "", pytest.approx(53.1)]
+    bad = records[1]
+    assert bad.invalid.startswith(reason)
+    assert bad.to_json()["invalid"] == bad.invalid
+    assert bad.to_json()["raw"] == bad.raw_data != ""
+    assert records[0].invalid == records[2].invalid == ""
+
+
+def test_physical_ranges_keep_legitimate_extremes() -> None:
+    assert _one(h("01 FD 71 80")).value == -128  # the weakest level a signed byte holds
+    assert _one(h("01 FD 71 1B")).value == 27  # +27 dBm: the strongest a metering radio may send
+    assert _one(h("02 65 4D 95")).value == pytest.approx(-273.15)  # absolute zero itself is allowed
+    assert _one(h("02 61 00 80")).value == pytest.approx(-327.68)  # a temperature difference may be negative
+    assert _one(h("02 FB 1A E8 03")).value == pytest.approx(100.0)
 
 
 def test_integer_values_stay_int_and_negatives() -> None:

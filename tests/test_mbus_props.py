@@ -18,7 +18,9 @@ from dcud.codec.mbus import (
 )
 from dcud.codec.mbus_app import (
     FUNCTIONS,
+    PHYSICAL_RANGES,
     DataField,
+    MbusRecord,
     decode_records,
     decode_user_data,
     encode_record,
@@ -141,6 +143,19 @@ def test_decode_records_only_raises_remote_protocol_error(data: bytes, msb_first
     except RemoteProtocolError:
         return
     assert [r.index for r in records] == list(range(len(records)))
+    for record in records:
+        _assert_physical(record)
+
+
+def _assert_physical(record: MbusRecord) -> None:
+    """A published number is inside its physical range; a refused one is "" with a reason and raw bytes."""
+    bounds = PHYSICAL_RANGES.get((record.quantity, record.unit))
+    if record.invalid:
+        assert bounds is not None and record.value == ""
+        assert record.to_json()["invalid"] == record.invalid
+        assert record.to_json()["raw"] == record.raw_data
+    elif bounds is not None and not isinstance(record.value, str):
+        assert bounds[0] <= record.value <= bounds[1], record
 
 
 # vif -> (unit, exponent) for the round trip, written out independently of the decoder's tables.
@@ -222,7 +237,11 @@ def test_record_round_trip(
         function,
     )
     expected = raw * 10**exp
-    assert isinstance(record.value, int | float)
+    bounds = PHYSICAL_RANGES.get((unit and record.quantity, unit))
+    if bounds is not None and not bounds[0] <= expected <= bounds[1]:
+        assert record.value == "" and "physically impossible" in record.invalid
+        return
+    assert isinstance(record.value, int | float) and not record.invalid
     if exp >= 0 and isinstance(raw, int):
         assert record.value == expected and isinstance(record.value, int)
     else:

@@ -453,6 +453,12 @@ PYMETERBUS_UNITS = {
 PYMETERBUS_EXCEPTIONS: dict[tuple[str, int], tuple[str, str]] = {
     ("hyd", 7): (_BCD_FOLD.replace("libmbus", "pyMeterBus"), "DDEBBD"),
     ("hyd", 8): (_BCD_FOLD.replace("libmbus", "pyMeterBus"), "DDDDEBBD"),
+    ("weptech", 2): (
+        "reception level 01 FD 71 1E: pyMeterBus applies 2 x raw - 130 (-70 dBm), a formula EN 13757-3 "
+        "does not have; read as plain dBm (jMbus, exmbus, MBusParser) it is +30 dBm, above the +27 dBm "
+        "any metering radio may transmit, so the record is marked invalid and its value not published",
+        "",
+    ),
 }
 
 
@@ -469,6 +475,7 @@ def test_pymeterbus_frames(name: str) -> None:
         value = exp["parsed_value"]
         if exception is not None:
             assert ours.value == exception[1]
+            assert bool(ours.invalid) == (exception[1] == "")  # "" here: refused as impossible
         elif value is None:
             assert ours.value == ""
         elif isinstance(value, str):

@@ -5,6 +5,7 @@ about the envelope check in front of it (tests/test_remote_config.py covers the 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -47,8 +48,12 @@ def setup(tmp_path: Path) -> tuple[CommandRouter, RecordingReloader]:
     return router, reloader
 
 
+_ids = itertools.count(1)
+
+
 async def _set(router: CommandRouter, envelope: bytes) -> dict[str, Any]:
-    request = {"id": 1, "envelope": base64.b64encode(envelope).decode()}
+    # A fresh id per request: a repeated id is answered from the first reply (idempotency).
+    request = {"id": next(_ids), "envelope": base64.b64encode(envelope).decode()}
     return await router.dispatch("param/set", json.dumps(request).encode())
 
 

@@ -21,15 +21,15 @@ from alarm_helpers import (
 )
 from conftest import NotifySocket, daemon_log, start_daemon, write_site
 
-from dcud.service import power
+from dcud.service import levels, power
 from dcud.service.outbox import Outbox, OutboxLimits
 from dcud.sim.peers import Mosquitto
 
-# -- debounce (pure) -------------------------------------------------------------------------------
+# -- debounce (pure, dcud.service.levels, shared with the digital inputs) --------------------------
 
 
 def test_debounce_accepts_a_level_stable_for_the_debounce_time() -> None:
-    d = power.Debouncer(0.05, initial=True)
+    d = levels.Debouncer(0.05, initial=True)
     assert d.update(False, 10.00) is None
     assert d.deadline() == pytest.approx(10.05)
     assert d.update(False, 10.03) is None
@@ -39,7 +39,7 @@ def test_debounce_accepts_a_level_stable_for_the_debounce_time() -> None:
 
 
 def test_debounce_ignores_flapping_faster_than_the_debounce_time() -> None:
-    d = power.Debouncer(0.05, initial=True)
+    d = levels.Debouncer(0.05, initial=True)
     now = 0.0
     for i in range(200):
         now += 0.01
@@ -49,7 +49,7 @@ def test_debounce_ignores_flapping_faster_than_the_debounce_time() -> None:
 
 
 def test_debounce_restarts_the_timer_when_the_candidate_changes() -> None:
-    d = power.Debouncer(0.1, initial=True)
+    d = levels.Debouncer(0.1, initial=True)
     assert d.update(False, 0.0) is None
     assert d.update(True, 0.05) is None  # back: candidate dropped
     assert d.update(False, 0.08) is None
@@ -58,7 +58,7 @@ def test_debounce_restarts_the_timer_when_the_candidate_changes() -> None:
 
 
 def test_debounce_zero_accepts_at_once_and_unknown_initial_is_taken_silently() -> None:
-    d = power.Debouncer(0.0, initial=None)
+    d = levels.Debouncer(0.0, initial=None)
     assert d.update(True, 0.0) is None
     assert d.accepted is True
     assert d.update(False, 0.001) is False
@@ -69,10 +69,10 @@ def test_debounce_zero_accepts_at_once_and_unknown_initial_is_taken_silently() -
 
 def test_gpio_v2_uapi_layout_matches_the_kernel_header() -> None:
     # sizeof(struct gpio_v2_line_request) == 592, _IOWR(0xB4, 0x07, ...) == 0xC250B407 (linux/gpio.h).
-    request = power.gpio_line_request(17, "dcud-power", edges=True)
+    request = levels.gpio_line_request(17, "dcud-power", edges=True)
     assert len(request) == 592
-    assert power.GPIO_V2_GET_LINE_IOCTL == 0xC250B407
-    assert power.GPIO_V2_LINE_GET_VALUES_IOCTL == 0xC010B40E
+    assert levels.GPIO_V2_GET_LINE_IOCTL == 0xC250B407
+    assert levels.GPIO_V2_LINE_GET_VALUES_IOCTL == 0xC010B40E
     assert int.from_bytes(request[0:4], "little") == 17  # offsets[0]
     assert request[256:266] == b"dcud-power"  # consumer
     flags = int.from_bytes(request[288:296], "little")  # config.flags
@@ -82,13 +82,13 @@ def test_gpio_v2_uapi_layout_matches_the_kernel_header() -> None:
 
 def test_file_source_reads_sysfs_style_values(tmp_path: Path) -> None:
     path = tmp_path / "online"
-    source = power.FileSource(str(path))
+    source = levels.FileSource(str(path))
     assert source.read() is None  # missing
     for text, expected in (("1\n", True), ("0\n", False), ("2", True), ("junk", None)):
         path.write_text(text)
         assert source.read() is expected
     path.write_text("1\n")
-    assert power.FileSource(str(path), active_low=True).read() is False
+    assert levels.FileSource(str(path), active_low=True).read() is False
 
 
 # -- the whole sequence, real peers ----------------------------------------------------------------

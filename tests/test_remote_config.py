@@ -257,7 +257,9 @@ async def harness(tmp_path: Path) -> Any:
 async def test_apply_writes_the_remote_file_and_restarts_only_what_changed(harness: Harness) -> None:
     r = harness.reloader
     state = r.current.state_dir
-    result = await r.apply_text("ntp_interval=300\n", partial=True, who="tester", via="mqtt")
+    result = await r.apply_text(
+        "ntp_interval=300\n", partial=True, who="tester", via="mqtt", authenticated=False
+    )
     assert result.changed == {"ntp_interval": {"old": "600", "new": "300"}}
     assert result.restarted == ["ntp"]
     target = remote_parameters_path(state)
@@ -284,6 +286,7 @@ async def test_bad_change_is_refused_whole_and_nothing_changes(harness: Harness)
             partial=True,
             who="t",
             via="config-port",
+            authenticated=False,
         )
     shown = [(i.path, i.line, i.key) for i in caught.value.issues]
     assert ("upload", 2, "ntp_interval") in shown and ("upload", 3, "bogus") in shown
@@ -294,32 +297,49 @@ async def test_bad_change_is_refused_whole_and_nothing_changes(harness: Harness)
 
 async def test_whole_file_replaces_and_unnamed_parameters_go_back_to_defaults(harness: Harness) -> None:
     r = harness.reloader
-    await r.apply_text("ntp_interval=300\ndatapush_periodic=1\n", partial=True, who="t", via="mqtt")
+    await r.apply_text(
+        "ntp_interval=300\ndatapush_periodic=1\n", partial=True, who="t", via="mqtt", authenticated=False
+    )
     assert CATALOGUE["ntp_interval"].default != "300"
-    result = await r.apply_text("datapush_periodic=1\n", partial=False, who="t", via="config-port")
+    result = await r.apply_text(
+        "datapush_periodic=1\n", partial=False, who="t", via="config-port", authenticated=False
+    )
     assert result.changed["ntp_interval"]["new"] == CATALOGUE["ntp_interval"].default
     assert remote_parameters_path(r.current.state_dir).read_text() == "datapush_periodic=1\n"
 
 
 async def test_dry_run_reports_and_writes_nothing(harness: Harness) -> None:
     r = harness.reloader
-    result = await r.apply_text("ntp_interval=300\n", partial=True, who="t", via="mqtt", dry_run=True)
+    result = await r.apply_text(
+        "ntp_interval=300\n", partial=True, who="t", via="mqtt", authenticated=False, dry_run=True
+    )
     assert result.dry_run and result.changed["ntp_interval"]["new"] == "300" and result.restarted == []
     assert not remote_parameters_path(r.current.state_dir).exists()
 
 
 async def test_cross_parameter_rules_apply_to_the_merged_file(harness: Harness) -> None:
     with pytest.raises(ConfigError, match="encryption needs fw_server_key"):
-        await harness.reloader.apply_text("fw_server_encrypt=1\n", partial=True, who="t", via="mqtt")
-    await harness.reloader.apply_text(f"fw_server_key={KEY}\n", partial=True, who="t", via="mqtt")
-    await harness.reloader.apply_text("fw_server_encrypt=1\n", partial=True, who="t", via="mqtt")
+        await harness.reloader.apply_text(
+            "fw_server_encrypt=1\n", partial=True, who="t", via="mqtt", authenticated=False
+        )
+    await harness.reloader.apply_text(
+        f"fw_server_key={KEY}\n", partial=True, who="t", via="mqtt", authenticated=True
+    )
+    await harness.reloader.apply_text(
+        "fw_server_encrypt=1\n", partial=True, who="t", via="mqtt", authenticated=True
+    )
     assert KEY not in json.dumps(harness.events)
 
 
 async def test_changes_are_serialised_in_order(harness: Harness) -> None:
     r = harness.reloader
     results = await asyncio.gather(
-        *(r.apply_text(f"ntp_interval={100 + i}\n", partial=True, who=str(i), via="mqtt") for i in range(5))
+        *(
+            r.apply_text(
+                f"ntp_interval={100 + i}\n", partial=True, who=str(i), via="mqtt", authenticated=False
+            )
+            for i in range(5)
+        )
     )
     olds = [res.changed["ntp_interval"]["old"] for res in results]
     news = [res.changed["ntp_interval"]["new"] for res in results]
@@ -331,7 +351,11 @@ async def test_queue_is_bounded(harness: Harness) -> None:
     r = harness.reloader
     async with r._lock:  # hold the worker so the queue fills
         tasks = [
-            asyncio.create_task(r.apply_text(f"ntp_interval={100 + i}\n", partial=True, who="t", via="mqtt"))
+            asyncio.create_task(
+                r.apply_text(
+                    f"ntp_interval={100 + i}\n", partial=True, who="t", via="mqtt", authenticated=False
+                )
+            )
             for i in range(r.max_pending + 2)
         ]
         await asyncio.sleep(0.05)
@@ -344,7 +368,9 @@ async def test_queue_is_bounded(harness: Harness) -> None:
 async def test_a_cancelled_caller_does_not_cancel_its_change(harness: Harness) -> None:
     r = harness.reloader
     async with r._lock:
-        task = asyncio.create_task(r.apply_text("ntp_interval=333\n", partial=True, who="t", via="mqtt"))
+        task = asyncio.create_task(
+            r.apply_text("ntp_interval=333\n", partial=True, who="t", via="mqtt", authenticated=False)
+        )
         await asyncio.sleep(0.01)
         task.cancel()
     for _ in range(200):
@@ -377,6 +403,13 @@ async def test_bad_sighup_keeps_the_running_configuration(harness: Harness) -> N
     assert "STATUS=reload refused: configuration invalid" in harness.notifier.sent
 
 
+async def allow_plain_param_set(harness: Harness) -> None:
+    """The installer's opt-in: [remote] plain_param_set = true in dcud.toml, then a reload (SIGHUP)."""
+    harness.site.write_text(harness.site.read_text() + "\n[remote]\nplain_param_set = true\n")
+    await harness.reloader.reload()
+    assert harness.reloader.current.toml.remote.plain_param_set
+
+
 async def test_param_commands(harness: Harness) -> None:
     router = CommandRouter()
     register_param_commands(router, harness.reloader)
@@ -384,29 +417,101 @@ async def test_param_commands(harness: Harness) -> None:
     async def call(verb: str, request: dict[str, Any]) -> dict[str, Any]:
         return await router.dispatch(verb, json.dumps(request).encode())
 
-    reply = await router.dispatch(
-        "param/set", json.dumps({"set": {"fw_server_key": KEY}, "who": "op"}).encode()
-    )
+    # Plain param/set is off by default: refused, nothing changes.
+    reply = await call("param/set", {"set": {"ntp_interval": "300"}})
+    assert reply["error"]["type"] == "NotAuthorizedError" and "plain_param_set" in reply["error"]["message"]
+    assert harness.reloader.current.params.get("ntp_interval") == 600
+    await allow_plain_param_set(harness)
+    reply = await call("param/set", {"set": {"ntp_interval": "300"}, "who": "op"})
     assert reply["ok"], reply
-    assert reply["result"]["changed"] == {"fw_server_key": {"old": "", "new": "***"}}
-    reply = await router.dispatch(
-        "param/get", json.dumps({"names": ["fw_server_key", "ntp_interval"]}).encode()
-    )
-    assert reply["result"]["values"] == {"fw_server_key": "***", "ntp_interval": "600"}
-    assert "fw_server_key" in reply["result"]["set"]
-    bad_key = "zz" + KEY[2:]
-    reply = await call("param/set", {"set": {"fw_server_key": bad_key}})
-    assert not reply["ok"] and "fw_server_key" in reply["error"]["message"]
-    assert bad_key not in json.dumps(reply)
+    assert reply["result"]["changed"] == {"ntp_interval": {"old": "600", "new": "300"}}
+    assert harness.events[-1]["who"] == "op"
+    reply = await call("param/get", {"names": ["fw_server_key", "ntp_interval"]})
+    assert reply["result"]["values"] == {"fw_server_key": "", "ntp_interval": "300"}
     reply = await call("param/set", {"set": {"ntp_interval": "x\nbogus=1"}})
     assert not reply["ok"]
-    reply = await router.dispatch(
-        "param/set", json.dumps({"text": "ntp_interval=90\n", "dry_run": True}).encode()
-    )
+    reply = await call("param/set", {"text": "ntp_interval=90\n", "dry_run": True})
     assert reply["ok"] and reply["result"]["dry_run"]
     reply = await call("param/get", {"names": ["nope"]})
-    assert not reply["ok"]
-    assert KEY not in json.dumps(harness.events)
+    assert not reply["ok"] and reply["error"]["field"] == "$.names"
+    reply = await call("param/set", {"set": {"ntp_interval": 1.5}})
+    assert reply["error"]["type"] == "BadRequestError" and reply["error"]["field"] == "$.set.ntp_interval"
+    reply = await call("param/set", {"set": {"ntp_interval": "1"}, "text": "x"})
+    assert not reply["ok"] and "exactly one" in reply["error"]["message"]
+
+
+async def test_protected_parameters_never_change_over_a_plain_channel(harness: Harness) -> None:
+    """Even with plain_param_set = true: the EI client's destination, the key, SNMP, dm, tm TLS..."""
+    router = CommandRouter()
+    register_param_commands(router, harness.reloader)
+    await allow_plain_param_set(harness)
+    r = harness.reloader
+    before = r.current_text()
+
+    async def call(request: dict[str, Any]) -> dict[str, Any]:
+        return await router.dispatch("param/set", json.dumps(request).encode())
+
+    attempts: list[dict[str, Any]] = [
+        {"set": {"ei_client_addr": "203.0.113.7", "ei_client_port": "4059"}},
+        {"set": {"ntp_interval": "300", "fw_server_key": KEY}},  # one protected name refuses all of it
+        {"set": {"tm.verify": "2"}},
+        {"set": {"dm.server": "203.0.113.9"}},
+        {"set": {"snmp_user": "public"}},
+        {"set": {"com_ping_host": "203.0.113.1"}},
+        {"text": "ntp_interval=300\nei_client_addr=203.0.113.7\nei_client_port=4059\n"},
+        {"set": {"ei_client_addr": "203.0.113.7", "ei_client_port": "4059"}, "dry_run": True},
+    ]
+    for attempt in attempts:
+        reply = await call(attempt)
+        assert reply["error"]["type"] == "ProtectedParameterError", (attempt, reply)
+        assert "protected" in reply["error"]["message"]
+    assert r.current_text() == before and harness.events == []
+    assert r.current.params.get("ntp_interval") == 600 and r.stats.protected_refused == len(attempts)
+    # The same policy on the Reloader for every channel (the config port calls it with authenticated=False).
+    with pytest.raises(rc.ProtectedParameterError) as caught:
+        await r.apply_text(
+            "# whole file\nei_client_addr=203.0.113.7\n",
+            partial=False,
+            who="x",
+            via="config-port",
+            authenticated=False,
+        )
+    assert [(i.line, i.key) for i in caught.value.issues] == [(2, "ei_client_addr")]
+    # Authenticated (an envelope), the same change is applied.
+    result = await r.apply_updates(
+        {"ei_client_addr": "203.0.113.7", "ei_client_port": "4059"}, who="hes", via="mqtt", authenticated=True
+    )
+    assert set(result.changed) == {"ei_client_addr", "ei_client_port"}
+    # A whole plain file that leaves a protected parameter out would reset it: refused too.
+    with pytest.raises(rc.ProtectedParameterError, match="leaves it out"):
+        await r.apply_text("ntp_interval=300\n", partial=False, who="x", via="mqtt", authenticated=False)
+    # Re-stating the value in force is no change: allowed.
+    await r.apply_updates(
+        {"ei_client_port": "4059", "ntp_interval": "301"}, who="x", via="mqtt", authenticated=False
+    )
+    assert r.current.params.get("ntp_interval") == 301
+
+
+def test_the_protected_set_is_exactly_the_documented_one() -> None:
+    import re
+
+    expected = {n for n in CATALOGUE if re.match(r"^(fw_server|ei_client|dm|snmp)[._]", n)}
+    expected |= {"tm.tls_enable", "tm.cert", "tm.ca_cert", "tm.verify", "tm.use_crl", "com_ping_host"}
+    assert expected == rc.PROTECTED_PARAMETERS
+    assert {
+        "ei_client_addr",
+        "ei_client_port",
+        "ei_client_pass",
+        "fw_server_key",
+        "fw_server_encrypt",
+    } <= expected
+    assert {"dm.verify", "dm.ca_cert", "snmp_user", "snmp_manager_ip"} <= expected
+    assert "ntp_interval" not in expected and "tm.baud" not in expected
+    # Every spelling of those families in the catalogue is covered (no dotted/underscored twin left out).
+    for name in CATALOGUE:
+        family = re.sub(r"[._]", "_", name)
+        if family.startswith(("fw_server_", "ei_client_", "dm_", "snmp_")):
+            assert name in rc.PROTECTED_PARAMETERS, name
 
 
 def test_not_running_refuses(tmp_path: Path) -> None:
@@ -415,7 +520,9 @@ def test_not_running_refuses(tmp_path: Path) -> None:
 
     async def go() -> None:
         with pytest.raises(ReloadBusyError):
-            await reloader.apply_text("ntp_interval=1\n", partial=True, who="t", via="mqtt")
+            await reloader.apply_text(
+                "ntp_interval=1\n", partial=True, who="t", via="mqtt", authenticated=False
+            )
 
     asyncio.run(go())
 
@@ -428,7 +535,7 @@ def test_module_exports_docstrings() -> None:
     assert rc.__doc__ and "atomically" in rc.__doc__
 
 
-async def test_param_set_needs_an_envelope_while_encryption_is_on(harness: Harness) -> None:
+async def test_param_set_needs_an_envelope_while_a_key_is_set(harness: Harness) -> None:
     import base64
 
     from dcud.service.crypto_envelope import EnvelopeKeys, seal
@@ -436,30 +543,42 @@ async def test_param_set_needs_an_envelope_while_encryption_is_on(harness: Harne
     router = CommandRouter()
     register_param_commands(router, harness.reloader)
     r = harness.reloader
-    await r.apply_text(f"fw_server_key={KEY}\nfw_server_encrypt=1\n", partial=True, who="t", via="local")
+    await allow_plain_param_set(harness)  # even with the opt-in: a configured key requires the envelope
+    await r.apply_text(f"fw_server_key={KEY}\n", partial=True, who="t", via="local", authenticated=True)
 
     async def call(request: dict[str, Any]) -> dict[str, Any]:
         return await router.dispatch("param/set", json.dumps(request).encode())
 
     reply = await call({"set": {"ntp_interval": "300"}})
-    assert not reply["ok"] and "envelope" in reply["error"]["message"]
+    assert reply["error"]["type"] == "NotAuthorizedError" and "envelope" in reply["error"]["message"]
     keys = EnvelopeKeys.from_parameter(KEY)
-    inner = json.dumps({"set": {"ntp_interval": "300"}, "who": "hes"}).encode()
-    dev = r.current.device_id
-    sealed = seal(keys, inner, rc.MQTT_SET_CONTEXT, device_id=dev)
+    inner = json.dumps({"set": {"ntp_interval": "300", "ei_client_addr": "10.0.0.5"}, "who": "hes"}).encode()
+    sealed = seal(keys, inner, rc.MQTT_SET_CONTEXT, device_id=r.current.device_id)
     reply = await call({"id": 5, "envelope": base64.b64encode(sealed).decode()})
     assert reply["ok"] and reply["id"] == 5, reply
-    assert r.current.params.get("ntp_interval") == 300
-    reply = await call({"envelope": base64.b64encode(sealed).decode()})  # replayed
+    assert r.current.params.get("ntp_interval") == 300  # authenticated: protected names change too
+    assert r.current.params.get("ei_client_addr") is not None
+    # The same bytes again (a retry): answered from the first reply, not run twice, no replay error.
+    again = await call({"id": 5, "envelope": base64.b64encode(sealed).decode()})
+    assert again == reply and len(harness.events) == 2
+    reply = await call({"id": 6, "envelope": base64.b64encode(sealed).decode()})  # replayed, new id
     assert not reply["ok"] and reply["error"]["type"] == "ReplayedEnvelopeError"
-    tampered = bytearray(seal(keys, inner, rc.MQTT_SET_CONTEXT, device_id=dev))
+    tampered = bytearray(seal(keys, inner, rc.MQTT_SET_CONTEXT, device_id=r.current.device_id))
     tampered[50] ^= 1
     reply = await call({"envelope": base64.b64encode(bytes(tampered)).decode()})
     assert not reply["ok"] and reply["error"]["type"] == "EnvelopeAuthError"
-    other = seal(keys, inner, b"PUT /config", device_id=dev)  # made for the config port
+    other = seal(keys, inner, b"PUT /config", device_id=r.current.device_id)  # made for the config port
     reply = await call({"envelope": base64.b64encode(other).decode()})
-    assert not reply["ok"]
+    assert reply["error"]["type"] == "EnvelopeAuthError"
+    bad = seal(keys, b'{"set": {"ntp_interval": true}}', rc.MQTT_SET_CONTEXT, device_id=r.current.device_id)
+    reply = await call({"envelope": base64.b64encode(bad).decode()})
+    assert reply["error"]["field"] == "$.set.ntp_interval"
     assert harness.events[-1]["who"] == "hes"
+    # param/get changes nothing: no envelope needed, and one is refused.
+    reply = await router.dispatch("param/get", b'{"names": ["ntp_interval"]}')
+    assert reply["ok"]
+    reply = await router.dispatch("param/get", json.dumps({"envelope": "AAAA"}).encode())
+    assert reply["error"]["type"] == "BadRequestError"
 
 
 async def test_a_failed_write_changes_nothing(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -470,7 +589,9 @@ async def test_a_failed_write_changes_nothing(harness: Harness, monkeypatch: pyt
 
     monkeypatch.setattr(rc, "atomic_write_parameters", full)
     with pytest.raises(rc.ParameterWriteError, match="No space left"):
-        await harness.reloader.apply_text("ntp_interval=300\n", partial=True, who="t", via="mqtt")
+        await harness.reloader.apply_text(
+            "ntp_interval=300\n", partial=True, who="t", via="mqtt", authenticated=False
+        )
     assert harness.reloader.current.params.get("ntp_interval") == 600
     assert harness.events == []
 

@@ -37,6 +37,7 @@ INTERPRETED_DEFAULTS = {
     "snrp_connect_start": ("FFFFFFFFF00000", "FFFFFFFF000000"),
     "emeter_date_format": ("YYMMDD (Read Ohv)", "YYMMDD"),
     "tm2.baud": ("2418", "2400"),
+    "dm.verify": ("0", "2"),
 }
 
 
@@ -163,6 +164,8 @@ APPLIED_PREFIXES = (
     "calendar_",
     "com_ping_",
     "snrp_restart_time",
+    "led",
+    "em_relay",
 )
 
 
@@ -187,6 +190,7 @@ def test_secrets() -> None:
         "datapush_host",
         "snmp_auth_key",
         "snmp_priv_key",
+        "snmp_user",
         "com_apn_pass",
         "pdfoff_auth_pass",
         "fw_server_key",

@@ -269,6 +269,24 @@ class IecSniffer:
         self.framing = self.initial_framing
         self._to_idle()
 
+    @property
+    def programming(self) -> bool:
+        """True while the meter is in programming mode (it may hold a password session open).
+
+        Whoever ends the exchange early (a bridge session that ends, or hands the line over) must send
+        the break ``SOH B0 ETX BCC`` at the current rate, or the next master inherits the session.
+        """
+        return self.state is SnifferState.PROGRAMMING or self.state is SnifferState.BREAK_WAIT
+
+    @property
+    def client_frame_open(self) -> bool:
+        """True when the client's last programming frame stopped before its BCC (it ended mid-frame).
+
+        The meter then takes the next bytes as the rest of that frame: a break sent now is swallowed
+        by it (and fails the BCC), so a second break is needed.
+        """
+        return self.state is SnifferState.PROGRAMMING and self._prog_phase != 0
+
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timer` must run (absolute, same clock as ``now``), or None."""
         return self._deadline

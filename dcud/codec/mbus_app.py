@@ -12,10 +12,21 @@ Dates (types G, F, I, J) become ISO 8601 strings in the meter's local time; a da
 invalid, or one that names no real day (``00.00.00``), becomes ``""``. A BCD field holding non-decimal
 digits (meters use them as error markers) keeps its digits as a hex string. Manufacturer-specific data
 (DIF 0F/1F) is kept raw as hex.
+
+A value that is physically impossible for its quantity (:data:`PHYSICAL_RANGES`: a reception level
+outside -174..+27 dBm, a temperature below absolute zero, a relative humidity outside 0..100 %) is
+never published as a number: the record keeps its place, ``value`` becomes ``""`` and ``invalid``
+says why (the raw bytes stay in ``raw_data`` and in the JSON ``raw``). The rest of the telegram is
+decoded as usual, so one bad record does not cost the meter's good ones.
+
+The reception level (VIF FD 71, "reception level of a partner device") is plain dBm in the record's
+data type, as jMbus, exmbus and MBusParser read it; EN 13757-3 defines no conversion (the
+``2 x raw - 130`` some decoders apply has no source in the standard).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from collections.abc import Sequence
@@ -298,6 +309,45 @@ _PRIMARY = _primary_table()
 _FD = _fd_table()
 _FB = _fb_table()
 
+# ---------------------------------------------------------------------------------------------------
+# Physical plausibility
+
+_ABSOLUTE_ZERO_DEGC = -273.15
+_ABSOLUTE_ZERO_DEGF = -459.67
+
+PHYSICAL_RANGES: dict[tuple[str, str], tuple[float, float]] = {
+    # A receiver cannot measure below the thermal noise floor (-174 dBm in 1 Hz), nor receive more than
+    # the strongest transmitter metering radio may use (EN 13757-4 N mode, 169 MHz: 500 mW = +27 dBm).
+    ("reception_level", "dBm"): (-174.0, 27.0),
+    ("relative_humidity", "%"): (0.0, 100.0),
+    **{
+        (quantity, unit): (zero, math.inf)
+        for quantity in ("flow_temperature", "return_temperature", "external_temperature", "temperature")
+        for unit, zero in (("degC", _ABSOLUTE_ZERO_DEGC), ("degF", _ABSOLUTE_ZERO_DEGF))
+    },
+}
+"""(quantity, unit) -> the closed range a scaled value must lie in; outside it the record is invalid.
+
+Only bounds set by physics (or by the radio regulations every M-Bus radio obeys) are listed, never
+"unusual" values: a meter may legitimately report a negative energy or a 150 degC flow temperature.
+Temperature differences and limits are not bounded (a difference can be negative; a limit is a setting).
+"""
+
+
+def _implausible(quantity: str, unit: str, value: int | float | str) -> str:
+    """Why ``value`` cannot be a real ``quantity`` in ``unit`` (``""``: it can)."""
+    bounds = PHYSICAL_RANGES.get((quantity, unit))
+    if bounds is None or isinstance(value, str):
+        return ""
+    low, high = bounds
+    if math.isnan(value):
+        return f"{quantity} is not a number"
+    if low <= value <= high:
+        return ""
+    allowed = f">= {low:g} {unit}" if math.isinf(high) else f"{low:g}..{high:+g} {unit}"
+    return f"{quantity} {value:g} {unit} is physically impossible (allowed: {allowed})"
+
+
 # Fixed data structure (CI 73/77) unit codes: (quantity, unit, exponent).
 _FIXED_UNITS: dict[int, tuple[str, str, int]] = {}
 for _i in range(9):
@@ -333,6 +383,8 @@ class MbusRecord:
     raw_dif: str = ""
     raw_vif: str = ""
     raw_data: str = ""
+    invalid: str = ""
+    """Why ``value`` was refused (physically impossible, see :data:`PHYSICAL_RANGES`); ``""``: valid."""
 
     @property
     def id(self) -> str:
@@ -340,8 +392,8 @@ class MbusRecord:
         return str(self.index)
 
     def to_json(self) -> dict[str, object]:
-        """The MQTT ``values[]`` entry."""
-        return {
+        """The MQTT ``values[]`` entry; a refused value adds ``invalid`` (the reason) and ``raw`` (hex)."""
+        entry: dict[str, object] = {
             "id": self.id,
             "value": self.value,
             "unit": self.unit,
@@ -351,6 +403,10 @@ class MbusRecord:
             "subunit": self.subunit,
             "function": self.function,
         }
+        if self.invalid:
+            entry["invalid"] = self.invalid
+            entry["raw"] = self.raw_data
+        return entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -715,8 +771,10 @@ def _make_record(
             value = bcd if isinstance(bcd, str) else _scale(bcd, exp, factor)
         else:
             raw = _int_le(body, signed=info.kind != _BITS)
-            # OMS reception level: dBm = 2 x raw - 130.
-            value = raw * 2 - 130 if quantity == "reception_level" else _scale(raw, exp, factor)
+            value = _scale(raw, exp, factor)
+    invalid = _implausible(quantity, unit, value)
+    if invalid:
+        value = ""
     return MbusRecord(
         index=index,
         value=value,
@@ -729,6 +787,7 @@ def _make_record(
         raw_dif=raw_dif.hex().upper(),
         raw_vif=raw_vif.hex().upper(),
         raw_data=payload.hex().upper(),
+        invalid=invalid,
     )
 
 
@@ -765,14 +824,16 @@ def _decode_fixed(ci: int, data: bytes, address: int) -> MbusTelegram:
         raw: int | str = _int_le(counter, signed=False) if binary else decode_bcd(counter)
         quantity, unit, exp = _FIXED_UNITS.get(unit_code, ("reserved", "", 0))
         value = raw if isinstance(raw, str) else _scale(raw, exp, 1)
+        invalid = _implausible(quantity, unit, value)
         records.append(
             MbusRecord(
                 index=idx,
-                value=value,
+                value="" if invalid else value,
                 unit=unit,
                 quantity=quantity,
                 storage=storage,
                 raw_data=chunk.hex().upper(),
+                invalid=invalid,
             )
         )
     return MbusTelegram(

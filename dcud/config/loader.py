@@ -12,6 +12,7 @@ import re
 import socket
 import tomllib
 import zoneinfo
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def _name_items(issues: list[ConfigIssue], data: dict[str, Any]) -> list[ConfigI
     out = []
     for item in issues:
         key = item.key
-        match = re.match(r"^(line|meter|can|drive)\[(\d+)\](.*)$", key)
+        match = re.match(r"^(line|meter|can|drive|input)\[(\d+)\](.*)$", key)
         if match:
             array = data.get(match.group(1))
             index = int(match.group(2))
@@ -168,6 +169,7 @@ def _cross_check(toml: DcudToml, file: str, locator: LineLocator) -> list[Config
         "meter": [x.name for x in toml.meter],
         "can": [x.name for x in toml.can],
         "drive": [x.name for x in toml.drive],
+        "input": [x.name for x in toml.input],
     }
     for array, names in named.items():
         seen: set[str] = set()
@@ -246,6 +248,7 @@ def _cross_check(toml: DcudToml, file: str, locator: LineLocator) -> list[Config
         issues.append(
             ConfigIssue(file, locator.line_of("power"), "power.path", "required when source is file")
         )
+    issues.extend(_check_levels(toml, file, locator, issue))
     if toml.config_port.listen not in ("auto", "loopback", "any"):
         try:
             ipaddress.ip_address(toml.config_port.listen)
@@ -253,6 +256,17 @@ def _cross_check(toml: DcudToml, file: str, locator: LineLocator) -> list[Config
             where = locator.line_of("config_port.listen")
             message = "expected auto, loopback, any or an IP address"
             issues.append(ConfigIssue(file, where, "config_port.listen", message))
+    if toml.snmp.agent_listen:
+        host, _, port = toml.snmp.agent_listen.rpartition(":")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            valid = 1 <= int(port) <= 65535
+        except ValueError:
+            valid = False
+        if not valid:
+            where = locator.line_of("snmp.agent_listen")
+            message = 'expected "<IPv4>:<port>" or "[<IPv6>]:<port>", port 1..65535'
+            issues.append(ConfigIssue(file, where, "snmp.agent_listen", message))
     if toml.mqtt is not None:
         from dcud.config.mqtt_url import MqttUrlError, parse_mqtt_url
 
@@ -260,6 +274,42 @@ def _cross_check(toml: DcudToml, file: str, locator: LineLocator) -> list[Config
             parse_mqtt_url(toml.mqtt.url)
         except MqttUrlError as exc:
             issues.append(ConfigIssue(file, locator.line_of("mqtt.url"), "mqtt.url", str(exc)))
+    return issues
+
+
+def _check_levels(
+    toml: DcudToml, file: str, locator: LineLocator, issue: Callable[[str, int, str, str, str], None]
+) -> list[ConfigIssue]:
+    """``[[input]]`` and ``[relay]``: a file source needs its path; one GPIO line has one user."""
+    issues: list[ConfigIssue] = []
+    lines_used: dict[tuple[str, int], str] = {}
+    if toml.power.source == "gpio":
+        lines_used[(toml.power.chip, toml.power.gpio_line)] = "[power]"
+    for index, item in enumerate(toml.input):
+        if item.source == "file" and not item.path:
+            issue("input", index, item.name, "path", "required when source is file")
+        elif item.source == "gpio":
+            key = (item.chip, item.gpio_line)
+            if key in lines_used:
+                issue(
+                    "input",
+                    index,
+                    item.name,
+                    "gpio_line",
+                    f"line {item.gpio_line} of {item.chip} is also {lines_used[key]}",
+                )
+            lines_used.setdefault(key, f"input {item.name}")
+    relay = toml.relay
+    if relay.source == "file" and not relay.path:
+        issues.append(
+            ConfigIssue(file, locator.line_of("relay.path"), "relay.path", "required when source is file")
+        )
+    elif relay.source == "gpio" and (relay.chip, relay.gpio_line) in lines_used:
+        where = locator.line_of("relay.gpio_line")
+        message = (
+            f"line {relay.gpio_line} of {relay.chip} is also {lines_used[(relay.chip, relay.gpio_line)]}"
+        )
+        issues.append(ConfigIssue(file, where, "relay.gpio_line", message))
     return issues
 
 

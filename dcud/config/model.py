@@ -6,6 +6,7 @@ default where a sensible one exists, so a minimal installation file stays short.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -35,6 +36,31 @@ class MqttConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     status_interval_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 60.0
     reconnect_max_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 60.0
     clean_session: bool = False
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    """MQTT version: auto tries 5 (broker-side Maximum Packet Size, retain flags as published) and falls
+    back to 3.1.1 when the broker refuses it."""
+
+
+class RemoteConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Remote commands (``<p>/cmd/<verb>``): who may change what, and the bounds of the command path.
+
+    docs/remote-config.md ("MQTT commands"). dcud.toml itself is never changed remotely.
+    """
+
+    plain_param_set: bool = False
+    """Accept ``param/set`` without an envelope. Even then, parameters that decide who can reach or
+    control the DCU (``fw_server_*``, ``ei_client_*``, ``tm.*`` TLS/verify, ``dm.*``, ``snmp_*``,
+    ``com_ping_host``) change only in an envelope (or in the files on the DCU)."""
+    max_request_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 64 * 1024
+    """Largest command message; bigger ones are dropped before they are queued (MQTT 5: by the broker)."""
+    max_queued_requests: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
+    """Incoming command messages waiting to be read; more are dropped (counted)."""
+    max_depth: Annotated[int, msgspec.Meta(ge=2, le=64)] = 8
+    """Deepest JSON nesting of a request (objects and arrays)."""
+    dedupe_window_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 600.0
+    """A state-changing request repeating an ``id`` within this is answered from the first reply."""
+    dedupe_max_entries: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
+    """Remembered ids at most (oldest forgotten first)."""
 
 
 class OutboxConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -161,6 +187,30 @@ class DriveConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Modbus RTU: rate for this drive's transactions (default: the line's)."""
     framing: Framing | None = None
     """Modbus RTU: framing for this drive's transactions (default: the line's)."""
+    writable: list[Annotated[str, msgspec.Meta(max_length=16)]] = msgspec.field(default_factory=list)
+    """What ``drive/write`` may write (empty, the default: nothing). CANopen: objects ``"6060"`` (every
+    sub-index) or ``"607A:00"`` (hex); Modbus RTU: holding registers ``"40"`` or ranges ``"40-47"``
+    (0-based, decimal). The controlword/control register is never writable this way."""
+
+    def __post_init__(self) -> None:
+        pattern = WRITABLE_OBJECT if self.protocol == "canopen" else WRITABLE_REGISTERS
+        example = '"6060" or "607A:00" (hex)' if self.protocol == "canopen" else '"40" or "40-47" (decimal)'
+        for entry in self.writable:
+            match = re.fullmatch(pattern, entry)
+            if match is None or (self.protocol != "canopen" and not _register_range_ok(entry)):
+                raise ValueError(f'writable: "{entry}" is not {example} for a {self.protocol} drive')
+
+
+WRITABLE_OBJECT = r"(0x)?[0-9A-Fa-f]{4}(:(0x)?[0-9A-Fa-f]{1,2})?"
+"""A CANopen ``[[drive]] writable`` entry: index, optional sub-index, hex."""
+WRITABLE_REGISTERS = r"[0-9]{1,5}(-[0-9]{1,5})?"
+"""A Modbus ``[[drive]] writable`` entry: a register or an inclusive range, decimal, 0-based."""
+
+
+def _register_range_ok(entry: str) -> bool:
+    first, _, last = entry.partition("-")
+    low, high = int(first), int(last or first)
+    return low <= high <= 65535
 
 
 class PowerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -179,6 +229,64 @@ class PowerConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Time budget of the last-gasp sequence after detection (commit, trap, MQTT, event push)."""
 
 
+class InputConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One digital input (a door contact, a tamper switch...): read like ``[power]``, raises
+    ``input_change`` (dcud.service.inputs, docs/alarms-and-time.md)."""
+
+    name: Name
+    source: Literal["file", "gpio"]
+    path: str = ""
+    """``source = "file"``: a sysfs-style file holding an integer (non-zero = high)."""
+    chip: str = "/dev/gpiochip0"
+    gpio_line: Annotated[int, msgspec.Meta(ge=0)] = 0
+    active_low: bool = False
+    """Invert the level: with a contact to ground and a pull-up, closed reads low and counts as active."""
+    poll_interval_s: Annotated[float, msgspec.Meta(ge=0.005, le=10)] = 0.05
+    """How often the file (or, without edge events, the GPIO line) is read."""
+    debounce_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.1
+    """A new level counts once it has been stable this long (flapping faster than this is ignored)."""
+
+
+LedName = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^$|^(?!\.\.?$)[^/\x00]+$")]
+
+
+class LedsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where the WM-E LEDs ``led1``..``led6`` are: LED class devices under ``root`` (dcud.service.outputs)."""
+
+    root: str = "/sys/class/leds"
+    """The LED class directory (a test points it at a temporary tree)."""
+    led1: LedName = "led1"
+    """The Linux LED name (a directory under ``root``) that is WM-E LED 1; empty: not wired."""
+    led2: LedName = "led2"
+    led3: LedName = "led3"
+    led4: LedName = "led4"
+    led5: LedName = "led5"
+    led6: LedName = "led6"
+
+    def names(self) -> dict[str, str]:
+        """WM-E LED parameter name -> Linux LED name (empty: not wired)."""
+        return {
+            "led1": self.led1,
+            "led2": self.led2,
+            "led3": self.led3,
+            "led4": self.led4,
+            "led5": self.led5,
+            "led6": self.led6,
+        }
+
+
+class RelayConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The relay output that ``em_relay`` drives (dcud.service.outputs)."""
+
+    source: Literal["none", "file", "gpio"] = "none"
+    """none: this DCU has no relay; file: a sysfs-style value file (``1``/``0`` written); gpio: a line."""
+    path: str = ""
+    chip: str = "/dev/gpiochip0"
+    gpio_line: Annotated[int, msgspec.Meta(ge=0)] = 0
+    active_low: bool = False
+    """The relay is energised by a low level."""
+
+
 class SnmpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """SNMP settings that the WM-E snmp_* parameters do not cover (dcud.service.snmp)."""
 
@@ -188,6 +296,30 @@ class SnmpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
         "1.3.6.1.4.1.32473"
     )
     """DCUD-MIB's root; the default is the RFC 5612 documentation PEN, a placeholder."""
+    agent_listen: Annotated[
+        str, msgspec.Meta(pattern=r"^$|^([0-9]{1,3}(\.[0-9]{1,3}){3}|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}$")
+    ] = ""
+    """``host:port`` (``[v6]:port``) of the read-only SNMP agent (dcud.service.snmp_agent); empty: off."""
+    agent_community: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[\x21-\x7e]*$")] = ""
+    """SNMPv2c read-only community of the agent (a secret); empty: no v2c (v3 only)."""
+    agent_max_message_bytes: Annotated[int, msgspec.Meta(ge=484, le=65507)] = 1472
+    """Largest response datagram (RFC 3417's minimum is 484; 1472 fits an Ethernet frame unfragmented)."""
+    agent_max_requests_per_s: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
+    """Datagrams the agent handles per second (bursts of twice as many); more are dropped, counted."""
+    inform: bool = False
+    """Send alarms as acknowledged INFORMs (the last gasp stays a trap)."""
+    inform_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 3
+    """Resends of an unacknowledged INFORM before it counts as failed."""
+    inform_timeout_s: Annotated[float, msgspec.Meta(ge=0.1, le=60)] = 5.0
+    """Wait for an INFORM's acknowledgement before resending it."""
+
+    def __repr__(self) -> str:
+        # agent_community is a password: never in a repr (and so never in a log line or traceback).
+        shown = (
+            f"{name}={'***' if name == 'agent_community' and value else repr(value)}"
+            for name, value in ((name, getattr(self, name)) for name in self.__struct_fields__)
+        )
+        return f"SnmpConfig({', '.join(shown)})"
 
 
 class NtpConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -272,7 +404,9 @@ class TransparentConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=
     )
     """Source addresses/networks (CIDR) allowed to connect; empty: any. Others are dropped before TLS."""
     second_client: Literal["takeover", "refuse"] = "takeover"
-    """A new client while a session runs: end the old one (takeover) or send ``busy_message`` and close."""
+    """A new client while a session runs: takeover ends the old one only when the new client proves the
+    same identity (client certificate subject and issuer, else source address); everybody else, and
+    everybody with refuse, gets ``busy_message`` and is closed."""
     busy_message: Annotated[str, msgspec.Meta(max_length=200)] = "BUSY transparent port in use\r\n"
     idle_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 300.0
     """A session without a byte either way for this long is closed (0 = never)."""
@@ -290,6 +424,8 @@ class TransparentConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=
     handshake_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     max_pending: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
     """Connections in TLS handshake or being admitted at once; more are dropped at once (counted)."""
+    max_pending_per_source: Annotated[int, msgspec.Meta(ge=1, le=256)] = 2
+    """Of those, at most this many from one source (IPv4 address, IPv6 /64); more are dropped (counted)."""
     iec_aware: bool = True
     """Follow IEC 62056-21 mode C/E baud (and framing) switches of the client's sign-on."""
     iec_inactivity_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 120.0
@@ -303,7 +439,10 @@ class TransparentConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=
     ei_login_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     ei_reconnect_max_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 300.0
     ei_tls: bool = False
-    """The EI client connects with TLS (server verified against bank ``tm.ca_cert`` per ``tm.verify``)."""
+    """The EI client connects with TLS (our certificate from bank ``tm.cert`` when set)."""
+    ei_tls_verify: Literal["mandatory", "none"] = "mandatory"
+    """EI server certificate: verified (chain against bank ``tm.ca_cert``, else the system trust store,
+    and the host name) or not at all; the EI password is never sent to an unverified server."""
 
 
 class DcudToml(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -316,12 +455,16 @@ class DcudToml(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     timezone: str = ""
     grace_s: Annotated[float, msgspec.Meta(ge=0.1, le=120)] = 5.0
     mqtt: MqttConfig | None = None
+    remote: RemoteConfig = msgspec.field(default_factory=RemoteConfig)
     outbox: OutboxConfig = msgspec.field(default_factory=OutboxConfig)
     line: list[LineConfig] = msgspec.field(default_factory=list)
     meter: list[MeterConfig] = msgspec.field(default_factory=list)
     can: list[CanConfig] = msgspec.field(default_factory=list)
     drive: list[DriveConfig] = msgspec.field(default_factory=list)
     power: PowerConfig = msgspec.field(default_factory=PowerConfig)
+    input: list[InputConfig] = msgspec.field(default_factory=list)
+    leds: LedsConfig = msgspec.field(default_factory=LedsConfig)
+    relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
     snmp: SnmpConfig = msgspec.field(default_factory=SnmpConfig)
     ntp: NtpConfig = msgspec.field(default_factory=NtpConfig)
     watchdog: WatchdogConfig = msgspec.field(default_factory=WatchdogConfig)

@@ -139,7 +139,7 @@ def decode_table(
             try:
                 clean[name] = msgspec.convert(value, info.type, strict=True)
             except msgspec.ValidationError as exc:
-                issue(path, f"{_clean_message(exc)}, got {_show(value)}")
+                issue(path, f"{_clean_message(exc)}, {_shown(name, value)}")
     if issues:
         return None, issues
     try:
@@ -151,6 +151,13 @@ def decode_table(
 
 def _join(keypath: str, key: str) -> str:
     return f"{keypath}.{key}" if keypath else key
+
+
+def _shown(key: str, value: Any) -> str:
+    """``got <value>`` for an error message; never the value of a secret key (``agent_community``...)."""
+    from dcud.log import is_secret_key
+
+    return "value not shown (secret)" if is_secret_key(key) else f"got {_show(value)}"
 
 
 def _show(value: Any) -> str:

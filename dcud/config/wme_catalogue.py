@@ -43,6 +43,13 @@ class Entry:
     secret: bool = False
 
 
+LED_NOTE = (
+    "The seed has no list of LED meanings; the codes are dcud's: 0 off, 1 on, 2 uplink reachable, "
+    "3 clock synchronised, 4 every meter ok, 5 alarm (power lost or an input active); other codes leave "
+    "the LED to its kernel trigger. Applied to the Linux LED that [leds] names under its root "
+    "(default /sys/class/leds/ledN); reported as not present where there is none (leds state)."
+)
+
 ENTRIES: tuple[Entry, ...] = (
     Entry(
         name="ei_client_type",
@@ -545,7 +552,11 @@ ENTRIES: tuple[Entry, ...] = (
         support="applied",
         minimum=1,
         maximum=32,
-        note="SNMPv3 USM user name (with snmp_version=2 it is the community).",
+        secret=True,
+        note=(
+            "SNMPv3 USM user name; with snmp_version=2 it is the community, a shared secret, so it is "
+            "secret. No default: unset, dcud sends no trap (never the community 'public')."
+        ),
         description="*Only in case of using SNMP Manager",
     ),
     Entry(
@@ -1534,10 +1545,10 @@ ENTRIES: tuple[Entry, ...] = (
         unit="",
         seed_unit="SELECTION",
         kind="selection",
-        support="accepted",
+        support="applied",
         minimum=0,
         maximum=255,
-        note=("The LED meaning list is not in the seed; dcud accepts a code 0..255. No such LEDs here."),
+        note=LED_NOTE,
         description="LED tab - selecting the nr. of LED meaning in the LED selection list",
     ),
     Entry(
@@ -1548,10 +1559,10 @@ ENTRIES: tuple[Entry, ...] = (
         unit="",
         seed_unit="SELECTION",
         kind="selection",
-        support="accepted",
+        support="applied",
         minimum=0,
         maximum=255,
-        note=("The LED meaning list is not in the seed; dcud accepts a code 0..255. No such LEDs here."),
+        note=LED_NOTE,
         description="LED tab - selecting the nr. of LED meaning in the LED selection list",
     ),
     Entry(
@@ -1562,10 +1573,10 @@ ENTRIES: tuple[Entry, ...] = (
         unit="",
         seed_unit="SELECTION",
         kind="selection",
-        support="accepted",
+        support="applied",
         minimum=0,
         maximum=255,
-        note=("The LED meaning list is not in the seed; dcud accepts a code 0..255. No such LEDs here."),
+        note=LED_NOTE,
         description="LED tab - selecting the nr. of LED meaning in the LED selection list",
     ),
     Entry(
@@ -1576,10 +1587,10 @@ ENTRIES: tuple[Entry, ...] = (
         unit="",
         seed_unit="SELECTION",
         kind="selection",
-        support="accepted",
+        support="applied",
         minimum=0,
         maximum=255,
-        note=("The LED meaning list is not in the seed; dcud accepts a code 0..255. No such LEDs here."),
+        note=LED_NOTE,
         description="LED tab - selecting the nr. of LED meaning in the LED selection list",
     ),
     Entry(
@@ -1590,10 +1601,10 @@ ENTRIES: tuple[Entry, ...] = (
         unit="",
         seed_unit="SELECTION",
         kind="selection",
-        support="accepted",
+        support="applied",
         minimum=0,
         maximum=255,
-        note=("The LED meaning list is not in the seed; dcud accepts a code 0..255. No such LEDs here."),
+        note=LED_NOTE,
         description="LED tab - selecting the nr. of LED meaning in the LED selection list",
     ),
     Entry(
@@ -1604,10 +1615,10 @@ ENTRIES: tuple[Entry, ...] = (
         unit="",
         seed_unit="SELECTION",
         kind="selection",
-        support="accepted",
+        support="applied",
         minimum=0,
         maximum=255,
-        note=("The LED meaning list is not in the seed; dcud accepts a code 0..255. No such LEDs here."),
+        note=LED_NOTE,
         description="LED tab - selecting the nr. of LED meaning in the LED selection list",
     ),
     Entry(
@@ -1691,9 +1702,14 @@ ENTRIES: tuple[Entry, ...] = (
         unit="",
         seed_unit="SELECTION",
         kind="selection",
-        support="accepted",
+        support="applied",
         allowed=("0", "10", "20", "30", "40"),
-        note=("Only on WM-E2S 8 relay versions; no relay here. Seed labels 20 and 40 both '1T' (garbled)."),
+        note=(
+            "Drives the [relay] output of dcud.toml; where there is none it is reported as not present "
+            "(relay state). The seed's labels are garbled (20 and 40 both '1T'); dcud reads the value as "
+            "one tariff relay contact: 0 (None), 20 and 40 (1T) released, 10 (1R) and 30 (1T2) energised. "
+            "Unset: the relay is not touched."
+        ),
         description="Values: 0-None, 10-1R, 20-1T, 30-1T2, 40-1T * Only for WM-E2S 8 Relay version",
     ),
     Entry(
@@ -1982,13 +1998,18 @@ ENTRIES: tuple[Entry, ...] = (
         name="dm.verify",
         group="RS485",
         term="Device Manager certification verification",
-        default="0",
+        default="2",
         unit="",
         seed_unit="SELECTION",
         kind="selection",
         support="applied",
         allowed=("0", "1", "2"),
-        note="0 = none, 1 = optional, 2 = mandatory (peer certificate verification).",
+        note=(
+            "0 = none, 1 = optional, 2 = mandatory (peer certificate verification). The seed's default"
+            " is 0; dcud defaults to 2 so that the device manager's document never goes to a server"
+            " that was not verified (with dm.tls_enable=0 nothing is pushed until dm.verify=0 is set"
+            " on purpose)."
+        ),
         description="0-None, 1-Optional, 2-Mandatory",
     ),
     Entry(

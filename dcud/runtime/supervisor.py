@@ -132,6 +132,8 @@ class Supervisor:
         self._ready_sent = False
         self.all_ready = asyncio.Event()
         self.started_s = time.monotonic()
+        self.restart_counts: dict[str, int] = {}
+        """Failures per service name (each followed by a restart or the stop), for the process's life."""
 
     # -- public control ------------------------------------------------------------------------
 
@@ -207,6 +209,7 @@ class Supervisor:
                 if ctx.stopping.is_set():
                     ctx.log.warning("service failed while stopping", error=repr(exc))
                     return
+                self.restart_counts[service.name] = self.restart_counts.get(service.name, 0) + 1
                 entry = self._running.get(service.name)
                 now = time.monotonic()
                 if entry is not None:

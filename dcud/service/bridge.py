@@ -33,13 +33,22 @@ is only written under the lease, and each lease starts at the session's settings
 
 Sessions
 --------
-Source allow-list (checked before any TLS work), TLS (handshake bounded, at most ``max_pending``
-handshakes at once), then the second-client policy: ``takeover`` ends the running session
-(``taken_over``) and serves the new client; ``refuse`` sends ``busy_message`` and closes. Sessions end on
-client close, ``idle_timeout_s``, dead peer (TCP keepalive ``keepalive_idle_s``/``_interval_s``/``_count``,
-TCP_USER_TIMEOUT and the unread bound ``unsent_timeout_s``), takeover, line failure or stop. Each
-session leaves one audit record: a ``bridge session`` log line and a ``bridge_session`` event with peer,
-start, end, bytes each way and the reason. An optional hex trace file records the traffic.
+Admission, all at connect time (nothing of it on the per-chunk path): the source allow-list (checked
+before any TLS work), TLS (handshake bounded, at most ``max_pending`` handshakes at once and at most
+``max_pending_per_source`` of them from one source, so one address cannot keep others out), then the
+second-client policy. ``takeover`` ends the running session (``taken_over``) only for a client that
+proves the session's identity: the same client certificate (subject and issuer) when the client sent
+one, else the same source address; anyone else is refused like ``refuse`` does (``busy_message``, then
+close; counted as ``refused_identity``). Sessions end on client close, ``idle_timeout_s``, dead peer
+(TCP keepalive ``keepalive_idle_s``/``_interval_s``/``_count``, TCP_USER_TIMEOUT and the unread bound
+``unsent_timeout_s``), takeover, ``lease_max_s``, line failure or stop.
+
+A session that gives up its lease (it ends, or hands an idle line to waiting readouts) while the IEC
+sniffer sees the meter in programming mode first writes the break ``SOH B0 ETX BCC`` at the rate in
+force and drains it: the next lease holder never inherits an open password session.
+
+Each session leaves one audit record: a ``bridge session`` log line and a ``bridge_session`` event with
+peer, start, end, bytes each way and the reason. An optional hex trace file records the traffic.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
+from dcud.codec.iec62056 import encode_break, tx_time_s
 from dcud.codec.iec_sniffer import Forward, IecSniffer, SnifferState, SnifferTimings, SwitchLine
 from dcud.codec.rfc2217 import (
     FLOWCONTROL_RESUME,
@@ -124,6 +134,10 @@ STATE_PUBLISH_MIN_S = 1.0
 EOF_LINGER_S = 1.5
 """After a client's half-close: how long the line must be quiet before the session ends (meter answer)."""
 EOF_LINGER_MAX_S = 10.0
+BREAK_DRAIN_S = 2.0
+"""Beyond its wire time, how long the IEC break may take to leave the UART before the lease goes anyway."""
+IPV6_SOURCE_PREFIX = 64
+"""IPv6 sources are counted per /64: one host usually holds a whole /64 and picks addresses in it."""
 
 EventSink = Callable[..., Awaitable[None]]
 
@@ -205,6 +219,7 @@ class BridgeConfig:
     trace_file: str = ""
     trace_max_bytes: int = 16 * 1024 * 1024
     max_pending: int = 8
+    max_pending_per_source: int = 2
     handshake_timeout_s: float = 10.0
     state_dir: str = ""
     device_id: str = "dcud"
@@ -241,6 +256,26 @@ class AllowList:
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
         return any(addr.version == net.version and addr in net for net in self.networks)
+
+
+def source_address(host: str) -> str:
+    """The canonical form of a peer address (IPv4-mapped IPv6 as IPv4, no zone): a session's identity."""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def source_key(host: str) -> str:
+    """What the per-source admission limit counts: the IPv4 address, or the IPv6 /64 network."""
+    canonical = source_address(host)
+    if ":" in canonical:
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_network(f"{canonical}/{IPV6_SOURCE_PREFIX}", strict=False))
+    return canonical
 
 
 def peer_name(transport: asyncio.BaseTransport) -> tuple[str, str]:
@@ -378,6 +413,23 @@ class _Ended(Exception):
     """Internal: the session has ended; unwinds helper tasks."""
 
 
+async def _to_the_end(work: Awaitable[None]) -> None:
+    """Await ``work`` to its end even if this task is cancelled meanwhile; then re-raise the cancel.
+
+    ``work`` must be bounded in time by itself (the break's drain has a deadline), so the loop ends.
+    """
+    task = asyncio.ensure_future(work)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    task.result()
+    if cancelled is not None:
+        raise cancelled
+
+
 def _not_leased(data: bytes) -> int:
     raise LocalProtocolError("bridge session wrote to a line it does not hold")
 
@@ -400,6 +452,7 @@ class BridgeSession(asyncio.Protocol):
         lazy_lease: bool = False,
         release_when_idle: bool = False,
         tls: bool = False,
+        source: str = "",
     ) -> None:
         self.sid = sid
         self.port_name = port_name
@@ -419,6 +472,11 @@ class BridgeSession(asyncio.Protocol):
         )
         self.sniffer = IecSniffer(baud, framing, timings) if policy.iec_aware else None
         self.client_cert: str | None = None
+        self.identity: tuple[str, str] = ("address", source_address(source))
+        """Who may take this session over: ``("certificate", subject and issuer)`` for a TLS client that
+        sent a verified certificate, else ``("address", source address)``."""
+        self.breaks_sent = 0
+        """IEC programming sessions this session closed with a break when it gave up the line."""
         self.reason: str | None = None
         self.detail = ""
         self.started_s = time.time()
@@ -551,6 +609,7 @@ class BridgeSession(asyncio.Protocol):
                 "switches": stats.switches,
                 "readouts": stats.readouts,
                 "bcc_errors": stats.bcc_errors,
+                "breaks_sent": self.breaks_sent,
             }
         return doc
 
@@ -1095,9 +1154,42 @@ class BridgeSession(asyncio.Protocol):
             self._fast = False
             for task in (*tasks, watcher):
                 task.cancel()
-            await asyncio.wait([*tasks, watcher])
+            # The session's end cancels this task, often while it is already here: the helpers must
+            # be gone and the meter out of programming mode before the lease goes, cancelled or not.
+            await _to_the_end(self._wind_down([*tasks, watcher], port))
             if yielded and self.trace is not None:
                 self.trace.note(self.sid, "lease handed back (idle)")
+
+    async def _wind_down(self, helpers: list[asyncio.Future[Any]], port: LeasedPort) -> None:
+        await asyncio.wait(helpers)
+        await self._close_programming(port)
+
+    async def _close_programming(self, port: LeasedPort) -> None:
+        """Before the lease goes: break an IEC programming session the client left open (never raises).
+
+        Written at the rate in force (the meter's programming rate) and drained, so the meter is back
+        at sign-on before anybody else gets the line. Twice when the client stopped inside a frame:
+        the meter takes the first break as the rest of that frame. Skipped when an RFC 2217 client set
+        the line itself (the sniffer is not following that session).
+        """
+        sniffer = self.sniffer
+        if sniffer is None or self._client_line is not None or not sniffer.programming:
+            return
+        frame = encode_break()
+        data = frame * 2 if sniffer.client_frame_open else frame
+        try:
+            baud, framing = port.baud, port.framing
+            port.write(data)
+            async with asyncio.timeout(tx_time_s(len(data), baud) + BREAK_DRAIN_S):
+                await port.drain()
+        except (DcudError, TimeoutError) as exc:
+            log.warning("IEC programming session left open: break not sent", session=self.sid, error=str(exc))
+            return
+        self.breaks_sent += 1
+        sniffer.reset()
+        log.info("IEC programming session closed with a break", session=self.sid, baud=baud, framing=framing)
+        if self.trace is not None:
+            self.trace.note(self.sid, f"break B0 at {baud} {framing} (programming session left open)")
 
     async def _watch(self, port: LeasedPort) -> bool:
         """Idle timeout, lease_max and yielding the idle line to waiting readouts."""
@@ -1153,21 +1245,27 @@ class BridgeService:
         self._active: BridgeSession | None = None
         self._sessions: set[BridgeSession] = set()
         self._pending = 0
+        self._pending_by_source: dict[str, int] = {}
+        """Connections in admission per :func:`source_key` (at most ``max_pending`` keys)."""
         self._seq = 0
         self.state = "starting"
         self.tls_error = ""
         self.counters: dict[str, int] = {
             "sessions": 0,
             "refused_busy": 0,
+            "refused_identity": 0,
             "refused_address": 0,
             "dropped_pending": 0,
+            "dropped_pending_source": 0,
             "tls_failures": 0,
             "taken_over": 0,
         }
         self._refused_address_log = _SummaryLog("connection from a source outside the allow-list dropped")
         self._tls_log = _SummaryLog("TLS handshake failed")
         self._busy_log = _SummaryLog("second client refused: port busy")
+        self._identity_log = _SummaryLog("second client refused: not the identity of the running session")
         self._pending_log = _SummaryLog("too many connections in admission; dropped")
+        self._source_pending_log = _SummaryLog("too many connections in admission from one source; dropped")
         self._publish_handle: asyncio.TimerHandle | None = None
         self._last_publish = 0.0
         self.trace: HexTrace | None = None
@@ -1358,9 +1456,16 @@ class BridgeService:
             self._pending_log.hit(port=self.config.port_name, peer=shown, pending=self._pending)
             self._drop(sock)
             return
+        key = source_key(host)
+        if self._pending_by_source.get(key, 0) >= self.config.max_pending_per_source:
+            self.counters["dropped_pending_source"] += 1
+            self._source_pending_log.hit(port=self.config.port_name, peer=shown, source=key)
+            self._drop(sock)
+            return
         sock.setblocking(False)
         tune_socket_options(sock, self.config.policy)
         self._pending += 1
+        self._pending_by_source[key] = self._pending_by_source.get(key, 0) + 1
         self._seq += 1
         session = BridgeSession(
             sid=f"{self.config.port_name}#{self._seq}",
@@ -1373,14 +1478,24 @@ class BridgeService:
             rfc2217=self.config.rfc2217,
             trace=self.trace,
             tls=self._ssl is not None,
+            source=host,
         )
         try:
-            self._ctx.spawn(f"session-{self._seq}", self._admit(session, sock))
+            self._ctx.spawn(f"session-{self._seq}", self._admit(session, sock, key))
         except RuntimeError:
-            self._pending -= 1
+            self._admitted(key)
             sock.close()
 
-    async def _admit(self, session: BridgeSession, sock: socket.socket) -> None:
+    def _admitted(self, key: str) -> None:
+        """A connection left admission (handshake done or failed): its slots are free again."""
+        self._pending -= 1
+        left = self._pending_by_source.get(key, 0) - 1
+        if left > 0:
+            self._pending_by_source[key] = left
+        else:
+            self._pending_by_source.pop(key, None)
+
+    async def _admit(self, session: BridgeSession, sock: socket.socket, key: str) -> None:
         """TLS, the second-client policy, then the session; never raises (a helper failure fails the port)."""
         loop = asyncio.get_running_loop()
         try:
@@ -1399,23 +1514,32 @@ class BridgeService:
                 self._publish()
                 return
             finally:
-                self._pending -= 1
+                self._admitted(key)
             if self._ssl is not None:
                 cert = transport.get_extra_info("peercert")
                 if isinstance(cert, dict) and cert:
+                    # Only a verified certificate is ever returned here (CERT_OPTIONAL/REQUIRED).
                     session.client_cert = _subject(cert)
+                    session.identity = ("certificate", f"{session.client_cert}; issuer {_issuer(cert)}")
             session.attach(transport)
             active = self._active
             if active is not None and not active.done:
-                if self.config.second_client == "refuse":
-                    self.counters["refused_busy"] += 1
-                    self._busy_log.hit(port=self.config.port_name, peer=session.peer, active=active.peer)
+                if self.config.second_client == "takeover" and session.identity == active.identity:
+                    self.counters["taken_over"] += 1
+                    active.end("taken_over", f"by {session.peer}")
+                else:
+                    if self.config.second_client == "refuse":
+                        self.counters["refused_busy"] += 1
+                        self._busy_log.hit(port=self.config.port_name, peer=session.peer, active=active.peer)
+                    else:
+                        self.counters["refused_identity"] += 1
+                        self._identity_log.hit(
+                            port=self.config.port_name, peer=session.peer, active=active.peer
+                        )
                     session._send_raw(self.config.busy_message.encode("utf-8", "replace"))
                     transport.close()
                     self._publish()
                     return
-                self.counters["taken_over"] += 1
-                active.end("taken_over", f"by {session.peer}")
             await self._serve(session)
         except Exception as exc:  # a session's failure must never take the port down
             log.error("transparent session failed", port=self.config.port_name, error=repr(exc))
@@ -1466,12 +1590,20 @@ def _tls_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _subject(cert: dict[str, Any]) -> str:
+def _name(rdns: Any) -> str:
     parts = []
-    for rdn in cert.get("subject", ()):
+    for rdn in rdns or ():
         for key, value in rdn:
             parts.append(f"{key}={value}")
     return ",".join(parts)
+
+
+def _subject(cert: dict[str, Any]) -> str:
+    return _name(cert.get("subject"))
+
+
+def _issuer(cert: dict[str, Any]) -> str:
+    return _name(cert.get("issuer"))
 
 
 # -- building from the configuration -------------------------------------------------------------
@@ -1559,6 +1691,7 @@ def build_bridge_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Se
                     trace_file=trace_path(t.trace_file, config.state_dir, port_name),
                     trace_max_bytes=t.trace_max_bytes,
                     max_pending=t.max_pending,
+                    max_pending_per_source=t.max_pending_per_source,
                     handshake_timeout_s=t.handshake_timeout_s,
                     state_dir=str(config.state_dir),
                     device_id=config.device_id,
@@ -1584,6 +1717,8 @@ __all__ = [
     "bits_per_char",
     "build_bridge_services",
     "resolve_listen",
+    "source_address",
+    "source_key",
     "tls_settings",
     "tune_socket",
     "tune_socket_options",

@@ -54,7 +54,7 @@ import ipaddress
 import json
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -153,9 +153,9 @@ class ConfigApi(Protocol):
         ...
 
     async def apply_text(
-        self, text: str, *, partial: bool, who: str, via: Via, dry_run: bool = False
+        self, text: str, *, partial: bool, who: str, via: Via, authenticated: bool, dry_run: bool = False
     ) -> ApplyResult:
-        """Validate, write and apply (see remote_config)."""
+        """Validate, write and apply (see remote_config; unauthenticated: protected names refused)."""
         ...
 
 
@@ -386,10 +386,13 @@ class ConfigPortService:
         api: ConfigApi,
         bus: EventBus | None = None,
         clock_trusted: Callable[[], bool] = lambda: False,
+        event: Callable[..., Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self._api = api
         self._bus = bus
+        self._event = event
+        """``Runtime.event``: a staged firmware raises ``firmware_staged`` (outbox, MQTT, SNMP)."""
         self._clock_trusted = clock_trusted
         self.counters = PortCounters()
         self._keys: EnvelopeKeys | None = None
@@ -734,6 +737,7 @@ class ConfigPortService:
                 partial=request.method == "PATCH",
                 who=request.peer,
                 via="config-port",
+                authenticated=request.nonce is not None,  # the body came in an envelope whose tag matched
                 dry_run=dry_run,
             )
         except ConfigError as exc:
@@ -789,6 +793,18 @@ class ConfigPortService:
         finally:
             upload.abort()
         log.info("firmware staged", peer=request.peer, sha256=record.sha256, size_bytes=record.size_bytes)
+        if self._event is not None:
+            try:
+                await self._event(
+                    "firmware_staged",
+                    f"firmware {record.name} staged ({record.size_bytes} bytes, sha256 {record.sha256})",
+                    name=record.name,
+                    sha256=record.sha256,
+                    size_bytes=record.size_bytes,
+                    who=record.who,
+                )
+            except Exception as exc:  # the file is staged; a failed event must not turn that into an error
+                log.error("firmware_staged event not committed", error=repr(exc))
         return 200, _json({"ok": True, "staged": record.to_json()}), "application/json"
 
     async def _open_firmware_stream(
@@ -875,4 +891,4 @@ def build_config_port_services(config: LoadedConfig, runtime: Runtime) -> list[S
     from dcud.service.ntp import clock_synced
 
     bus = runtime.bus
-    return [ConfigPortService(settings, api, bus, lambda: clock_synced(bus) is True)]
+    return [ConfigPortService(settings, api, bus, lambda: clock_synced(bus) is True, runtime.event)]

@@ -21,7 +21,9 @@ TLS and certificate banks
     trusted CA certificates and, for CRL checks, the CRL (0: the system's trust store). ``dm.use_crl=1``
     checks the server's certificate against that CRL. ``dm.verify``: 0 = no verification; 1 = optional:
     verified when possible, and when verification fails the push goes on unverified (reported as
-    ``"verified": false`` in ``push/dm`` and logged once); 2 = mandatory: chain and host name must verify.
+    ``"verified": false`` in ``push/dm`` and logged once); 2 = mandatory: chain and host name must verify,
+    and nothing is sent to a server that does not: the handshake fails before the document is written,
+    and with ``dm.tls_enable=0`` (nothing to verify) no connection is made at all (``push/dm`` says why).
 Failures
     A failed push is logged once per change of error and shown in ``push/dm``; the next push is at the
     next interval (the document is a snapshot: nothing is queued, and the outbox is not involved).
@@ -69,6 +71,16 @@ class DmPushConfig:
     verify: int = VERIFY_NONE
     use_crl: bool = False
     timeout_s: float = _CONNECT_TIMEOUT_S
+
+    @property
+    def refusal(self) -> str | None:
+        """Why no push may be made at all (mandatory verification of a server that cannot be verified)."""
+        if self.verify == VERIFY_MANDATORY and not self.tls:
+            return (
+                "not pushed: dm.verify=2 (mandatory) needs dm.tls_enable=1; "
+                "a plain connection cannot verify the device manager"
+            )
+        return None
 
     @classmethod
     def from_config(cls, config: LoadedConfig) -> DmPushConfig | None:
@@ -176,18 +188,17 @@ class DmPushService:
     async def push_once(self, ctx: ServiceContext) -> bool:
         """One push; True on success. Errors are recorded, never raised."""
         self.seq += 1
+        refusal = self.config.refusal
+        if refusal is not None:
+            self._failed(ctx, refusal)
+            return False
         document = dm_document(self.config.device_id, self.seq, self._status(), self._bus.states)
         line = json.dumps(document, separators=(",", ":"), default=str).encode() + b"\n"
         try:
             async with asyncio.timeout(self.config.timeout_s):
                 await self._send(ctx, line)
         except (OSError, TimeoutError, ValueError, TlsBankError) as exc:
-            self.failures += 1
-            message = str(exc) or type(exc).__name__
-            if self.last_error is None or self.last_error["message"] != message:
-                ctx.log.warning("device manager push failed", target=self.target, error=message)
-            self.last_error = {"ts": _utc_now(), "message": message}
-            self._publish()
+            self._failed(ctx, str(exc) or type(exc).__name__)
             return False
         self.pushes += 1
         self.last_success = _utc_now()
@@ -196,6 +207,14 @@ class DmPushService:
         self.last_error = None
         self._publish()
         return True
+
+    def _failed(self, ctx: ServiceContext, message: str) -> None:
+        """Count and show a failed push; log it once per change of message."""
+        self.failures += 1
+        if self.last_error is None or self.last_error["message"] != message:
+            ctx.log.warning("device manager push failed", target=self.target, error=message)
+        self.last_error = {"ts": _utc_now(), "message": message}
+        self._publish()
 
     async def _send(self, ctx: ServiceContext, line: bytes) -> None:
         cfg = self.config

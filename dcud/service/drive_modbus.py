@@ -346,7 +346,7 @@ class ModbusDriveService:
                 self.counters["events_failed"] = self.counters.get("events_failed", 0) + 1
                 ctx_log = self.drives[fields["drive"]].log if fields.get("drive") in self.drives else None
                 if ctx_log is not None:
-                    ctx_log.warning("event not stored", event=event_type, error=str(exc))
+                    ctx_log.warning("event not stored", event_type=event_type, error=str(exc))
 
     async def run(self, ctx: ServiceContext) -> None:
         """Poll until stopped."""

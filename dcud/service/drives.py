@@ -38,8 +38,9 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
+import msgspec
 import structlog
 
 from dcud.codec import canopen as co
@@ -54,7 +55,7 @@ from dcud.codec.cia402 import (
     error_register_flags,
     plan,
 )
-from dcud.config.model import CanConfig, DriveConfig
+from dcud.config.model import CanConfig, DriveConfig, Name
 from dcud.errors import (
     DcudError,
     NegativeResponse,
@@ -66,7 +67,7 @@ from dcud.errors import (
 from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import Service, ServiceContext
-from dcud.service.commands import CommandError, CommandRouter
+from dcud.service.commands import CommandContext, CommandError, CommandRouter, Request
 from dcud.transport.can import CanBusState, CanPort, CanSettings
 
 if TYPE_CHECKING:
@@ -142,6 +143,11 @@ class DriveHandle(Protocol):
     @property
     def commands_enabled(self) -> bool:
         """``commands = true`` in its ``[[drive]]``."""
+        ...
+
+    @property
+    def write_allow_list(self) -> WriteAllowList:
+        """What ``drive/write`` may write (``[[drive]] writable``)."""
         ...
 
     def state_document(self) -> dict[str, Any]:
@@ -245,6 +251,11 @@ class DriveBase:
         """``commands = true`` in its ``[[drive]]``."""
         return self.config.commands
 
+    @functools.cached_property
+    def write_allow_list(self) -> WriteAllowList:
+        """What ``drive/write`` may write (``[[drive]] writable``)."""
+        return WriteAllowList.from_config(self.config)
+
     def count(self, counter: str, n: int = 1) -> None:
         """Add ``n`` to one of the drive's counters."""
         self.counters[counter] = self.counters.get(counter, 0) + n
@@ -270,7 +281,7 @@ class DriveBase:
             dropped = self._service_counters.get("events_dropped", 0) + 1
             self._service_counters["events_dropped"] = dropped
             if dropped == 1 or dropped % 100 == 0:
-                self.log.warning("event queue full; event dropped", event=event_type, dropped=dropped)
+                self.log.warning("event queue full; event dropped", event_type=event_type, dropped=dropped)
 
     def protocol_fields(self) -> dict[str, Any]:
         """Protocol-specific members of the state document."""
@@ -499,29 +510,152 @@ class DriveBase:
 
 # -- command handlers ----------------------------------------------------------------------------------
 
+HexOrInt = (
+    Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
+    | Annotated[str, msgspec.Meta(pattern=r"^(0[xX][0-9A-Fa-f]{1,4}|[0-9]{1,5})$")]
+)
+"""An index, sub-index or register address: a JSON number or a string ``"0x6060"`` / ``"40"``."""
+
+
+class DriveRequest(Request, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``drive/enable``, ``disable``, ``quick_stop``, ``fault_reset``, ``state``: the drive's name."""
+
+    drive: Name
+
+
+class DriveReadRequest(DriveRequest, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``drive/read``: CANopen ``index``/``subindex``/``type``; Modbus ``address``/``count``/``table``."""
+
+    index: HexOrInt | None = None
+    subindex: HexOrInt | None = None
+    type: Annotated[str, msgspec.Meta(max_length=16)] | None = None
+    address: HexOrInt | None = None
+    count: Annotated[int, msgspec.Meta(ge=1, le=125)] | None = None
+    table: Literal["holding", "input"] | None = None
+
+
+class DriveWriteRequest(DriveRequest, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``drive/write``: CANopen ``index``/``subindex``/``type``/``value``; Modbus ``address`` and
+    ``value`` or ``values``. Only what ``[[drive]] writable`` lists (docs/drives.md)."""
+
+    index: HexOrInt | None = None
+    subindex: HexOrInt | None = None
+    type: Annotated[str, msgspec.Meta(max_length=16)] | None = None
+    value: (
+        bool
+        | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+        | Annotated[float, msgspec.Meta(ge=-3.4e38, le=3.4e38)]
+        | Annotated[str, msgspec.Meta(max_length=256)]
+        | None
+    ) = None
+    address: HexOrInt | None = None
+    values: (
+        Annotated[
+            list[Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]], msgspec.Meta(min_length=1, max_length=123)
+        ]
+        | None
+    ) = None
+
+
+class DriveWriteRefusedError(CommandError):
+    """``drive/write`` of an object or register that ``[[drive]] writable`` does not list."""
+
+
+@dataclass(frozen=True)
+class WriteAllowList:
+    """What ``drive/write`` may write on one drive, from ``[[drive]] writable`` (empty: nothing)."""
+
+    protocol: str
+    objects: frozenset[tuple[int, int | None]] = frozenset()
+    """CANopen: ``(index, subindex)``; subindex None allows every sub-index of the index."""
+    registers: tuple[tuple[int, int], ...] = ()
+    """Modbus: inclusive ranges of holding registers."""
+    entries: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: DriveConfig) -> WriteAllowList:
+        """Parse ``writable`` (checked at load by :class:`~dcud.config.model.DriveConfig`)."""
+        objects: set[tuple[int, int | None]] = set()
+        registers: list[tuple[int, int]] = []
+        for entry in config.writable:
+            if config.protocol == "canopen":
+                index, _, sub = entry.partition(":")
+                objects.add((int(index, 16), int(sub, 16) if sub else None))
+            else:
+                first, _, last = entry.partition("-")
+                registers.append((int(first), int(last or first)))
+        return cls(config.protocol, frozenset(objects), tuple(registers), tuple(config.writable))
+
+    def allows_object(self, index: int, subindex: int) -> bool:
+        """CANopen: whether ``index:subindex`` is listed."""
+        return (index, subindex) in self.objects or (index, None) in self.objects
+
+    def allows_registers(self, address: int, count: int) -> bool:
+        """Modbus: whether every register of ``address .. address + count - 1`` is listed."""
+        return all(
+            any(lo <= reg <= hi for lo, hi in self.registers) for reg in range(address, address + count)
+        )
+
+    def describe(self) -> str:
+        """The list as configured, for error messages."""
+        return ", ".join(self.entries) if self.entries else "nothing (writable = [] in its [[drive]])"
+
+
+def check_writable(drive: DriveHandle, request: DriveWriteRequest) -> None:
+    """DriveWriteRefusedError unless ``request`` writes only what the drive's allow-list lists."""
+    allow = drive.write_allow_list
+    if allow.protocol == "canopen":
+        index = parse_int(_fields(request), "index", lo=0, hi=0xFFFF)
+        subindex = parse_int(_fields(request), "subindex", default=0, lo=0, hi=0xFF)
+        if allow.allows_object(index, subindex):
+            return
+        target = f"object 0x{index:04X}:{subindex:02X}"
+        where = "$.index"
+    else:
+        address = parse_int(_fields(request), "address", lo=0, hi=0xFFFF)
+        count = len(request.values) if request.values is not None else 1
+        if allow.allows_registers(address, count):
+            return
+        target = f"register {address}" if count == 1 else f"registers {address}..{address + count - 1}"
+        where = "$.address"
+    raise DriveWriteRefusedError(
+        f"drive {drive.name}: write to {target} refused: not in its writable list ({allow.describe()})",
+        field=where,
+    )
+
+
+def _fields(request: msgspec.Struct) -> dict[str, Any]:
+    """The fields a request sets (None left out), for the protocol-specific argument parsers."""
+    return {k: v for k, v in msgspec.structs.asdict(request).items() if v is not None}
+
 
 def register_drive_commands(router: CommandRouter) -> DriveRegistry:
-    """Serve ``drive/<verb>`` on ``router`` (idempotent); returns the registry the handlers consult."""
+    """Serve ``drive/<verb>`` on ``router`` (idempotent); returns the registry the handlers consult.
+
+    Transitions and ``drive/write`` are state-changing (an envelope is required whenever
+    ``fw_server_key`` is set); every verb but ``state`` needs ``commands = true``; ``drive/write`` also
+    needs the target in ``[[drive]] writable``.
+    """
     registry = drive_registry(router)
 
-    def lookup(request: Mapping[str, Any], *, needs_commands: bool = True) -> DriveHandle:
-        name = request.get("drive")
-        if not isinstance(name, str) or not name:
-            raise CommandError('missing "drive": the name of a [[drive]]')
+    def lookup(name: str, *, needs_commands: bool = True) -> DriveHandle:
         drive = registry.get(name)
         if drive is None:
             known = ", ".join(registry.names()) or "none"
-            raise DriveUnavailableError(f'no running drive "{name}" (running: {known})')
+            raise DriveUnavailableError(
+                f"no running drive {json.dumps(name)} (running: {known})", field="$.drive"
+            )
         if needs_commands and not drive.commands_enabled:
             raise DriveUnavailableError(
-                f"commands are disabled for drive {name}: set commands = true in its [[drive]] in dcud.toml"
+                f"commands are disabled for drive {name}: set commands = true in its [[drive]] in dcud.toml",
+                field="$.drive",
             )
         return drive
 
-    def transition(goal: Goal) -> Callable[[Mapping[str, Any]], Awaitable[Mapping[str, Any]]]:
-        async def handler(request: Mapping[str, Any]) -> Mapping[str, Any]:
-            drive = lookup(request)
-            log.info("drive command", drive=drive.name, command=str(goal), id=request.get("id"))
+    def transition(goal: Goal) -> Callable[[DriveRequest, CommandContext], Awaitable[Mapping[str, Any]]]:
+        async def handler(request: DriveRequest, ctx: CommandContext) -> Mapping[str, Any]:
+            drive = lookup(request.drive)
+            log.info("drive command", drive=drive.name, command=str(goal), id=ctx.request_id)
             try:
                 state = await drive.command(goal)
             except DcudError as exc:
@@ -532,24 +666,27 @@ def register_drive_commands(router: CommandRouter) -> DriveRegistry:
 
         return handler
 
-    async def read(request: Mapping[str, Any]) -> Mapping[str, Any]:
-        drive = lookup(request)
-        log.info("drive command", drive=drive.name, command="read", request=_loggable(request))
-        return await drive.read_object(request)
+    async def read(request: DriveReadRequest, _ctx: CommandContext) -> Mapping[str, Any]:
+        drive = lookup(request.drive)
+        fields = _fields(request)
+        log.info("drive command", drive=drive.name, command="read", request=_loggable(fields))
+        return await drive.read_object(fields)
 
-    async def write(request: Mapping[str, Any]) -> Mapping[str, Any]:
-        drive = lookup(request)
-        log.info("drive command", drive=drive.name, command="write", request=_loggable(request))
-        return await drive.write_object(request)
+    async def write(request: DriveWriteRequest, _ctx: CommandContext) -> Mapping[str, Any]:
+        drive = lookup(request.drive)
+        fields = _fields(request)
+        check_writable(drive, request)
+        log.info("drive command", drive=drive.name, command="write", request=_loggable(fields))
+        return await drive.write_object(fields)
 
-    async def state(request: Mapping[str, Any]) -> Mapping[str, Any]:
-        return lookup(request, needs_commands=False).state_document()
+    async def state(request: DriveRequest, _ctx: CommandContext) -> Mapping[str, Any]:
+        return lookup(request.drive, needs_commands=False).state_document()
 
     for goal in Goal:
-        router.register(f"drive/{goal}", transition(goal))
-    router.register("drive/read", read)
-    router.register("drive/write", write)
-    router.register("drive/state", state)
+        router.register(f"drive/{goal}", DriveRequest, transition(goal), state_changing=True)
+    router.register("drive/read", DriveReadRequest, read)
+    router.register("drive/write", DriveWriteRequest, write, state_changing=True)
+    router.register("drive/state", DriveRequest, state)
     return registry
 
 
@@ -1234,7 +1371,7 @@ class CanDriveService:
             try:
                 await self._event(event_type, text, **fields)
             except DcudError as exc:
-                log.warning("event not stored", event=event_type, error=str(exc))
+                log.warning("event not stored", event_type=event_type, error=str(exc))
 
     async def run(self, ctx: ServiceContext) -> None:
         """Serve the bus and its drives until stopped; a missing bus is a degraded, not failed, start."""

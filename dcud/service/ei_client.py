@@ -3,7 +3,8 @@
 WM-E parameters: ``ei_client_addr``/``ei_client_port`` (off while either is unset/0),
 ``ei_client_top_keepalive`` (TCP keepalive idle time; 0 = no keepalive), ``ei_client_auth_mode``
 (``N`` none, ``E`` username/password) with ``ei_client_type`` (the username, despite its name) and
-``ei_client_pass``. ``[transparent]`` adds ``ei_login_timeout_s``, ``ei_reconnect_max_s`` and ``ei_tls``.
+``ei_client_pass``. ``[transparent]`` adds ``ei_login_timeout_s``, ``ei_reconnect_max_s``, ``ei_tls`` and
+``ei_tls_verify``.
 
 The connection is kept open: when it drops (server closed it, keepalive or TCP_USER_TIMEOUT found the
 peer dead, login refused) dcud reconnects with exponential backoff and jitter, from 1 s up to
@@ -20,6 +21,13 @@ The value runs to the end of its line (it may hold spaces, never CR or LF); the 
 LF alone. Bytes the HES sends after the ``OK`` line in the same segment are already meter traffic.
 With ``N`` there is no exchange: bridging starts at connect. The password goes over the wire as it is:
 use ``ei_tls = true`` (or a VPN/private APN) when the path is not trusted.
+
+TLS (``ei_tls = true``) verifies the server by default (``ei_tls_verify = "mandatory"``): its chain
+against the CA bank ``tm.ca_cert`` (0: the system trust store) and its host name or IP address against
+``ei_client_addr``; a server that fails is dropped in the handshake, before a byte of the login is
+written. The password is never sent to an unverified server: with ``ei_tls_verify = "none"`` (encryption
+only, an installer's choice in dcud.toml) only ``ei_client_auth_mode=N`` connects, and ``E`` keeps the
+client off (state ``refused``, logged once) instead of sending the password to whoever answers.
 
 The bridged session is the transparent port's (:class:`~dcud.service.bridge.BridgeSession`): IEC
 62056-21 aware, traced, audited (``bridge_session`` with ``port = "ei"``). Because the connection is
@@ -60,7 +68,7 @@ from dcud.service.bridge import (
     tune_socket,
 )
 from dcud.service.line import LineRegistry
-from dcud.service.tls_banks import TlsBankError, client_context, load_bank
+from dcud.service.tls_banks import TlsBankError, Verify, client_context, load_bank
 
 if TYPE_CHECKING:
     from dcud.app import Runtime
@@ -76,6 +84,12 @@ STABLE_CONNECTION_S = 60.0
 
 class LoginRefused(Exception):
     """The head-end did not answer ``OK`` to the login."""
+
+
+UNVERIFIED_PASSWORD = (
+    'EI password not sent to an unverified server: ei_tls_verify = "none" with ei_client_auth_mode=E '
+    '(set ei_tls_verify = "mandatory" with the server\'s CA in bank tm.ca_cert, or use auth mode N)'
+)
 
 
 @dataclass(frozen=True)
@@ -96,9 +110,17 @@ class EiClientConfig:
     reconnect_max_s: float = 300.0
     tls_enabled: bool = False
     tls: TlsSettings = field(default_factory=TlsSettings)
+    """Certificate banks (``tm.cert``, ``tm.ca_cert``, ``tm.use_crl``); ``tm.verify`` is the ports' own."""
+    tls_verify: Verify = "mandatory"
+    """Whether the server's certificate is verified (``[transparent] ei_tls_verify``)."""
     trace_file: str = ""
     trace_max_bytes: int = 16 * 1024 * 1024
     state_dir: str = ""
+
+    @property
+    def password_blocked(self) -> bool:
+        """True when a login would send the password to a server whose certificate is not verified."""
+        return self.auth_mode == "E" and self.tls_enabled and self.tls_verify == "none"
 
     def login_lines(self) -> bytes:
         """What dcud sends to log in (empty for ``N``)."""
@@ -176,6 +198,7 @@ class EiClientService:
             "since": rfc3339_ms(self.since_s),
             "auth_mode": cfg.auth_mode,
             "tls": cfg.tls_enabled,
+            "tls_verify": cfg.tls_verify if cfg.tls_enabled else None,
             "connects": self.connects,
             "failures": self.failures,
             "last_error": self.last_error or None,
@@ -195,14 +218,24 @@ class EiClientService:
         if not cfg.tls_enabled:
             return None
         state_dir = Path(cfg.state_dir)
-        ca = load_bank(state_dir, cfg.tls.ca_bank) if cfg.tls.ca_bank else None
         cert = load_bank(state_dir, cfg.tls.cert_bank) if cfg.tls.cert_bank else None
-        return client_context(ca_bank=ca, cert_bank=cert, verify=cfg.tls.verify, use_crl=cfg.tls.use_crl)
+        if cfg.tls_verify == "none":
+            return client_context(cert_bank=cert, verify="none")
+        ca = load_bank(state_dir, cfg.tls.ca_bank) if cfg.tls.ca_bank else None
+        return client_context(
+            ca_bank=ca, cert_bank=cert, verify="mandatory", use_crl=cfg.tls.use_crl, system_ca=True
+        )
 
     async def run(self, ctx: ServiceContext) -> None:
         """Keep a bridged connection to the head-end until stopped."""
         cfg = self.config
         ctx.set_ready()  # an unreachable head-end is a degraded uplink, not a failed daemon
+        if cfg.password_blocked:
+            # Fixed by the configuration: no retry can change it, so no connection is ever made.
+            ctx.log.error("EI client off", server=f"{cfg.host}:{cfg.port}", error=UNVERIFIED_PASSWORD)
+            self._set_state("refused", UNVERIFIED_PASSWORD)
+            await ctx.stopping.wait()
+            return
         backoff = Backoff(cfg.reconnect_initial_s, cfg.reconnect_max_s)
         last_logged = ""
         while not ctx.stopping.is_set():
@@ -254,6 +287,8 @@ class EiClientService:
                     with contextlib.suppress(OSError):
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
             greeting = cfg.login_lines()
+            if greeting and context is not None and cfg.tls_verify != "mandatory":
+                raise LoginRefused(UNVERIFIED_PASSWORD)  # a guard: run() never gets here so
             if greeting:
                 transport.write(greeting)
                 async with asyncio.timeout(cfg.login_timeout_s):
@@ -345,6 +380,7 @@ def build_ei_client(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]
         reconnect_max_s=t.ei_reconnect_max_s,
         tls_enabled=t.ei_tls,
         tls=tls_settings(params),
+        tls_verify=t.ei_tls_verify,
         trace_file=trace_path(t.trace_file, config.state_dir, "ei"),
         trace_max_bytes=t.trace_max_bytes,
         state_dir=str(config.state_dir),

@@ -9,9 +9,11 @@ Address (``eventpush_addr``)
     with ``ValueError``.
 Datagram
     UTF-8 text ``<device_id>: <text> <time>``, at most :data:`MAX_PAYLOAD_BYTES`; ``<time>`` is RFC 3339
-    UTC (for power events the ``since`` of the event). ``<text>`` is ``eventpush_sms_lost_text`` for
-    ``power_loss`` and ``power_loss_unsurvived``, ``eventpush_sms_return_text`` for ``power_return``,
-    ``eventpush_sms_text`` for ``input_change``, and the event's own text for every other event.
+    UTC (for power and input events the ``since`` of the event, with milliseconds, so two edges within
+    one second are two datagrams). ``<text>`` is ``eventpush_sms_lost_text`` for ``power_loss`` and
+    ``power_loss_unsurvived``, ``eventpush_sms_return_text`` for ``power_return``,
+    ``eventpush_sms_text`` followed by ``<input>=<level>`` for ``input_change`` (``Input changed
+    door=1``), and the event's own text for every other event.
 Which events (``eventpush_sms_notify``, a bit mask)
     ====  ==============  ===================================================================
     bit   seed label      dcud events
@@ -317,9 +319,12 @@ class EventPushConfig:
             text = self.return_text
         elif event_type == "input_change":
             text = self.input_text
+            if event.get("input") not in (None, "") and event.get("level") in (0, 1):
+                text = f"{text} {event['input']}={event['level']}"
         else:
             text = str(event.get("text") or event_type)
-        stamp = event.get("since") if event_type in POWER_EVENTS and event.get("since") else event.get("ts")
+        timed = event_type in POWER_EVENTS or event_type == "input_change"
+        stamp = event.get("since") if timed and event.get("since") else event.get("ts")
         return f"{self.device_id}: {text} {stamp}" if stamp else f"{self.device_id}: {text}"
 
 

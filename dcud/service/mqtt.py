@@ -4,6 +4,14 @@ One connection to the monitoring broker. Readings and events are taken from the 
 bounded in-flight window and acked only on PUBACK, so a broker that is down for hours costs outbox
 space and nothing else: when it is back the backlog drains in order, at least once (receivers dedupe on
 the item ``uid``). Retained states are coalesced per subtopic, so a flapping state never queues up.
+
+Commands (``<p>/cmd/<verb>``) come in through a bounded ingress (docs/remote-config.md, "MQTT
+commands"): MQTT 5 where the broker speaks it (``[mqtt] protocol = "auto"``), with the CONNECT
+property Maximum Packet Size so that the broker never sends a message over ``[remote]
+max_request_bytes``; under 3.1.1 such messages are dropped before they are queued (counted). The
+incoming queue holds at most ``[remote] max_queued_requests`` messages (more: dropped, counted).
+Retained messages on command topics are never executed (MQTT 5 subscribes with Retain As Published,
+so a live retained publish is recognised too); each such topic is logged once.
 """
 
 from __future__ import annotations
@@ -19,6 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho_mqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from dcud.config.model import MqttConfig
 from dcud.config.mqtt_url import MqttUrl, parse_mqtt_url
@@ -26,13 +39,19 @@ from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.uplink import UplinkReconnect
-from dcud.service.commands import CommandRouter
+from dcud.service.commands import MAX_REQUEST_BYTES, CommandRouter, CommandStats
 from dcud.service.outbox import Outbox
 
 CONSUMER = "mqtt"
 OFFLINE = json.dumps({"state": "offline"}).encode()
 _DISCONNECT_PUBLISH_TIMEOUT_S = 2.0
 _MAX_COMMANDS = 8
+_PACKET_OVERHEAD_BYTES = 1024
+"""Maximum Packet Size = max_request_bytes + this: fixed header, topic and properties of a command."""
+_MAX_RETAINED_TOPICS_LOGGED = 256
+_SESSION_NEVER_EXPIRES = 0xFFFFFFFF
+_PROTOCOL_REFUSED = (1, 132)
+"""CONNACK codes for "unsupported protocol version" (3.1.1: 1; MQTT 5: 0x84)."""
 # aiomqtt warns whenever more than ten publishes await their PUBACK, which is our normal in-flight window.
 _CLIENT_LOG = logging.getLogger("dcud.mqtt.client")
 _CLIENT_LOG.setLevel(logging.ERROR)
@@ -46,11 +65,28 @@ class MqttServiceConfig:
     url: MqttUrl
     device_id: str
     topic_prefix: str
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    max_queued_requests: int = 32
 
     @classmethod
-    def build(cls, settings: MqttConfig, device_id: str, topic_prefix: str) -> MqttServiceConfig:
-        """Combine the [mqtt] table with the derived names."""
-        return cls(settings, parse_mqtt_url(settings.url), device_id, topic_prefix)
+    def build(
+        cls,
+        settings: MqttConfig,
+        device_id: str,
+        topic_prefix: str,
+        *,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        max_queued_requests: int = 32,
+    ) -> MqttServiceConfig:
+        """Combine the [mqtt] table with the derived names and the command ingress bounds ([remote])."""
+        return cls(
+            settings,
+            parse_mqtt_url(settings.url),
+            device_id,
+            topic_prefix,
+            max_request_bytes,
+            max_queued_requests,
+        )
 
 
 class MqttService:
@@ -75,10 +111,18 @@ class MqttService:
         self._reconnect = reconnect
         self.connected = False
         self.published_count = 0
+        self.protocol = ""
+        """The MQTT version of the connection ("5" or "3.1.1"), "" while not connected."""
+        self._retained_logged: set[str] = set()
+
+    @property
+    def stats(self) -> CommandStats:
+        """The command counters (shared with the router: they outlive this service)."""
+        return self._commands.stats
 
     # -- connection ----------------------------------------------------------------------------
 
-    def _client(self) -> aiomqtt.Client:
+    def _client(self, v5: bool) -> aiomqtt.Client:
         cfg = self.config
         settings = cfg.settings
         tls_context: ssl.SSLContext | None = None
@@ -86,18 +130,33 @@ class MqttService:
             tls_context = ssl.create_default_context(cafile=settings.ca_file or None)
             if settings.cert_file:
                 tls_context.load_cert_chain(settings.cert_file, settings.key_file or None)
+        properties: Properties | None = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            # The broker must not send us anything bigger (MQTT 5, 3.1.2.11.4): it drops such messages.
+            properties.MaximumPacketSize = cfg.max_request_bytes + _PACKET_OVERHEAD_BYTES
+            if not settings.clean_session:
+                # What a 3.1.1 persistent session is: kept by the broker until the client comes back.
+                properties.SessionExpiryInterval = _SESSION_NEVER_EXPIRES
         return aiomqtt.Client(
             cfg.url.host,
             cfg.url.port,
             username=cfg.url.username,
             password=cfg.url.password,
             identifier=settings.client_id or f"dcud-{cfg.device_id}",
-            clean_session=settings.clean_session,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if v5 else settings.clean_session,
+            # paho refuses clean_start under 3.1.1 unless it is left at its default.
+            clean_start=settings.clean_session if v5 else paho_mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
             keepalive=settings.keepalive_s,
             will=aiomqtt.Will(f"{cfg.topic_prefix}/status", OFFLINE, qos=1, retain=True),
             tls_context=tls_context,
             max_inflight_messages=settings.inflight,
-            max_queued_incoming_messages=1000,
+            queue_type=ingress_queue_type(
+                f"{cfg.topic_prefix}/cmd/", cfg.max_request_bytes, self._commands.stats
+            ),
+            max_queued_incoming_messages=cfg.max_queued_requests,
             timeout=10.0,
             logger=_CLIENT_LOG,
         )
@@ -107,28 +166,43 @@ class MqttService:
         backoff = Backoff(initial_s=1.0, max_s=self.config.settings.reconnect_max_s)
         ctx.set_ready()  # ready means "running": a broker outage is a degraded state, not a start failure
         last_error = ""
+        v5 = self.config.settings.protocol != "3.1.1"
         while not ctx.stopping.is_set():
             try:
-                async with self._client() as client:
+                async with self._client(v5) as client:
                     backoff.reset()
                     self.connected = True
-                    ctx.log.info("connected", broker=self.config.url.redacted())
+                    self.protocol = "5" if v5 else "3.1.1"
+                    ctx.log.info("connected", broker=self.config.url.redacted(), protocol=self.protocol)
                     last_error = ""
-                    await self._serve(ctx, client)
+                    await self._serve(ctx, client, v5)
                     return
             except aiomqtt.MqttError as exc:
+                if v5 and self.config.settings.protocol == "auto" and _refuses_protocol(exc):
+                    ctx.log.warning(
+                        "broker does not speak MQTT 5; using 3.1.1", broker=self.config.url.redacted()
+                    )
+                    v5 = False
+                    continue
                 error = str(exc)
                 if error != last_error:  # once per state change, not once per retry
                     ctx.log.warning("broker unavailable", broker=self.config.url.redacted(), error=error)
                     last_error = error
             finally:
                 self.connected = False
+                self.protocol = ""
             if await ctx.sleep(backoff.next_delay_s()):
                 return
 
-    async def _serve(self, ctx: ServiceContext, client: aiomqtt.Client) -> None:
+    async def _serve(self, ctx: ServiceContext, client: aiomqtt.Client, v5: bool) -> None:
         prefix = self.config.topic_prefix
-        await client.subscribe(f"{prefix}/cmd/#", qos=1)
+        if v5:
+            # No Local: our own replies (<p>/cmd/<verb>/reply) never come back to take queue room.
+            # Retain As Published: a live retained publish keeps its flag, so it is never executed.
+            options = SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True)
+            await client.subscribe(f"{prefix}/cmd/#", options=options)
+        else:
+            await client.subscribe(f"{prefix}/cmd/#", qos=1)
         await self._publish_status(client)
         # Whatever an earlier connection (or an earlier run of this service) had in flight is taken again.
         await self._outbox.rewind(CONSUMER)
@@ -236,13 +310,15 @@ class MqttService:
 
     async def _receive(self, ctx: ServiceContext, client: aiomqtt.Client) -> None:
         """Serve ``<p>/cmd/<verb>`` requests concurrently (a meter read takes seconds), at most
-        ``_MAX_COMMANDS`` at once; beyond that a request is answered "busy" at once instead of queueing."""
+        ``_MAX_COMMANDS`` at once; beyond that a request is answered "busy" at once instead of queueing.
+        Retained messages are never executed. Nothing a message holds can end this loop: the router
+        never raises, and only the broker connection failing (MqttError) ends the service's session."""
         base = f"{self.config.topic_prefix}/cmd/"
         running: set[asyncio.Task[None]] = set()
 
         async def serve(topic: str, verb: str, payload: bytes) -> None:
-            reply = await self._commands.dispatch(verb, payload)
-            await client.publish(f"{topic}/reply", json.dumps(reply, default=str), qos=1)
+            reply = await self._commands.handle(verb, payload)
+            await client.publish(f"{topic}/reply", reply, qos=1)
             ctx.beat()
 
         async with asyncio.TaskGroup() as tg:
@@ -250,17 +326,65 @@ class MqttService:
                 topic = message.topic.value
                 if not topic.startswith(base) or topic.endswith("/reply"):
                     continue
+                if message.retain:
+                    self._ignore_retained(ctx, topic)
+                    continue
                 verb = topic[len(base) :]
-                payload = (
-                    message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-                )
+                payload = message.payload if isinstance(message.payload, bytes) else b""
                 if len(running) >= _MAX_COMMANDS:
                     busy = self._commands.busy_reply(payload, f"{_MAX_COMMANDS} commands already running")
                     await client.publish(f"{topic}/reply", json.dumps(busy), qos=1)
                     continue
-                task = tg.create_task(serve(topic, verb, payload), name=f"dcud[mqtt:cmd/{verb}]")
+                task = tg.create_task(serve(topic, verb, payload), name=f"dcud[mqtt:cmd/{verb[:64]}]")
                 running.add(task)
                 task.add_done_callback(running.discard)
+
+    def _ignore_retained(self, ctx: ServiceContext, topic: str) -> None:
+        """A retained command is never executed: count it, log it once per topic (bounded)."""
+        self.stats.retained_ignored += 1
+        if topic in self._retained_logged or len(self._retained_logged) >= _MAX_RETAINED_TOPICS_LOGGED:
+            return
+        self._retained_logged.add(topic)
+        ctx.log.warning(
+            "retained command ignored (retained messages on command topics are never executed; "
+            "clear it with an empty retained publish)",
+            topic=topic[:200],
+        )
+
+
+def ingress_queue_type(
+    command_base: str, max_bytes: int, stats: CommandStats
+) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """aiomqtt's incoming queue, bounded in size by the client and here in what it accepts.
+
+    Called in the event loop for every message the client received (aiomqtt's ``_on_message``):
+    command messages over ``max_bytes`` are dropped and counted before they take a slot; our own
+    replies (3.1.1 has no No Local) are dropped silently; a full queue drops and counts.
+    """
+
+    class IngressQueue(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            topic = item.topic.value
+            if topic.endswith("/reply"):
+                return
+            payload = item.payload
+            size = len(payload) if isinstance(payload, bytes | bytearray | str) else 0
+            if size > max_bytes and topic.startswith(command_base):
+                stats.oversize_dropped += 1
+                return
+            if self.full():
+                stats.queue_full_dropped += 1
+                return
+            super().put_nowait(item)
+
+    return IngressQueue
+
+
+def _refuses_protocol(exc: aiomqtt.MqttError) -> bool:
+    """Whether a failed connect says the broker does not speak the MQTT version we asked for."""
+    rc = getattr(exc, "rc", None)
+    value = getattr(rc, "value", rc)
+    return isinstance(exc, MqttConnectError) and value in _PROTOCOL_REFUSED
 
 
 async def _reconnect_on(reconnect: UplinkReconnect, epoch: int) -> None:

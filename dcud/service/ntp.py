@@ -1,11 +1,12 @@
 """NTP client (WM-E ``ntp.*`` / ``ntp_*`` parameters) with ntplib, off the event loop.
 
 What it does
-    Every interval it sends one SNTP request (ntplib in a worker thread), checks the answer (below),
+    Every interval it sends one SNTP request (in a worker thread), checks the answer (below),
     and publishes the ``clock`` state (``<p>/clock`` and the ``clock`` member of ``<p>/status``)::
 
         {"synced": true, "offset_s": 0.0003, "delay_s": 0.0004, "stratum": 8, "server": "host:123",
-         "last_sync_ts": "...Z", "failures": 0, "last_error": null, "owner": "chrony", "step_clock": false}
+         "last_sync_ts": "...Z", "failures": 0, "last_error": null, "refused_answers": 0,
+         "owner": "chrony", "step_clock": false}
 
     ``synced`` is ``null`` until the first answer or the first verdict; ``true`` while the last accepted
     sample had ``|offset| <= [ntp] max_offset_s``; ``false`` after ``[ntp] unsync_after`` (default 3)
@@ -13,10 +14,22 @@ What it does
     ``true`` carry a flag (:func:`clock_synced`). The transition to ``false`` raises the event (and trap)
     ``clock_unsync``; back to ``true`` raises ``clock_sync``.
 
-Answer checks (ntplib validates nothing, RFC 4330 section 5): mode 4 (server); leap indicator not 3
+The exchange (:func:`query_server`; ntplib only encodes and decodes the packet)
+    The request's transmit timestamp is **64 random bits**, not our clock (RFC 9109 "NTP client data
+    minimization" section 3, the way chrony does it): an answer is accepted only when its originate
+    timestamp is exactly those 8 bytes, which an off-path attacker cannot guess (ntplib's own client
+    sends the time of day, guessable to a few milliseconds, and checks nothing). The socket is
+    connected to the server, so the kernel drops datagrams from any other address or port. A datagram
+    that does not echo our transmit timestamp (spoofed, a stale duplicate, or shorter than 48 bytes) is
+    refused, counted (``refused_answers`` in the ``clock`` state) and the query keeps waiting for the
+    real answer until its timeout (at most 32 refused datagrams per query). Our own send and receive
+    times (T1, T4) are kept locally; offset and delay come from them and the server's T2, T3.
+
+Answer checks (RFC 4330 section 5), after the origin check: mode 4 (server); leap indicator not 3
 (server unsynchronised); stratum 1..15 (0 is a kiss-o'-death: ``RATE`` doubles the interval up to 64x,
-``DENY``/``RSTR`` are reported; 16 is unsynchronised); the originate timestamp echoes our request
-(between our send and receive times); transmit timestamp non-zero; 0 <= delay <= ``[ntp] max_delay_s``.
+``DENY``/``RSTR`` are reported; 16 is unsynchronised); receive and transmit timestamps non-zero and the
+transmit not before the receive; 0 <= delay <= ``[ntp] max_delay_s``. A kiss-o'-death counts only when
+its origin matches too, so a spoofed ``RATE`` cannot slow the client down.
 
 Parameters and spellings
     The WM-E table has both ``ntp.address``/``ntp.port``/``ntp.interval``/``ntp.timeout`` (v5 NETWORK
@@ -35,10 +48,11 @@ Who owns the clock
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -53,8 +67,13 @@ from dcud.service.power import power_ok
 
 DEFAULT_NTP_PORT: Final = 123
 NTP_EPOCH_OFFSET_S: Final = 2208988800
+NTP_PACKET_BYTES: Final = 48
+MAX_REFUSED_PER_QUERY: Final = 32
+"""Datagrams that do not answer our request are skipped up to this many; then the query gives up."""
 _MAX_RATE_BACKOFF: Final = 64
-_ORIGINATE_SLACK_S: Final = 0.001
+_ORIGIN: Final = slice(24, 32)
+_TRANSMIT: Final = slice(40, 48)
+_RECEIVE_BUFFER_BYTES: Final = 1024
 
 
 def clock_synced(bus: EventBus) -> bool | None:
@@ -110,48 +129,90 @@ class NtpServiceConfig:
 
 
 class NtpRejected(Exception):
-    """An answer arrived but fails the sanity checks; ``kiss`` holds a kiss-o'-death code."""
+    """No usable answer: the answer fails a check, or only refused datagrams came.
 
-    def __init__(self, reason: str, kiss: str = "") -> None:
+    ``kiss`` holds a kiss-o'-death code; ``refused`` counts the datagrams of this query that did not
+    answer our request (wrong originate timestamp, too short).
+    """
+
+    def __init__(self, reason: str, kiss: str = "", refused: int = 0) -> None:
         super().__init__(reason)
         self.kiss = kiss
+        self.refused = refused
+
+
+class NtpNotOurAnswer(NtpRejected):
+    """A datagram that does not answer our request: originate != our transmit timestamp, or malformed."""
 
 
 @dataclass(frozen=True)
 class NtpSample:
-    """One accepted answer."""
+    """One accepted answer; ``refused`` datagrams of the same query were skipped before it."""
 
     offset_s: float
     delay_s: float
     stratum: int
     ref_id: str
     leap: int
+    refused: int = 0
 
 
-def check_answer(stats: Any, sent_unix_s: float, received_unix_s: float, max_delay_s: float) -> NtpSample:
-    """Validate an ``ntplib.NTPStats`` (module doc); raise :class:`NtpRejected` or return the sample.
+def new_transmit_timestamp() -> bytes:
+    """64 random bits for the request's transmit field (never all zero: that means "not set")."""
+    while True:
+        value = secrets.token_bytes(8)
+        if any(value):
+            return value
 
-    ``sent_unix_s``/``received_unix_s`` bracket the request on our clock (taken just before and just after
-    ``NTPClient.request``, which stamps T1 and T4 with ``time.time()`` in between).
+
+def build_request(transmit: bytes) -> bytes:
+    """A 48-byte SNTP v4 client request whose transmit timestamp field is ``transmit`` (8 bytes)."""
+    if len(transmit) != 8:
+        raise ValueError("the transmit timestamp is 8 bytes")
+    header: bytes = ntplib.NTPPacket(version=4, mode=3).to_data()
+    return header[: _TRANSMIT.start] + transmit
+
+
+def check_answer(
+    data: bytes, transmit: bytes, sent_unix_s: float, received_unix_s: float, max_delay_s: float
+) -> NtpSample:
+    """Validate one received datagram (module doc); raise :class:`NtpRejected` or return the sample.
+
+    ``transmit`` is what our request carried; ``sent_unix_s`` (T1) and ``received_unix_s`` (T4) are our
+    clock just before the send and just after the receive. Raises :class:`NtpNotOurAnswer` when the
+    datagram does not answer that request, before looking at anything else in it.
     """
-    if stats.mode != 4:
-        raise NtpRejected(f"mode {stats.mode}, expected 4 (server)")
-    if stats.stratum == 0:
-        kiss = _ascii_ref_id(stats.ref_id)
+    if len(data) < NTP_PACKET_BYTES:
+        raise NtpNotOurAnswer(f"datagram of {len(data)} bytes, an NTP packet has {NTP_PACKET_BYTES}")
+    if data[_ORIGIN] != transmit:
+        raise NtpNotOurAnswer("originate timestamp does not echo our transmit timestamp (spoofed or stale)")
+    packet = ntplib.NTPPacket()
+    try:
+        packet.from_data(data)
+    except ntplib.NTPException as exc:  # unreachable at 48 bytes; kept so nothing untyped escapes
+        raise NtpNotOurAnswer(str(exc)) from None
+    if packet.mode != 4:
+        raise NtpRejected(f"mode {packet.mode}, expected 4 (server)")
+    if packet.stratum == 0:
+        kiss = _ascii_ref_id(packet.ref_id)
         raise NtpRejected(f"kiss-o'-death {kiss or '?'}", kiss=kiss)
-    if not 1 <= stats.stratum <= 15:
-        raise NtpRejected(f"stratum {stats.stratum} (unsynchronised server)")
-    if stats.leap == 3:
+    if not 1 <= packet.stratum <= 15:
+        raise NtpRejected(f"stratum {packet.stratum} (unsynchronised server)")
+    if packet.leap == 3:
         raise NtpRejected("leap indicator 3 (server clock not synchronised)")
-    if stats.tx_timestamp == 0:
+    if packet.tx_timestamp == 0:
         raise NtpRejected("transmit timestamp is zero")
-    originate = stats.orig_timestamp - NTP_EPOCH_OFFSET_S
-    if not sent_unix_s - _ORIGINATE_SLACK_S <= originate <= received_unix_s + _ORIGINATE_SLACK_S:
-        raise NtpRejected("originate timestamp does not echo our request")
-    delay = float(stats.delay)
+    if packet.recv_timestamp == 0:
+        raise NtpRejected("receive timestamp is zero")
+    server_received = packet.recv_timestamp - NTP_EPOCH_OFFSET_S  # T2
+    server_sent = packet.tx_timestamp - NTP_EPOCH_OFFSET_S  # T3
+    if server_sent < server_received:
+        raise NtpRejected("the server's transmit timestamp is before its receive timestamp")
+    delay = (received_unix_s - sent_unix_s) - (server_sent - server_received)
     if delay < 0 or delay > max_delay_s:
         raise NtpRejected(f"round-trip delay {delay:.3f} s outside 0..{max_delay_s} s")
-    return NtpSample(float(stats.offset), delay, int(stats.stratum), _ref_id_text(stats), int(stats.leap))
+    offset = ((server_received - sent_unix_s) + (server_sent - received_unix_s)) / 2
+    return NtpSample(offset, delay, int(packet.stratum), _ref_id_text(packet), int(packet.leap))
 
 
 def _ascii_ref_id(ref_id: int) -> str:
@@ -166,13 +227,52 @@ def _ref_id_text(stats: Any) -> str:
         return ""
 
 
-def query_server(host: str, port: int, timeout_s: float, max_delay_s: float) -> NtpSample:
-    """One blocking SNTP exchange (run it in a thread); raises OSError, NTPException or NtpRejected."""
-    client = ntplib.NTPClient()
-    sent = time.time()
-    stats = client.request(host, version=4, port=port, timeout=timeout_s)
-    received = time.time()
-    return check_answer(stats, sent, received, max_delay_s)
+def query_server(
+    host: str, port: int, timeout_s: float, max_delay_s: float, *, transmit: bytes | None = None
+) -> NtpSample:
+    """One blocking SNTP exchange (run it in a thread); see the module doc.
+
+    Raises ``OSError`` (name lookup, socket, ICMP unreachable), ``TimeoutError`` (no datagram at
+    all) or :class:`NtpRejected` (only refused datagrams, or an answer failing a check; ``refused``
+    says how many were skipped). ``transmit`` fixes the request's transmit field (tests); by default
+    it is random.
+    """
+    transmit = new_transmit_timestamp() if transmit is None else transmit
+    request = build_request(transmit)
+    family, _type, _proto, _name, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    deadline = time.monotonic() + timeout_s
+    refused = 0
+    last_refusal = ""
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)  # the kernel now drops datagrams from any other address or port
+        sent = time.time()
+        sock.send(request)
+        while refused < MAX_REFUSED_PER_QUERY:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(_RECEIVE_BUFFER_BYTES)
+            except TimeoutError:
+                break
+            received = time.time()
+            try:
+                sample = check_answer(data, transmit, sent, received, max_delay_s)
+            except NtpNotOurAnswer as exc:
+                refused += 1
+                last_refusal = str(exc)
+                continue
+            except NtpRejected as exc:
+                exc.refused = refused
+                raise
+            return replace(sample, refused=refused)
+    if refused:
+        raise NtpRejected(
+            f"{refused} datagram(s) from {host}:{port} refused, none answered our request ({last_refusal})",
+            refused=refused,
+        )
+    raise TimeoutError(f"no answer from {host}:{port} within {timeout_s:g} s")
 
 
 _OWNER_MARKERS: Final = (
@@ -254,7 +354,10 @@ class NtpService:
         self.last_sync_ts: str | None = None
         self.last_error: str | None = None
         self.owner: str | None = None
+        self.refused_answers = 0
+        """Datagrams refused since start because they did not answer our request (spoofed, stale)."""
         self._step_refused = False
+        self._refusing = False
 
     @property
     def server_text(self) -> str | None:
@@ -274,6 +377,7 @@ class NtpService:
                 "last_sync_ts": self.last_sync_ts,
                 "failures": self.failures,
                 "last_error": self.last_error,
+                "refused_answers": self.refused_answers,
                 "owner": self.owner,
                 "step_clock": self.config.step_clock,
             },
@@ -302,6 +406,7 @@ class NtpService:
                 cfg.timeout_s + 5.0,
             )
         except NtpRejected as exc:
+            self._count_refused(ctx, exc.refused)
             self.failures += 1
             self.last_error = str(exc)
             if exc.kiss == "RATE":
@@ -312,6 +417,7 @@ class NtpService:
             self.failures += 1
             self.last_error = str(exc) or type(exc).__name__
         else:
+            self._count_refused(ctx, sample.refused)
             self.failures = 0
             self.last_error = None
             self.last = sample
@@ -336,6 +442,18 @@ class NtpService:
             await self._verdict(ctx, False, f"{self.failures} failed queries ({self.last_error})")
         self._publish()
         return factor
+
+    def _count_refused(self, ctx: ServiceContext, refused: int) -> None:
+        """Count refused datagrams; log when a query first meets them (not again while they go on)."""
+        self.refused_answers += refused
+        if refused and not self._refusing:
+            ctx.log.warning(
+                "NTP datagrams refused: they do not echo our transmit timestamp (spoofed or stale)",
+                server=self.server_text,
+                refused=refused,
+                total=self.refused_answers,
+            )
+        self._refusing = refused > 0
 
     async def run(self, ctx: ServiceContext) -> None:
         """Poll the server every interval until stopped."""

@@ -30,16 +30,18 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
+
+import msgspec
 
 from dcud.codec.iec62056 import HdlcModeRequiredError
 from dcud.codec.mbus_session import MbusScan, MbusScanResult
-from dcud.config.model import LineConfig, MeterConfig
+from dcud.config.model import LineConfig, MeterConfig, Name
 from dcud.errors import DcudError, NegativeResponse, PeerTimeout, ProtocolError, TransportError
 from dcud.runtime.bus import EventBus
 from dcud.runtime.durable import write_durably
 from dcud.runtime.supervisor import Service, ServiceContext
-from dcud.service.commands import CommandError, CommandRouter
+from dcud.service.commands import CommandContext, CommandError, CommandRouter, Request
 from dcud.service.line import LeaseTimeout, LineClosedError, LineRegistry
 from dcud.service.meter_read import (
     IEC_RETRY_PAUSE_S,
@@ -62,6 +64,21 @@ SEQ_RESERVE = 100
 """Sequence numbers reserved on disk per write, so a crash never reuses one."""
 COMMIT_QUEUE_ITEMS = 256
 """Readings waiting for their outbox commit; when full, the line workers wait (counted)."""
+
+
+class ReadRequest(Request, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``cmd/read``: read one meter now."""
+
+    meter: Name
+
+
+class ScanRequest(Request, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``cmd/scan``: scan an M-Bus line (primary addresses ``first..last``, or secondary)."""
+
+    line: Name
+    mode: Literal["primary", "secondary"] = "primary"
+    first: Annotated[int, msgspec.Meta(ge=0, le=250)] = 0
+    last: Annotated[int, msgspec.Meta(ge=0, le=250)] = 250
 
 
 class OutboxLike(Protocol):
@@ -256,8 +273,8 @@ class PollingService:
             by_line.setdefault(meter.line, []).append(health)
             self._publish(health)
         if self._commands is not None:
-            self._commands.register("read", self._cmd_read)
-            self._commands.register("scan", self._cmd_scan)
+            self._commands.register("read", ReadRequest, self._cmd_read)
+            self._commands.register("scan", ScanRequest, self._cmd_scan)
         try:
             self._workers = [
                 ctx.spawn(f"line-{line_name}", self._line_worker(ctx, line_name, meters))
@@ -470,30 +487,23 @@ class PollingService:
         health.reads += 1
         return await self._success(health, reading, None, "command")
 
-    async def _cmd_read(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
-        name = request.get("meter")
-        if not isinstance(name, str):
-            raise CommandError('cmd/read needs {"meter": "<name>"}')
-        return await self.read_now(name)
+    async def _cmd_read(self, request: ReadRequest, _ctx: CommandContext) -> Mapping[str, Any]:
+        return await self.read_now(request.meter)
 
-    async def _cmd_scan(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
-        name = request.get("line")
-        mode = request.get("mode", "primary")
-        if not isinstance(name, str) or self.config.line(name) is None:
-            raise CommandError('cmd/scan needs {"line": "<configured line>"}')
+    async def _cmd_scan(self, request: ScanRequest, _ctx: CommandContext) -> Mapping[str, Any]:
+        name, mode, first, last = request.line, request.mode, request.first, request.last
         line_cfg = self.config.line(name)
-        assert line_cfg is not None
+        if line_cfg is None:
+            raise CommandError(f"no line {json.dumps(name)} is configured", field="$.line")
         if line_cfg.kind != "mbus":
-            raise CommandError(f"line {name} is not an M-Bus line")
-        if mode not in ("primary", "secondary"):
-            raise CommandError('mode is "primary" or "secondary"')
+            raise CommandError(f"line {name} is not an M-Bus line", field="$.line")
+        if first > last:
+            raise CommandError(f'"first" ({first}) is after "last" ({last})', field="$.first")
         running = self._scans.get(name)
         if running is not None and not running.done():
             raise CommandError(f"a scan of line {name} is already running")
         if self._ctx is None:
             raise CommandError("polling is not running")
-        first = int(request.get("first", 0))
-        last = int(request.get("last", 250))
         self._scans[name] = self._ctx.spawn(f"scan-{name}", self._scan(line_cfg, mode, first, last))
         return {"started": True, "line": name, "mode": mode, "state": f"line/{name}/scan"}
 

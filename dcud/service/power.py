@@ -1,19 +1,13 @@
 """Power monitor and the last-gasp sequence (dcud.toml ``[power]``).
 
-Sources
-    ``file``: a sysfs-style file such as ``/sys/class/power_supply/AC/online``, read every
-    ``poll_interval_s``: an integer, non-zero = power present (sysfs ``online`` is 0, 1 or 2).
-    ``gpio``: one line of a GPIO chip through the kernel's character device (GPIO v2 uAPI, Linux >= 5.10),
-    driven with plain ``ioctl`` calls (:class:`GpioSource`): no library, so no libgpiod v1/v2 API split to
-    track; the line is requested as an input with edge events on both edges, and the event fd wakes the
-    monitor at once (the poll interval still applies as a fallback). High = power present.
-    ``active_low = true`` inverts either source.
-
-Debounce
-    A new level is accepted once it has been stable for ``debounce_s`` (sampled at the poll interval and
-    once more exactly at the deadline): an input that flaps faster than that produces no event at all,
-    one that settles produces exactly one. Detection latency is therefore at most
-    ``poll_interval_s + debounce_s`` (defaults 20 ms + 50 ms).
+Sources and debounce
+    :mod:`dcud.service.levels` (shared with the digital inputs): ``file``, a sysfs-style file such as
+    ``/sys/class/power_supply/AC/online`` read every ``poll_interval_s`` (an integer, non-zero = power
+    present; sysfs ``online`` is 0, 1 or 2), or ``gpio``, one line of a GPIO chip with edge events (high
+    = power present); ``active_low = true`` inverts either source. A new level counts once it has been
+    stable for ``debounce_s``: an input that flaps faster produces no event at all, one that settles
+    produces exactly one. Detection latency is at most ``poll_interval_s + debounce_s`` (defaults
+    20 ms + 50 ms).
 
 Last gasp (power lost), within ``budget_s`` (default 1 s) after detection, in this order:
     1. the ``power`` state becomes ``lost`` (``<p>/power`` and ``<p>/status``) and services stop taking
@@ -40,10 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
-import os
-import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -57,6 +48,7 @@ from dcud.runtime.bus import EventBus
 from dcud.runtime.durable import write_durably
 from dcud.runtime.supervisor import ServiceContext
 from dcud.service.eventpush import NOTIFY_POWER, EventPushConfig, send_event_push
+from dcud.service.levels import FileSource, GpioSource, LevelSource, LevelWatcher
 
 log = structlog.get_logger("dcud.power")
 
@@ -81,171 +73,6 @@ def utc_now_text() -> str:
     """
     now = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
-
-
-# -- debounce (pure) -------------------------------------------------------------------------------
-
-
-class Debouncer:
-    """Accepts a new level once it has been stable for ``debounce_s`` (explicit clock, no I/O)."""
-
-    def __init__(self, debounce_s: float, initial: bool | None) -> None:
-        self.debounce_s = debounce_s
-        self.accepted = initial
-        self._candidate: bool | None = None
-        self._since = 0.0
-
-    def update(self, level: bool, now: float) -> bool | None:
-        """Feed one sample taken at ``now``; returns the newly accepted level, else None."""
-        if self.accepted is None:
-            self.accepted = level
-            return None
-        if level == self.accepted:
-            self._candidate = None
-            return None
-        if level != self._candidate:
-            self._candidate = level
-            self._since = now
-        if now - self._since >= self.debounce_s:
-            self.accepted = level
-            self._candidate = None
-            return level
-        return None
-
-    def deadline(self) -> float | None:
-        """When the pending candidate level would be accepted, or None when nothing is pending."""
-        return None if self._candidate is None else self._since + self.debounce_s
-
-
-# -- sources ---------------------------------------------------------------------------------------
-
-
-class PowerSource(Protocol):
-    """Where the power-present level comes from."""
-
-    def read(self) -> bool | None:
-        """True = power present, False = lost, None = cannot be read right now."""
-        ...
-
-    async def wait(self, timeout_s: float) -> None:
-        """Return after ``timeout_s``, or earlier when the source signals a change."""
-        ...
-
-    def close(self) -> None:
-        """Release the file descriptor(s)."""
-        ...
-
-
-class FileSource:
-    """A sysfs-style file holding an integer, re-opened at every read (sysfs and atomic renames work)."""
-
-    def __init__(self, path: str, active_low: bool = False) -> None:
-        self.path = path
-        self.active_low = active_low
-        self.last_error = ""
-
-    def read(self) -> bool | None:
-        """Read and parse the file (a few microseconds on sysfs; never blocks on a device)."""
-        try:
-            with open(self.path, "rb") as handle:
-                text = handle.read(64).strip()
-            present = int(text) != 0
-        except (OSError, ValueError) as exc:
-            self.last_error = repr(exc)
-            return None
-        self.last_error = ""
-        return present != self.active_low
-
-    async def wait(self, timeout_s: float) -> None:
-        """Plain sleep: a file gives no change notification worth its cost here."""
-        await asyncio.sleep(timeout_s)
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
-# GPIO character device, v2 uAPI (include/uapi/linux/gpio.h).
-_GPIO_V2_LINES_MAX: Final = 64
-_GPIO_V2_LINE_NUM_ATTRS_MAX: Final = 10
-_GPIO_V2_LINE_FLAG_INPUT: Final = 1 << 2
-_GPIO_V2_LINE_FLAG_EDGE_RISING: Final = 1 << 4
-_GPIO_V2_LINE_FLAG_EDGE_FALLING: Final = 1 << 5
-_LINE_ATTR_SIZE: Final = 24  # struct gpio_v2_line_config_attribute
-_LINE_CONFIG = struct.Struct(f"=QI5I{_LINE_ATTR_SIZE * _GPIO_V2_LINE_NUM_ATTRS_MAX}s")
-_LINE_REQUEST = struct.Struct(f"={_GPIO_V2_LINES_MAX}I32s{_LINE_CONFIG.size}sII5Ii")
-_LINE_VALUES = struct.Struct("=QQ")
-_LINE_EVENT_SIZE: Final = 48  # struct gpio_v2_line_event
-
-
-def _iowr(nr: int, size: int) -> int:
-    return (3 << 30) | (size << 16) | (0xB4 << 8) | nr
-
-
-GPIO_V2_GET_LINE_IOCTL: Final = _iowr(0x07, _LINE_REQUEST.size)
-GPIO_V2_LINE_GET_VALUES_IOCTL: Final = _iowr(0x0E, _LINE_VALUES.size)
-
-
-def gpio_line_request(offset: int, consumer: str, edges: bool) -> bytearray:
-    """The ``struct gpio_v2_line_request`` (592 bytes) for one input line, optionally with edge events."""
-    flags = _GPIO_V2_LINE_FLAG_INPUT
-    if edges:
-        flags |= _GPIO_V2_LINE_FLAG_EDGE_RISING | _GPIO_V2_LINE_FLAG_EDGE_FALLING
-    config = _LINE_CONFIG.pack(flags, 0, 0, 0, 0, 0, 0, b"")
-    offsets = [offset] + [0] * (_GPIO_V2_LINES_MAX - 1)
-    return bytearray(_LINE_REQUEST.pack(*offsets, consumer.encode()[:31], config, 1, 0, 0, 0, 0, 0, 0, 0))
-
-
-class GpioSource:
-    """One GPIO line through ``/dev/gpiochipN`` (GPIO v2 uAPI via ``ioctl``; the unit's ``gpio`` group)."""
-
-    def __init__(self, chip: str, line: int, active_low: bool = False) -> None:
-        self.active_low = active_low
-        self.edges = True
-        chip_fd = os.open(chip, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            try:
-                request = gpio_line_request(line, "dcud-power", edges=True)
-                fcntl.ioctl(chip_fd, GPIO_V2_GET_LINE_IOCTL, request)
-            except OSError:
-                # Some drivers cannot do edge detection on every line: fall back to polling values.
-                self.edges = False
-                request = gpio_line_request(line, "dcud-power", edges=False)
-                fcntl.ioctl(chip_fd, GPIO_V2_GET_LINE_IOCTL, request)
-        finally:
-            os.close(chip_fd)
-        self.fd: int = _LINE_REQUEST.unpack(bytes(request))[-1]
-        os.set_blocking(self.fd, False)
-
-    def read(self) -> bool | None:
-        """The line's current value (active high unless ``active_low``)."""
-        values = bytearray(_LINE_VALUES.pack(0, 1))
-        try:
-            fcntl.ioctl(self.fd, GPIO_V2_LINE_GET_VALUES_IOCTL, values)
-        except OSError:
-            return None
-        bits, _mask = _LINE_VALUES.unpack(bytes(values))
-        return bool(bits & 1) != self.active_low
-
-    async def wait(self, timeout_s: float) -> None:
-        """Wait for an edge event (drained) or the timeout."""
-        if not self.edges:
-            await asyncio.sleep(timeout_s)
-            return
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(self.fd, lambda: None if ready.done() else ready.set_result(None))
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ready, timeout_s)
-        finally:
-            loop.remove_reader(self.fd)
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            os.read(self.fd, _LINE_EVENT_SIZE * 16)
-
-    def close(self) -> None:
-        """Release the line."""
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
 
 
 # -- durable state ---------------------------------------------------------------------------------
@@ -320,10 +147,10 @@ class PowerServiceConfig:
             return_text=params.get_opt_str("eventpush_sms_return_text") or "Power return",
         )
 
-    def open_source(self) -> PowerSource:
+    def open_source(self) -> LevelSource:
         """The configured source."""
         if self.source == "gpio":
-            return GpioSource(self.chip, self.gpio_line, self.active_low)
+            return GpioSource(self.chip, self.gpio_line, self.active_low, consumer="dcud-power")
         return FileSource(self.path, self.active_low)
 
 
@@ -371,7 +198,7 @@ class PowerService:
             async with asyncio.timeout(cfg.budget_s):
                 await asyncio.shield(self._event(event_type, text, since=since, source=cfg.source, **extra))
         except TimeoutError:
-            ctx.log.error("event commit exceeded the last-gasp budget; pushing anyway", event=event_type)
+            ctx.log.error("event commit exceeded the last-gasp budget; pushing anyway", event_type=event_type)
         timings["commit_trap_ms"] = (time.monotonic() - start) * 1000
         try:
             await record
@@ -383,7 +210,7 @@ class PowerService:
                 async with asyncio.timeout(remaining):
                     await self._push(cfg.push_addr, f"{cfg.device_id}: {text} {since}")
             except (OSError, ValueError, TimeoutError) as exc:
-                ctx.log.warning("event push failed", event=event_type, error=repr(exc))
+                ctx.log.warning("event push failed", event_type=event_type, error=repr(exc))
             timings["push_ms"] = (time.monotonic() - start) * 1000
         timings["total_ms"] = (time.monotonic() - start) * 1000
         self.transitions += 1
@@ -443,35 +270,20 @@ class PowerService:
         cfg = self.config
         source = cfg.open_source()
         try:
-            level = source.read()
+            watcher = LevelWatcher(source, poll_interval_s=cfg.poll_interval_s, debounce_s=cfg.debounce_s)
+            level = watcher.read_initial()
             await self._startup(ctx)
             await self._reconcile(ctx, level)
-            debouncer = Debouncer(cfg.debounce_s, level)
             ctx.set_ready()
-            unreadable = False
-            while not ctx.stopping.is_set():
-                deadline = debouncer.deadline()
-                timeout = cfg.poll_interval_s
-                if deadline is not None:
-                    timeout = min(timeout, max(0.0, deadline - time.monotonic()))
-                await source.wait(timeout)
-                ctx.beat()
-                sample = source.read()
-                if sample is None:
-                    if not unreadable:
-                        ctx.log.warning("power input unreadable", source=cfg.source)
-                        unreadable = True
-                    continue
-                if unreadable:
+            async for change in watcher.changes(ctx.stopping, ctx.beat):
+                if change.kind == "unreadable":
+                    ctx.log.warning("power input unreadable", source=cfg.source)
+                elif change.kind == "readable":
                     ctx.log.info("power input readable again", source=cfg.source)
-                    unreadable = False
-                if debouncer.accepted is None:
-                    debouncer.update(sample, time.monotonic())
-                    await self._reconcile(ctx, sample)
-                    continue
-                changed = debouncer.update(sample, time.monotonic())
-                if changed is not None:
-                    await self._sequence(ctx, lost=not changed, since=utc_now_text())
+                elif change.kind == "first":
+                    await self._reconcile(ctx, change.level)
+                else:
+                    await self._sequence(ctx, lost=not change.level, since=utc_now_text())
         finally:
             source.close()
             if ctx.stopping.is_set():

@@ -19,6 +19,13 @@ The config port (``PUT``/``PATCH /config``), MQTT ``<p>/cmd/param/set`` and SIGH
 Why ``state_dir``: ``/etc/dcud`` is read-only to dcud under the systemd sandbox (docs/systemd.md);
 the loader takes ``<state_dir>/params/wme.conf`` as the file in force whenever it exists.
 
+Who may change what (:data:`PROTECTED_PARAMETERS`, one policy for every channel): every apply says
+whether its request was ``authenticated`` (an envelope under ``fw_server_key`` whose tag matched).
+An unauthenticated change that would change a protected parameter (one that decides who can reach
+or control the DCU) is refused whole; whether plain changes are accepted at all is the caller's
+opt-in (``[remote] plain_param_set`` for MQTT, ``[config_port] plain_writes`` for the port). SIGHUP
+reads the files on the DCU, which are the installer's: no policy applies there.
+
 Whole and partial uploads (:func:`merge_parameter_text`): a whole file replaces the file in force
 (parameters it does not name go back to their defaults); a partial one changes only the names it
 lists (``name=`` unsets one), keeping the other lines and comments of the file in force.
@@ -27,17 +34,17 @@ lists (``name=`` unsets one), keeping the other lines and comments of the file i
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
+import msgspec
 import structlog
 
 from dcud.config.loader import LoadedConfig, load_config, remote_parameters_path
@@ -46,8 +53,16 @@ from dcud.errors import ConfigError, ConfigIssue, DcudError
 from dcud.runtime.durable import write_durably
 from dcud.runtime.sdnotify import Notifier
 from dcud.runtime.supervisor import Service
-from dcud.service.commands import CommandError, CommandRouter
-from dcud.service.crypto_envelope import EnvelopeKeys, ReplayGuard, open_envelope
+from dcud.service.commands import (
+    BadRequestError,
+    CommandContext,
+    CommandError,
+    CommandRouter,
+    NotAuthorizedError,
+    Request,
+    envelope_context,
+)
+from dcud.service.crypto_envelope import EnvelopeKeys, Opened, ReplayGuard
 
 log = structlog.get_logger("dcud.remote_config")
 
@@ -61,6 +76,10 @@ Via = Literal["config-port", "mqtt", "sighup", "local"]
 
 class ReloadBusyError(DcudError):
     """Too many configuration changes are queued, or dcud is stopping: try again later."""
+
+
+class ProtectedParameterError(ConfigError):
+    """An unauthenticated change would change a protected parameter: refused whole, nothing changed."""
 
 
 class ParameterWriteError(DcudError):
@@ -103,6 +122,32 @@ class ApplyResult:
             "restarted": self.restarted,
             "file": self.file,
         }
+
+
+# -- who may change what --------------------------------------------------------------------------
+
+_PROTECTED_PREFIXES = ("fw_server_", "ei_client_", "dm.", "snmp_")
+_PROTECTED_NAMES = frozenset(
+    {"tm.tls_enable", "tm.cert", "tm.ca_cert", "tm.verify", "tm.use_crl", "com_ping_host"}
+)
+
+
+def _is_protected(name: str) -> bool:
+    return name.startswith(_PROTECTED_PREFIXES) or name in _PROTECTED_NAMES
+
+
+PROTECTED_PARAMETERS: frozenset[str] = frozenset(name for name in CATALOGUE if _is_protected(name))
+"""Parameters that decide who can reach or control the DCU: the config port and its key
+(``fw_server_*``), the EI client's destination and password (``ei_client_*``), the transparent
+ports' TLS and client verification (``tm.tls_enable``, ``tm.cert``, ``tm.ca_cert``, ``tm.verify``,
+``tm.use_crl``), the device manager (``dm.*``), SNMP (``snmp_*``: the manager and the v2c
+community/v3 user) and the watchdog's ping target (``com_ping_host``). They change only in an
+envelope (authenticated) or in the files on the DCU, never over a plain channel."""
+
+
+def protected_changes(changed: Mapping[str, object]) -> list[str]:
+    """The protected parameters among ``changed`` names, sorted."""
+    return sorted(name for name in changed if name in PROTECTED_PARAMETERS)
 
 
 # -- text helpers ---------------------------------------------------------------------------------
@@ -238,6 +283,7 @@ class _Job:
     dry_run: bool = False
     who: str = ""
     via: Via = "local"
+    authenticated: bool = False
 
 
 @dataclass
@@ -247,6 +293,8 @@ class ReloadStats:
     reloads: int = 0
     applies: int = 0
     refused: int = 0
+    protected_refused: int = 0
+    """Unauthenticated changes refused because they touched a protected parameter."""
     busy: int = 0
 
 
@@ -300,17 +348,20 @@ class Reloader:
         partial: bool,
         who: str,
         via: Via,
+        authenticated: bool,
         dry_run: bool = False,
     ) -> ApplyResult:
         """Validate, write and apply a parameter file (``partial``: only the names it lists).
 
+        ``authenticated``: the request came in an envelope whose tag matched. When False, a change of
+        any :data:`PROTECTED_PARAMETERS` refuses the whole request (ProtectedParameterError).
         Raises ConfigError with every issue (nothing changed), or ReloadBusyError. Cancelling the caller
         does not cancel the change once queued: it completes, and its event records it.
         """
         if not self._running or (self._supervisor is not None and self._supervisor.stopping):
             raise ReloadBusyError("dcud is not accepting configuration changes now (starting or stopping)")
         future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
-        job = _Job("apply", future, text, partial, dry_run, who, via)
+        job = _Job("apply", future, text, partial, dry_run, who, via, authenticated)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -319,14 +370,16 @@ class Reloader:
         return await asyncio.shield(future)
 
     async def apply_updates(
-        self, updates: Mapping[str, str], *, who: str, via: Via, dry_run: bool = False
+        self, updates: Mapping[str, str], *, who: str, via: Via, authenticated: bool, dry_run: bool = False
     ) -> ApplyResult:
-        """A partial change given as a mapping (MQTT ``param/set``)."""
+        """A partial change given as a mapping (MQTT ``param/set``); ``authenticated`` as for apply_text."""
         bad = [n for n, v in updates.items() if "\n" in n or "\n" in v or "\r" in n or "=" in n]
         if bad:
             raise ConfigError([ConfigIssue(UPLOAD, 0, n[:64], "name or value spans lines") for n in bad])
         text = "".join(f"{name}={value}\n" for name, value in updates.items())
-        return await self.apply_text(text, partial=True, who=who, via=via, dry_run=dry_run)
+        return await self.apply_text(
+            text, partial=True, who=who, via=via, authenticated=authenticated, dry_run=dry_run
+        )
 
     def current_text(self) -> str:
         """The text of the parameter file in force ("" when it cannot be read)."""
@@ -410,6 +463,19 @@ class Reloader:
         # The parameters now come from the remote file (messages and later reloads point at it).
         new = dataclasses.replace(new, params=ParameterSet(str(target), new.params.raw, new.params.lines))
         changed = changed_parameters(old.params, new.params)
+        protected = [] if job.authenticated else protected_changes(changed)
+        if protected:
+            self.stats.refused += 1
+            self.stats.protected_refused += 1
+            log.warning(
+                "configuration change refused: protected parameters",
+                via=job.via,
+                who=job.who,
+                names=protected,
+            )
+            where = upload_lines if job.partial else _assigned_lines(candidate)
+            job.future.set_exception(ProtectedParameterError([_protected_issue(n, where) for n in protected]))
+            return
         if job.dry_run:
             job.future.set_result(ApplyResult(changed, [], str(target), dry_run=True))
             return
@@ -493,6 +559,28 @@ def _point_at_upload(
     return out
 
 
+def _assigned_lines(text: str) -> dict[str, int]:
+    """Name -> line of its first assignment in a parameter file text."""
+    lines: dict[str, int] = {}
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        pair = _assignment(line)
+        if pair is not None and pair[0] not in lines:
+            lines[pair[0]] = lineno
+    return lines
+
+
+def _protected_issue(name: str, lines: Mapping[str, int]) -> ConfigIssue:
+    line = lines.get(name, 0)
+    how = "" if line else " (a whole file that leaves it out resets it)"
+    return ConfigIssue(
+        UPLOAD,
+        line,
+        name,
+        f"protected: it decides who can reach or control the DCU and changes only in an envelope "
+        f"(fw_server_key) or in the files on the DCU, never over a plain channel{how}",
+    )
+
+
 def issues_json(issues: Sequence[ConfigIssue]) -> list[dict[str, Any]]:
     """Issues as JSON objects (``text`` is the ``file:line: key: message`` form)."""
     return [
@@ -503,8 +591,88 @@ def issues_json(issues: Sequence[ConfigIssue]) -> list[dict[str, Any]]:
 # -- MQTT commands --------------------------------------------------------------------------------
 
 
-MQTT_SET_CONTEXT = b"MQTT param/set"
-"""Envelope context of an encrypted ``param/set`` request (docs/remote-config.md)."""
+MQTT_SET_CONTEXT = envelope_context("param/set")
+"""Envelope context of a sealed ``param/set`` request, ``MQTT param/set`` (docs/remote-config.md)."""
+
+ParameterName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+ParameterValue = (
+    Annotated[str, msgspec.Meta(max_length=4096)] | Annotated[int, msgspec.Meta(ge=-(2**53), le=2**53)]
+)
+
+
+class ParamGetRequest(Request, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``param/get``: the named parameters (default: all)."""
+
+    names: Annotated[list[ParameterName], msgspec.Meta(max_length=len(CATALOGUE))] | None = None
+
+
+class ParamSetRequest(Request, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``param/set``: a partial change (``set``) or a whole file (``text``), exactly one of them."""
+
+    set: (
+        Annotated[dict[ParameterName, msgspec.Raw], msgspec.Meta(min_length=1, max_length=len(CATALOGUE))]
+        | None
+    ) = None
+    """Name -> value (a string, or an integer); each value is checked by :func:`parameter_updates`,
+    so that an error names the parameter (``$.set.ntp_interval``), which msgspec's path would not."""
+    text: Annotated[str, msgspec.Meta(max_length=256 * 1024)] | None = None
+    who: Annotated[str, msgspec.Meta(max_length=64)] = "mqtt"
+    dry_run: bool = False
+
+
+_VALUE_DECODER = msgspec.json.Decoder(ParameterValue)
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def parameter_updates(raw: Mapping[str, msgspec.Raw]) -> dict[str, str]:
+    """The values of a ``param/set`` ``set`` object as file text; BadRequestError names the parameter."""
+    updates: dict[str, str] = {}
+    for name, value in raw.items():
+        try:
+            updates[name] = str(_VALUE_DECODER.decode(value))
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            where = f"$.set.{name}" if _PLAIN_NAME.match(name) else f"$.set[{json.dumps(name)}]"
+            text = str(exc).split(" - at `", 1)[0]
+            raise BadRequestError(f"{text} - at `{where}`", field=where) from None
+    return updates
+
+
+class EnvelopeSealing:
+    """The router's :class:`~dcud.service.commands.Sealing` from the parameters in force.
+
+    Keys come from ``fw_server_key`` (None when unset); replays are refused by one ReplayGuard per
+    state file and window, ``<state_dir>/config_port/mqtt-replay.json`` and
+    ``[config_port] replay_window_s``, shared by every sealed verb (nonces are unique across verbs).
+    """
+
+    def __init__(self, reloader: Reloader, clock_trusted: Callable[[], bool] = lambda: False) -> None:
+        self._reloader = reloader
+        self._clock_trusted = clock_trusted
+        self._keys: tuple[str, EnvelopeKeys] | None = None
+        self._guard: tuple[tuple[str, float], ReplayGuard] | None = None
+
+    def keys(self) -> EnvelopeKeys | None:
+        """The keys of the ``fw_server_key`` in force (derived once per key)."""
+        text = self._reloader.current.params.get_opt_str("fw_server_key")
+        if not text:
+            return None
+        if self._keys is None or self._keys[0] != text:
+            self._keys = (text, EnvelopeKeys.from_parameter(text))
+        return self._keys[1]
+
+    def device_id(self) -> str:
+        """The device_id in force (envelopes are bound to it)."""
+        return self._reloader.current.device_id
+
+    def check_replay(self, opened: Opened) -> None:
+        """ReplayedEnvelopeError unless the envelope is fresh; remembers it (persisted)."""
+        config = self._reloader.current
+        window = config.toml.config_port.replay_window_s
+        state = config.state_dir / "config_port" / "mqtt-replay.json"
+        where = (str(state), window)
+        if self._guard is None or self._guard[0] != where:
+            self._guard = (where, ReplayGuard(window, state_path=state, clock_trusted=self._clock_trusted))
+        self._guard[1].check(opened.timestamp_s, opened.nonce, time.time())
 
 
 def register_param_commands(
@@ -512,85 +680,62 @@ def register_param_commands(
 ) -> None:
     """Serve ``<p>/cmd/param/get`` and ``<p>/cmd/param/set`` (docs/remote-config.md).
 
-    ``param/get``: ``{"names": [...]}`` (optional) -> ``{"values": {name: value}, "set": [...],
-    "file": ...}``, secrets as ``***``. ``param/set``: ``{"set": {name: value, ...}}`` (partial; an
-    empty value unsets) or ``{"text": "<whole file>"}``, optional ``"who"`` and ``"dry_run"`` ->
-    the :class:`ApplyResult`, or an error reply whose message lists every issue. While
-    ``fw_server_encrypt=1`` the request must be ``{"envelope": "<base64>"}``: an envelope (context
-    ``MQTT param/set``) of that JSON object, checked like the config port's (tag, then replay).
+    ``param/get`` (:class:`ParamGetRequest`) -> ``{"values": {name: value}, "set": [...], "file": ...}``,
+    secrets as ``***``. ``param/set`` (:class:`ParamSetRequest`, state-changing) -> the
+    :class:`ApplyResult`, or an error reply whose message lists every issue. A plain ``param/set`` is
+    refused unless ``[remote] plain_param_set = true``; protected parameters change only in an envelope
+    (context ``MQTT param/set``), which is required whenever ``fw_server_key`` is set. Also installs
+    :class:`EnvelopeSealing` as the router's source of envelope keys.
     """
-    guards: dict[tuple[str, float], ReplayGuard] = {}
+    commands.set_sealing(EnvelopeSealing(reloader, clock_trusted))
 
-    def unseal(request: Mapping[str, Any]) -> Mapping[str, Any]:
-        config = reloader.current
-        params = config.params
-        if not params.get_bool("fw_server_encrypt"):
-            if "envelope" in request:
-                raise CommandError("an envelope was sent, but fw_server_encrypt=0 on this DCU")
-            return request
-        envelope = request.get("envelope")
-        key_text = params.get_opt_str("fw_server_key")
-        if not isinstance(envelope, str) or key_text is None:
-            raise CommandError('fw_server_encrypt=1: param/set needs {"envelope": "<base64 envelope>"}')
-        try:
-            data = base64.b64decode(envelope, validate=True)
-        except (binascii.Error, ValueError):
-            raise CommandError("envelope is not base64") from None
-        keys = EnvelopeKeys.from_parameter(key_text)
-        opened = open_envelope(keys, data, MQTT_SET_CONTEXT, device_id=config.device_id)
-        window = config.toml.config_port.replay_window_s
-        state = config.state_dir / "config_port" / "mqtt-replay.json"
-        guard = guards.get((str(state), window))
-        if guard is None:
-            guards.clear()
-            guard = guards[(str(state), window)] = ReplayGuard(
-                window, state_path=state, clock_trusted=clock_trusted
-            )
-        guard.check(opened.timestamp_s, opened.nonce, time.time())
-        try:
-            inner = json.loads(opened.plaintext)
-        except ValueError:
-            raise CommandError("the envelope does not hold a JSON object") from None
-        if not isinstance(inner, dict):
-            raise CommandError("the envelope does not hold a JSON object")
-        return inner
-
-    async def get(request: Mapping[str, Any]) -> Mapping[str, Any]:
+    async def get(request: ParamGetRequest, _ctx: CommandContext) -> Mapping[str, Any]:
         params = reloader.current.params
         shown = params.masked()
-        names = request.get("names")
-        if names is not None:
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise CommandError('"names" must be a list of parameter names')
-            unknown = [n for n in names if n not in CATALOGUE]
+        if request.names is not None:
+            unknown = [n for n in request.names if n not in CATALOGUE]
             if unknown:
-                raise CommandError(f"unknown parameters: {', '.join(n[:64] for n in unknown[:10])}")
-            shown = {n: shown[n] for n in names}
+                listed = ", ".join(json.dumps(n) for n in unknown[:10])
+                raise CommandError(f"unknown parameters: {listed}", field="$.names")
+            shown = {n: shown[n] for n in request.names}
         return {"values": shown, "set": sorted(params.raw), "file": params.path}
 
-    async def set_(outer: Mapping[str, Any]) -> Mapping[str, Any]:
-        request = unseal(outer)
-        who = request.get("who", "mqtt")
-        who = who[:64] if isinstance(who, str) and who.isprintable() else "mqtt"
-        dry_run = request.get("dry_run") is True
-        updates = request.get("set")
-        text = request.get("text")
+    async def set_(request: ParamSetRequest, ctx: CommandContext) -> Mapping[str, Any]:
+        if not ctx.authenticated and not reloader.current.toml.remote.plain_param_set:
+            raise NotAuthorizedError(
+                "plain param/set is off on this DCU: send it in an envelope (fw_server_key), or the "
+                "installer sets [remote] plain_param_set = true in dcud.toml",
+                field="$.envelope",
+            )
+        who = request.who if request.who.isprintable() and request.who else "mqtt"
+        if (request.set is None) == (request.text is None):
+            raise CommandError(
+                'param/set needs exactly one of "set": {name: value} or "text": "<file>"', field="$"
+            )
         try:
-            if isinstance(updates, dict) and text is None:
-                if not updates or not all(isinstance(v, str | int) for v in updates.values()):
-                    raise CommandError('"set" must map parameter names to string values')
-                shown = {str(k): str(v) for k, v in updates.items()}
-                result = await reloader.apply_updates(shown, who=who, via="mqtt", dry_run=dry_run)
-            elif isinstance(text, str) and updates is None:
-                result = await reloader.apply_text(text, partial=False, who=who, via="mqtt", dry_run=dry_run)
+            if request.set is not None:
+                updates = parameter_updates(request.set)
+                result = await reloader.apply_updates(
+                    updates, who=who, via="mqtt", authenticated=ctx.authenticated, dry_run=request.dry_run
+                )
             else:
-                raise CommandError('param/set needs either "set": {name: value} or "text": "<file>"')
+                assert request.text is not None
+                result = await reloader.apply_text(
+                    request.text,
+                    partial=False,
+                    who=who,
+                    via="mqtt",
+                    authenticated=ctx.authenticated,
+                    dry_run=request.dry_run,
+                )
+        except ProtectedParameterError:
+            raise
         except ConfigError as exc:
             raise ParamSetRefusedError(exc.issues) from None
         return result.to_json()
 
-    commands.register("param/get", get)
-    commands.register("param/set", set_)
+    commands.register("param/get", ParamGetRequest, get)
+    commands.register("param/set", ParamSetRequest, set_, state_changing=True)
 
 
 class ParamSetRefusedError(ConfigError):

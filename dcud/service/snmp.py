@@ -9,7 +9,9 @@ Configuration (WM-E parameters, see ``dcud params``):
 
 - ``snmp_trap=1`` and ``snmp_manager_ip`` enable it; ``snmp_manager_port`` 0 means 162.
 - ``snmp_version=2``: SNMPv2c; the **community is ``snmp_user``** (the WM-E has no separate community
-  parameter), ``public`` when unset.
+  parameter). There is no default community: with ``snmp_user`` unset dcud sends **no trap at all**
+  (neither v2c with ``public`` nor v3 without a user name) and says so in one warning per
+  configuration load. ``snmp_user`` is a secret parameter: masked wherever parameters are shown.
 - ``snmp_version=3``: USM user ``snmp_user``; ``snmp_auth_algo`` 0 = none, 1 = HMAC-MD5-96,
   2 = HMAC-SHA-96 with ``snmp_auth_key``; ``snmp_priv_algo`` 0 = none, 1 = CBC-DES, 2 = 3DES-EDE
   (draft-reeder, not supported by Net-SNMP), **3 = AES-128-CFB (RFC 3826), recommended** with
@@ -23,6 +25,22 @@ Configuration (WM-E parameters, see ``dcud params``):
 
 Traps are unacknowledged UDP: a lost trap is not retried (the event itself is durable in the outbox
 and goes out on MQTT). Sent and failed traps are counted in the ``snmp`` state.
+
+**INFORMs** (dcud.toml ``[snmp] inform = true``): every alarm except the last gasp
+(:data:`dcud.service.snmp_mib.LAST_GASP_EVENTS`) is sent as an InformRequest, which the manager
+acknowledges. Unacknowledged, it is sent again after ``inform_timeout_s``, at most ``inform_retries``
+times (pysnmp's notification originator does the retries; for SNMPv3 it first discovers the
+manager's engine ID, which the manager is authoritative for). An INFORM still unacknowledged after
+its retries is counted (``informs_failed``) and logged once. At most :data:`MAX_INFORMS_PENDING`
+INFORMs wait for an acknowledgement at once; an alarm beyond that goes out as a trap (counted,
+``inform_overflow``), so a dead manager cannot make dcud hold an unbounded number of them. The
+power-loss trap stays a trap: its path must stay synchronous and fast.
+
+**One engine clock per process.** The trap sender and the read-only agent
+(:mod:`dcud.service.snmp_agent`) are two pysnmp engines with the same engine ID; both take
+``snmpEngineBoots`` and the start of ``snmpEngineTime`` from :func:`engine_clock`, read (and the
+boots incremented) once per process, so a manager sees one consistent authoritative engine however
+often a reload restarts either service.
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +68,6 @@ EventListener = Callable[[Mapping[str, Any]], None]
 """Called with every committed event payload (``type``, ``ts``, ``text``, ``uid``, extra fields)."""
 
 DEFAULT_TRAP_PORT: Final = 162
-DEFAULT_COMMUNITY: Final = "public"
 BOOTS_FILE: Final = "snmp-engine-boots"
 _MAX_BOOTS: Final = 2147483647  # RFC 3414: at the maximum the engine must be reconfigured
 
@@ -57,6 +75,8 @@ AUTH_ALGOS: Final[dict[int, str]] = {0: "none", 1: "MD5", 2: "SHA"}
 """``snmp_auth_algo`` value -> authentication protocol name."""
 PRIV_ALGOS: Final[dict[int, str]] = {0: "none", 1: "DES", 2: "3DES", 3: "AES"}
 """``snmp_priv_algo`` value -> privacy protocol name (3 = AES-128 is dcud's addition)."""
+MAX_INFORMS_PENDING: Final = 64
+"""INFORMs awaiting an acknowledgement at once; further alarms go out as traps (counted)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +88,7 @@ class SnmpServiceConfig:
     manager_port: int
     version: int
     community: str = field(repr=False)
-    user: str
+    user: str = field(repr=False)
     auth: str
     auth_key: str = field(repr=False)
     priv: str
@@ -76,6 +96,9 @@ class SnmpServiceConfig:
     engine_id: bytes
     enterprise_oid: str
     state_dir: Path
+    inform: bool = False
+    inform_retries: int = 3
+    inform_timeout_s: float = 5.0
 
     @property
     def security_level(self) -> str:
@@ -86,7 +109,11 @@ class SnmpServiceConfig:
 
     @classmethod
     def from_config(cls, config: LoadedConfig) -> SnmpServiceConfig | None:
-        """The slice, or None when traps are off (``snmp_trap`` unset/0 or no manager address)."""
+        """The slice, or None when traps are off.
+
+        Off: ``snmp_trap`` unset/0, no manager address, or no ``snmp_user`` (the v3 user name and the
+        v2c community: there is no default community, so nothing is sent; logged once per load).
+        """
         params = config.params
         manager = params.get_opt_str("snmp_manager_ip")
         if not params.get_bool("snmp_trap") or not manager:
@@ -94,12 +121,20 @@ class SnmpServiceConfig:
         section = config.toml.snmp
         user = params.get_opt_str("snmp_user") or ""
         version = params.get_int("snmp_version")
+        if not user:
+            log.warning(
+                "SNMP traps are off: snmp_user is not set (the SNMPv3 user, and the SNMPv2c community; "
+                "dcud has no default community and never sends 'public')",
+                snmp_version=version,
+                manager=manager,
+            )
+            return None
         return cls(
             device_id=config.device_id,
             manager_ip=manager,
             manager_port=params.get_int("snmp_manager_port") or DEFAULT_TRAP_PORT,
             version=version,
-            community=user or DEFAULT_COMMUNITY,
+            community=user,
             user=user,
             auth=AUTH_ALGOS.get(params.get_int("snmp_auth_algo"), "none"),
             auth_key=params.get_opt_str("snmp_auth_key") or "",
@@ -108,6 +143,9 @@ class SnmpServiceConfig:
             engine_id=snmp_mib.engine_id_for(section.engine_id, config.device_id, section.enterprise_oid),
             enterprise_oid=section.enterprise_oid,
             state_dir=config.state_dir,
+            inform=section.inform,
+            inform_retries=section.inform_retries,
+            inform_timeout_s=section.inform_timeout_s,
         )
 
 
@@ -123,13 +161,54 @@ def next_engine_boots(state_dir: Path) -> int:
     return boots
 
 
+@dataclass(frozen=True)
+class EngineClock:
+    """``snmpEngineBoots`` and the wall-clock second ``snmpEngineTime`` counts from (RFC 3414)."""
+
+    boots: int
+    started_unix_s: int
+
+    def apply(self, engine: Any) -> None:
+        """Make a pysnmp engine report this boots count and time base.
+
+        pysnmp keeps ``snmpEngineTime`` as the second its engine was created and reports the time
+        since then; setting that second makes every engine of the process count from the same start.
+        """
+        builder = engine.get_mib_builder()
+        boots, engine_time = builder.import_symbols(
+            "__SNMP-FRAMEWORK-MIB", "snmpEngineBoots", "snmpEngineTime"
+        )
+        boots.syntax = boots.syntax.clone(self.boots)
+        engine_time.syntax = engine_time.syntax.clone(self.started_unix_s)
+
+
+_ENGINE_CLOCKS: dict[Path, EngineClock] = {}
+"""Per state directory (one per process in the daemon; tests use several): the process's clock."""
+
+
+def engine_clock(state_dir: Path) -> EngineClock:
+    """The engine clock of this process: boots incremented (durably) on the first call only."""
+    key = state_dir.resolve()
+    clock = _ENGINE_CLOCKS.get(key)
+    if clock is None:
+        clock = EngineClock(next_engine_boots(state_dir), int(time.time()))
+        _ENGINE_CLOCKS[key] = clock
+    return clock
+
+
 class TrapSender:
     """One pysnmp engine configured for one manager; :meth:`send` encodes and sends synchronously.
 
     Create it inside a running event loop (pysnmp's asyncio transport binds to it); :meth:`close` it.
     """
 
-    def __init__(self, config: SnmpServiceConfig, engine_boots: int | None = None) -> None:
+    def __init__(
+        self,
+        config: SnmpServiceConfig,
+        engine_boots: int | None = None,
+        engine_started_unix_s: int | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         from pysnmp.carrier.asyncio.dgram import udp, udp6
         from pysnmp.entity import config as snmp_config
         from pysnmp.entity import engine
@@ -138,10 +217,11 @@ class TrapSender:
 
         self.config = config
         self._rfc1902 = rfc1902
+        self._on_change = on_change
         self.engine: Any = engine.SnmpEngine(snmpEngineID=rfc1902.OctetString(config.engine_id))
         if engine_boots is not None:
-            (boots,) = self.engine.get_mib_builder().import_symbols("__SNMP-FRAMEWORK-MIB", "snmpEngineBoots")
-            boots.syntax = boots.syntax.clone(engine_boots)
+            started = int(time.time()) if engine_started_unix_s is None else engine_started_unix_s
+            EngineClock(engine_boots, started).apply(self.engine)
         self.engine_boots = engine_boots
         ipv6 = ":" in config.manager_ip
         module: Any = udp6 if ipv6 else udp
@@ -172,7 +252,10 @@ class TrapSender:
             security_model, security_name = 3, config.user
         else:
             level = "noAuthNoPriv"
-            snmp_config.add_v1_system(self.engine, "dcud-community", config.community)
+            # An INFORM's Response comes back from the manager's address, which pysnmp accepts only
+            # when the community's transport tag names a target at that address (RFC 3584 5.2.1).
+            tag = "dcud-inform-managers" if config.inform else None
+            snmp_config.add_v1_system(self.engine, "dcud-community", config.community, transportTag=tag)
             snmp_config.add_target_parameters(self.engine, "dcud-params", "dcud-community", level, 1)
             security_model, security_name = 2, "dcud-community"
         snmp_config.add_target_address(
@@ -186,6 +269,24 @@ class TrapSender:
         snmp_config.add_notification_target(
             self.engine, "dcud-notification", "dcud-filter", "dcud-managers", "trap"
         )
+        self._inform_target: str | None = None
+        if config.inform:
+            # The same manager once more, under its own tag, with the acknowledgement timeout (in
+            # hundredths of a second, SNMP-TARGET-MIB) and the retry bound.
+            snmp_config.add_target_address(
+                self.engine,
+                "dcud-inform-manager",
+                module.DOMAIN_NAME,
+                (config.manager_ip, config.manager_port),
+                "dcud-params",
+                timeout=max(1, round(config.inform_timeout_s * 100)),
+                retryCount=config.inform_retries,
+                tagList="dcud-inform-managers",
+            )
+            snmp_config.add_notification_target(
+                self.engine, "dcud-inform", "dcud-filter-i", "dcud-inform-managers", "inform"
+            )
+            self._inform_target = "dcud-inform"
         snmp_config.add_context(self.engine, "")
         snmp_config.add_vacm_user(self.engine, security_model, security_name, level, (), (), (1, 3, 6))
         self._originator: Any = ntforg.NotificationOriginator()
@@ -194,6 +295,11 @@ class TrapSender:
         self.sent = 0
         self.failed = 0
         self.last_error = ""
+        self.informs_sent = 0
+        self.informs_acked = 0
+        self.informs_failed = 0
+        self.informs_pending = 0
+        self.inform_overflow = 0
 
     async def wait_open(self) -> None:
         """Wait until the UDP socket exists (sends before that are queued by pysnmp, not lost)."""
@@ -228,19 +334,26 @@ class TrapSender:
                 self.engine, "dcud-warmup", "dcud-filter-w", "dcud-warmup", "trap"
             )
             self._notification = "dcud-warmup"
+            counts = (self.sent, self.failed, self.last_error)
             try:
                 self.send("power_loss", {"type": "power_loss", "text": "warm-up"})
+            finally:
+                # Restored before yielding, so a real alarm meanwhile goes to the manager. The
+                # warm-up trap is not an alarm: the counters stay as they were.
+                self._notification = "dcud-notification"
+                self.sent, self.failed, self.last_error = counts
+            try:
                 await asyncio.sleep(0)
             finally:
-                self._notification = "dcud-notification"
-                self.sent = 0
-                self.failed = 0
-                self.last_error = ""
                 snmp_config.delete_notification_target(self.engine, "dcud-warmup", "dcud-params")
                 snmp_config.delete_target_address(self.engine, "dcud-warmup")
 
     def send(self, event_type: str, event: Mapping[str, Any]) -> bool:
-        """Send the trap of ``event_type`` now; False when that type has no trap or sending failed."""
+        """Send the notification of ``event_type`` now; False when that type has none or sending failed.
+
+        A trap (or, with ``inform``, an INFORM for every type but the last gasp) is handed to the
+        kernel before this returns; an INFORM's acknowledgement and retries happen later.
+        """
         oid = snmp_mib.trap_oid(self.config.enterprise_oid, event_type)
         if oid is None:
             return False
@@ -252,10 +365,22 @@ class TrapSender:
             varbinds.append(
                 (rfc.ObjectName(snmp_mib.varbind_oid(self.config.enterprise_oid, arc)), rfc.OctetString(text))
             )
+        inform = self._inform_target is not None and event_type not in snmp_mib.LAST_GASP_EVENTS
+        if inform and self.informs_pending >= MAX_INFORMS_PENDING:
+            inform = False
+            self.inform_overflow += 1
         try:
-            self._originator.send_varbinds(
-                self.engine, self._notification, None, b"", varbinds, self._on_result, None
-            )
+            if inform:
+                ident = (event_type, str(event.get("uid", "")))
+                self._originator.send_varbinds(
+                    self.engine, self._inform_target, None, b"", varbinds, self._on_inform_result, ident
+                )
+                self.informs_pending += 1
+                self.informs_sent += 1
+            else:
+                self._originator.send_varbinds(
+                    self.engine, self._notification, None, b"", varbinds, self._on_result, None
+                )
         except Exception as exc:  # pysnmp raises a wide variety; a trap failure must not hurt the caller
             self.failed += 1
             self.last_error = repr(exc)
@@ -270,6 +395,32 @@ class TrapSender:
         if error_indication:
             self.failed += 1
             self.last_error = str(error_indication)
+
+    def _on_inform_result(self, *args: Any) -> None:
+        # (engine, handle, errorIndication, errorStatus, errorIndex, varBinds, ctx): called once per
+        # INFORM, after the acknowledgement or after the last retry timed out.
+        error_indication = args[2] if len(args) > 2 else None
+        error_status = args[3] if len(args) > 3 else 0
+        event_type, uid = args[6] if len(args) > 6 and isinstance(args[6], tuple) else ("", "")
+        self.informs_pending = max(0, self.informs_pending - 1)
+        if error_indication or error_status:
+            self.informs_failed += 1
+            self.last_error = str(error_indication or f"error-status {error_status}")
+            log.warning(
+                "INFORM not acknowledged after its retries",
+                event_type=event_type,
+                uid=uid,
+                retries=self.config.inform_retries,
+                error=self.last_error,
+                informs_failed=self.informs_failed,
+            )
+        else:
+            self.informs_acked += 1
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception as exc:  # a state publication must not break pysnmp's dispatcher
+                log.error("snmp state not published", error=repr(exc))
 
     def close(self) -> None:
         """Close the UDP socket and the engine's dispatcher."""
@@ -303,12 +454,19 @@ class SnmpTrapService:
                 "engine_boots": sender.engine_boots if sender else None,
                 "version": "v3" if cfg.version == 3 else "v2c",
                 "manager": f"{cfg.manager_ip}:{cfg.manager_port}",
-                "user": cfg.user if cfg.version == 3 else None,
+                # snmp_user is a secret parameter (it is the v2c community): never in a state document.
+                "user_set": bool(cfg.user),
                 "security_level": cfg.security_level,
                 "auth": cfg.auth if cfg.version == 3 else None,
                 "priv": cfg.priv if cfg.version == 3 else None,
                 "sent": sender.sent if sender else 0,
                 "failed": sender.failed if sender else 0,
+                "inform": cfg.inform,
+                "informs_sent": sender.informs_sent if sender else 0,
+                "informs_acked": sender.informs_acked if sender else 0,
+                "informs_failed": sender.informs_failed if sender else 0,
+                "informs_pending": sender.informs_pending if sender else 0,
+                "inform_overflow": sender.inform_overflow if sender else 0,
             },
         )
 
@@ -320,7 +478,7 @@ class SnmpTrapService:
         failed_before = sender.failed
         sender.send(event_type, event)
         if sender.failed != failed_before:
-            log.warning("trap not sent", event=event_type, error=sender.last_error)
+            log.warning("trap not sent", event_type=event_type, error=sender.last_error)
         self._publish_state()
 
     async def run(self, ctx: ServiceContext) -> None:
@@ -328,8 +486,9 @@ class SnmpTrapService:
         cfg = self.config
         if cfg.version == 3 and cfg.priv == "DES":
             ctx.log.warning("snmp_priv_algo=1 (DES) is broken cryptography; use 3 (AES-128)")
-        boots = next_engine_boots(cfg.state_dir)
-        self.sender = TrapSender(cfg, boots)
+        clock = engine_clock(cfg.state_dir)
+        boots = clock.boots
+        self.sender = TrapSender(cfg, boots, clock.started_unix_s, on_change=self._publish_state)
         remove = self._add_listener(self._on_event)
         try:
             await self.sender.wait_open()
@@ -342,6 +501,7 @@ class SnmpTrapService:
                 security_level=cfg.security_level,
                 engine_id=snmp_mib.engine_id_hex(cfg.engine_id),
                 engine_boots=boots,
+                inform=cfg.inform,
             )
             ctx.set_ready()
             await ctx.heartbeat_forever()

@@ -10,6 +10,13 @@ OID layout (``<ent>`` is the enterprise OID, ``[snmp] enterprise_oid`` in dcud.t
     <ent>.0.<n>           one NOTIFICATION-TYPE per event type (TRAPS below)
     <ent>.1               dcudEventObjects   accessible-for-notify scalars, sent as <oid>.0
     <ent>.2               dcudConformance
+    <ent>.3               dcudDevice         read-only scalars of the agent (DEVICE_OBJECTS)
+    <ent>.4 .. <ent>.8    dcudLineTable ... dcudPortTable: one row per retained state (TABLES)
+
+The agent's objects are data too: each names its MIB object, its arc, its SMI syntax and how its
+value is read from a state document (the ``<p>/status`` document for the device scalars, the
+retained ``<p>/<kind>/<name>/state`` document for a table row), so the agent serves exactly what
+MQTT shows; ``tests/test_snmp_agent.py`` checks every name and OID against ``DCUD-MIB.txt``.
 
 The default enterprise OID ``1.3.6.1.4.1.32473`` is a **placeholder**: 32473 is the Private Enterprise
 Number IANA reserves for documentation (RFC 5612). A fleet operator replaces it with their own PEN in
@@ -20,8 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, Literal
 
 PLACEHOLDER_ENTERPRISE_OID: Final = "1.3.6.1.4.1.32473"
 """RFC 5612 documentation PEN; replace with your own IANA Private Enterprise Number."""
@@ -50,8 +58,26 @@ TRAPS: Final[dict[str, TrapDef]] = {
     "clock_unsync": TrapDef("dcudClockUnsync", 9),
     "clock_sync": TrapDef("dcudClockSync", 10),
     "uplink_unreachable": TrapDef("dcudUplinkUnreachable", 11),
+    "drive_fault": TrapDef("dcudDriveFault", 12),
+    "drive_fault_cleared": TrapDef("dcudDriveFaultCleared", 13),
+    "drive_heartbeat_lost": TrapDef("dcudDriveHeartbeatLost", 14),
+    "drive_heartbeat_restored": TrapDef("dcudDriveHeartbeatBack", 15),
+    "drive_offline": TrapDef("dcudDriveOffline", 16),
+    "drive_online": TrapDef("dcudDriveOnline", 17),
+    "meter_error": TrapDef("dcudMeterError", 18),
+    "meter_back": TrapDef("dcudMeterBack", 19),
+    "outbox_corrupt": TrapDef("dcudOutboxCorrupt", 20),
+    "config_changed": TrapDef("dcudConfigChanged", 21),
+    "firmware_staged": TrapDef("dcudFirmwareStaged", 22),
+    "input_change": TrapDef("dcudInputChange", 23),
+    "outbox_high_water_cleared": TrapDef("dcudOutboxHighWaterCleared", 24),
+    "outbox_full_cleared": TrapDef("dcudOutboxFullCleared", 25),
 }
 """Event type (``<p>/event`` ``type``) -> trap. Events of other types send no trap."""
+
+LAST_GASP_EVENTS: Final = frozenset({"power_loss"})
+"""Always sent as an unacknowledged trap, also with ``[snmp] inform = true``: the last-gasp path hands
+the datagram to the kernel synchronously and cannot wait for an acknowledgement."""
 
 # The varbinds every trap carries after sysUpTime.0 and snmpTrapOID.0, in the MIB's OBJECTS order:
 # (name, last arc under dcudEventObjects).
@@ -64,7 +90,8 @@ VARBINDS: Final[tuple[tuple[str, int], ...]] = (
     ("dcudEventId", 6),
 )
 
-_SUBJECT_FIELDS: Final = ("line", "meter", "server", "host", "subject")
+# The most specific first: a meter event also names its line.
+_SUBJECT_FIELDS: Final = ("meter", "drive", "input", "line", "server", "host", "subject", "name")
 _DISPLAY_STRING_MAX: Final = 255
 _OID_RE = re.compile(r"^1\.3\.6\.1\.4\.1\.[0-9]+(\.[0-9]+)*$")
 _ENGINE_ID_HEX = re.compile(r"^[0-9A-Fa-f]{10,64}$")
@@ -147,3 +174,268 @@ def engine_id_for(configured: str, device_id: str, enterprise_oid: str) -> bytes
 def engine_id_hex(engine_id: bytes) -> str:
     """``0x``-prefixed lower-case hex, the form Net-SNMP's ``createUser -e`` takes."""
     return "0x" + engine_id.hex()
+
+
+# -- the read-only agent's objects --------------------------------------------------------------------
+
+Syntax = Literal[
+    "DisplayString", "Integer32", "Gauge32", "Counter32", "Counter64", "TimeTicks", "ObjectIdentifier"
+]
+"""SMI syntax on the wire (enumerations and TruthValue are Integer32)."""
+
+Document = Mapping[str, Any]
+Reader = Callable[[Document], object]
+"""Reads one object's value from a state document: ``str`` for DisplayString, ``int`` otherwise."""
+
+TRUE: Final = 1
+FALSE: Final = 2
+"""SNMPv2-TC TruthValue."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentObject:
+    """One readable object of DCUD-MIB: a device scalar or a table column."""
+
+    name: str
+    arc: int
+    syntax: Syntax
+    read: Reader
+
+
+@dataclass(frozen=True, slots=True)
+class AgentTable:
+    """One table of DCUD-MIB: a row per retained state ``<kind>/<name>``, indexed by ``<name>``.
+
+    The index is the name as a DisplayString (length, then its octets: RFC 2578 section 7.7), so
+    rows come in the order of their names' lengths, then bytes (``"m-2"`` before ``"m-10"`` only if
+    shorter); a walk shows them as ``dcudMeterQuality."flat-12"``.
+    """
+
+    name: str
+    arc: int
+    kind: str
+    index_name: str
+    columns: tuple[AgentObject, ...]
+
+
+def text(value: object) -> str:
+    """A document member as DisplayString text: ``""`` for null, errors as ``<type>: <message>``."""
+    if value is None:
+        return ""
+    if isinstance(value, Mapping):
+        message = value.get("message", "")
+        kind = value.get("type", "")
+        return display_string(f"{kind}: {message}" if kind else message)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return display_string(value)
+
+
+def number(value: object, scale: float = 1.0) -> int:
+    """A numeric member as an integer (scaled, rounded); 0 for null or anything not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    try:
+        return round(value * scale)
+    except (OverflowError, ValueError):  # inf, nan
+        return 0
+
+
+def truth(value: object) -> int:
+    """A boolean member as a TruthValue: true(1) for ``true``, false(2) otherwise."""
+    return TRUE if value is True else FALSE
+
+
+def _member(document: Document, *path: str) -> object:
+    value: object = document
+    for key in path:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _text_at(*path: str) -> Reader:
+    return lambda doc: text(_member(doc, *path))
+
+
+def _number_at(*path: str, scale: float = 1.0) -> Reader:
+    return lambda doc: number(_member(doc, *path), scale)
+
+
+def _enum_at(path: tuple[str, ...], values: Mapping[object, int]) -> Reader:
+    def read(doc: Document) -> int:
+        value = _member(doc, *path)
+        # bool is a subclass of int: look booleans up by identity so True never matches 1.
+        for key, code in values.items():
+            if value is key or (not isinstance(value, bool) and not isinstance(key, bool) and value == key):
+                return code
+        return 0
+
+    return read
+
+
+def _sum_at(*path: str) -> Reader:
+    def read(doc: Document) -> int:
+        value = _member(doc, *path)
+        if not isinstance(value, Mapping):
+            return 0
+        return sum(number(v) for v in value.values())
+
+    return read
+
+
+def _first_number(*paths: tuple[str, ...]) -> Reader:
+    def read(doc: Document) -> int:
+        for path in paths:
+            value = _member(doc, *path)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return number(value)
+        return 0
+
+    return read
+
+
+def _first_text(*paths: tuple[str, ...]) -> Reader:
+    def read(doc: Document) -> str:
+        for path in paths:
+            value = _member(doc, *path)
+            if value not in (None, ""):
+                return text(value)
+        return ""
+
+    return read
+
+
+DEVICE_ARC: Final = 3
+"""``dcudDevice``: the device scalars, read from the ``<p>/status`` document plus ``uplink``."""
+
+DEVICE_OBJECTS: Final[tuple[AgentObject, ...]] = (
+    AgentObject("dcudDevId", 1, "DisplayString", _text_at("device_id")),
+    AgentObject("dcudDevVersion", 2, "DisplayString", _text_at("version")),
+    AgentObject("dcudDevUptime", 3, "TimeTicks", _number_at("uptime_s", scale=100)),
+    AgentObject("dcudDevPower", 4, "Integer32", _enum_at(("power", "state"), {"ok": 1, "lost": 2})),
+    AgentObject("dcudDevPowerSince", 5, "DisplayString", _text_at("power", "since")),
+    AgentObject("dcudDevClockSynced", 6, "Integer32", _enum_at(("clock", "synced"), {True: 1, False: 2})),
+    AgentObject("dcudDevClockOffset", 7, "Integer32", _number_at("clock", "offset_s", scale=1000)),
+    AgentObject("dcudDevClockServer", 8, "DisplayString", _text_at("clock", "server")),
+    AgentObject("dcudDevOutboxDepth", 9, "Gauge32", _number_at("outbox", "depth")),
+    AgentObject("dcudDevOutboxBytes", 10, "Gauge32", _number_at("outbox", "bytes")),
+    AgentObject("dcudDevOutboxMaxBytes", 11, "Gauge32", _number_at("outbox", "max_bytes")),
+    AgentObject("dcudDevOutboxOldestAge", 12, "Gauge32", _number_at("outbox", "oldest_age_s")),
+    AgentObject("dcudDevOutboxDropped", 13, "Counter32", _sum_at("outbox", "dropped")),
+    AgentObject(
+        "dcudDevOutboxHighWater", 14, "Integer32", lambda doc: truth(_member(doc, "outbox", "high_water"))
+    ),
+    AgentObject(
+        "dcudDevUplinkState", 15, "Integer32", _enum_at(("uplink", "reachable"), {True: 1, False: 2})
+    ),
+    AgentObject("dcudDevUplinkHost", 16, "DisplayString", _text_at("uplink", "host")),
+)
+
+TABLES: Final[tuple[AgentTable, ...]] = (
+    AgentTable(
+        "dcudLineTable",
+        4,
+        "line",
+        "dcudLineName",
+        (
+            AgentObject("dcudLineState", 2, "DisplayString", _text_at("state")),
+            AgentObject("dcudLineDevice", 3, "DisplayString", _text_at("device")),
+            AgentObject("dcudLineKind", 4, "DisplayString", _text_at("kind")),
+            AgentObject("dcudLineLeaseOwner", 5, "DisplayString", _text_at("lease", "owner")),
+            AgentObject("dcudLineBytesRx", 6, "Counter64", _number_at("bytes_rx")),
+            AgentObject("dcudLineBytesTx", 7, "Counter64", _number_at("bytes_tx")),
+            AgentObject("dcudLineErrors", 8, "Counter32", _number_at("errors")),
+            AgentObject("dcudLineLastError", 9, "DisplayString", _text_at("last_error")),
+            AgentObject("dcudLineSince", 10, "DisplayString", _text_at("since")),
+        ),
+    ),
+    AgentTable(
+        "dcudMeterTable",
+        5,
+        "meter",
+        "dcudMeterName",
+        (
+            AgentObject("dcudMeterLine", 2, "DisplayString", _text_at("line")),
+            AgentObject("dcudMeterProtocol", 3, "DisplayString", _text_at("protocol")),
+            AgentObject("dcudMeterQuality", 4, "DisplayString", _text_at("quality")),
+            AgentObject("dcudMeterStatus", 5, "DisplayString", _text_at("status")),
+            AgentObject("dcudMeterLastSuccess", 6, "DisplayString", _text_at("last_success")),
+            AgentObject("dcudMeterLastError", 7, "DisplayString", _text_at("last_error")),
+            AgentObject("dcudMeterConsecutiveFailures", 8, "Gauge32", _number_at("consecutive_failures")),
+            AgentObject("dcudMeterReads", 9, "Counter32", _number_at("counters", "reads")),
+            AgentObject("dcudMeterReadsOk", 10, "Counter32", _number_at("counters", "ok")),
+            AgentObject("dcudMeterReadsFailed", 11, "Counter32", _number_at("counters", "failed")),
+        ),
+    ),
+    AgentTable(
+        "dcudDriveTable",
+        6,
+        "drive",
+        "dcudDriveName",
+        (
+            AgentObject("dcudDriveProtocol", 2, "DisplayString", _text_at("protocol")),
+            AgentObject("dcudDriveIsOnline", 3, "Integer32", lambda doc: truth(_member(doc, "online"))),
+            AgentObject("dcudDriveNmt", 4, "DisplayString", _text_at("nmt")),
+            AgentObject("dcudDriveCia402", 5, "DisplayString", _text_at("cia402")),
+            AgentObject("dcudDriveErrorCode", 6, "Integer32", _number_at("error_code")),
+            AgentObject("dcudDriveErrorText", 7, "DisplayString", _text_at("error_text")),
+            AgentObject("dcudDriveHeartbeat", 8, "DisplayString", _text_at("heartbeat")),
+            AgentObject("dcudDriveLastError", 9, "DisplayString", _text_at("last_error")),
+        ),
+    ),
+    AgentTable(
+        "dcudPushTable",
+        7,
+        "push",
+        "dcudPushName",
+        (
+            AgentObject("dcudPushTarget", 2, "DisplayString", _text_at("target")),
+            AgentObject("dcudPushPhase", 3, "DisplayString", _text_at("phase")),
+            AgentObject("dcudPushBacklog", 4, "Gauge32", _number_at("backlog")),
+            AgentObject("dcudPushLastSuccess", 5, "DisplayString", _text_at("last_success")),
+            AgentObject("dcudPushLastError", 6, "DisplayString", _text_at("last_error")),
+            AgentObject(
+                "dcudPushPushed",
+                7,
+                "Counter32",
+                _first_number(("pushed_items",), ("counters", "sent"), ("pushes",)),
+            ),
+        ),
+    ),
+    AgentTable(
+        "dcudPortTable",
+        8,
+        "bridge",
+        "dcudPortName",
+        (
+            AgentObject("dcudPortTcpPort", 2, "Integer32", _number_at("tcp_port")),
+            AgentObject("dcudPortLine", 3, "DisplayString", _text_at("line")),
+            AgentObject("dcudPortState", 4, "DisplayString", _text_at("state")),
+            AgentObject("dcudPortTls", 5, "Integer32", lambda doc: truth(_member(doc, "tls"))),
+            AgentObject("dcudPortPeer", 6, "DisplayString", _first_text(("session", "peer"), ("server",))),
+            AgentObject("dcudPortSessions", 7, "Counter32", _first_number(("sessions",), ("connects",))),
+            AgentObject(
+                "dcudPortLastError", 8, "DisplayString", _first_text(("tls_error",), ("last_error",))
+            ),
+        ),
+    ),
+)
+"""The agent's tables, in OID order. Column 1 of each is its index (not-accessible)."""
+
+MAX_INDEX_BYTES: Final = 64
+"""Longest row name served (dcud.toml names are at most 64 characters)."""
+
+
+def oid_tuple(oid: str) -> tuple[int, ...]:
+    """``"1.3.6.1"`` -> ``(1, 3, 6, 1)``."""
+    return tuple(int(arc) for arc in oid.split("."))
+
+
+def row_index(name: str) -> tuple[int, ...] | None:
+    """The index of the row ``name`` (length, then octets), None for a name that cannot be one."""
+    data = name.encode("utf-8", "replace")
+    if not data or len(data) > MAX_INDEX_BYTES or "/" in name:
+        return None
+    return (len(data), *data)

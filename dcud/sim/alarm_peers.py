@@ -20,10 +20,14 @@ from dcud.sim.peers import find_program, free_port
 
 @dataclass(frozen=True)
 class SnmpUser:
-    """A USM user snmptrapd accepts: ``createUser -e <engine_id> name auth auth_key priv priv_key``."""
+    """A USM user snmptrapd accepts: ``createUser -e <engine_id> name auth auth_key priv priv_key``.
+
+    ``engine_id`` None: the user of snmptrapd's own engine (no ``-e``), for INFORMs, where the
+    receiver is the authoritative engine.
+    """
 
     name: str
-    engine_id: bytes
+    engine_id: bytes | None
     auth: str = "SHA"
     auth_key: str = ""
     priv: str = "AES"
@@ -41,6 +45,8 @@ class ReceivedTrap:
         """The value of the first varbind whose name ends with ``name_suffix`` (type prefix removed)."""
         for name, value in self.varbinds:
             if name.endswith(name_suffix):
+                if value.endswith(":") and " " not in value:  # an empty value: "STRING:"
+                    return ""
                 return value.split(": ", 1)[1] if ": " in value else value
         return None
 
@@ -124,7 +130,8 @@ def start_snmptrapd(
         auth = f' {user.auth} "{user.auth_key}"' if user.auth != "none" else ""
         priv = f' {user.priv} "{user.priv_key}"' if user.priv != "none" and auth else ""
         level = "priv" if priv else ("auth" if auth else "noauth")
-        lines.append(f"createUser -e 0x{user.engine_id.hex()} {user.name}{auth}{priv}")
+        engine = f"-e 0x{user.engine_id.hex()} " if user.engine_id is not None else ""
+        lines.append(f"createUser {engine}{user.name}{auth}{priv}")
         lines.append(f"authUser log {user.name} {level}")
     lines.append("format2 TRAP|%P|%v\\n")
     lines.append("format1 TRAP|%P|%v\\n")

@@ -329,8 +329,9 @@ class IecSimLine:
         self._silent: set[str] = {_norm(s.address) for s in specs if s.silent}
 
     def inbound_baud(self, data: bytes) -> int:
-        """Sign-on requests and option selects come at the sign-on rate; a NAK at the data rate."""
-        if data[:1] == b"\x15":
+        """Sign-on requests and option selects come at the sign-on rate; a NAK and programming
+        commands (``SOH``) at the data rate."""
+        if data[:1] in (b"\x15", b"\x01"):
             return max(meter.baud for meter in self.meters)
         return self.line_baud
 

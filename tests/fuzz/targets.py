@@ -11,6 +11,8 @@ Targets:
 ``wme``      the WM-E parameter parser, renderer (round trip), remote-config merge and masking
 ``http``     the config port's request handling, plain and encrypted, on in-memory streams
 ``envelope`` the envelope opener on arbitrary bytes
+``dlms``     the DLMS APDU and A-XDR decoders, suite 0 unprotect, and a client session fed the bytes as
+             the meter's APDUs (2-byte length prefix each), with or without HLS and ciphering
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from dcud.codec import iec62056 as iec
+from dcud.codec.actions import Done, Failed
+from dcud.codec.dlms.apdu import decode_apdu
+from dcud.codec.dlms.axdr import decode_data
+from dcud.codec.dlms.client import Auth, DlmsClient, DlmsClientConfig, GetRequest
+from dcud.codec.dlms.obis import AttributeRef
+from dcud.codec.dlms.security import Keys, SecurityPolicy, unprotect
+from dcud.codec.dlms.transport import ApduIn
 from dcud.codec.iec_session import IecReadout
 from dcud.codec.mbus import MbusLinkParser, decode_frame
 from dcud.codec.mbus_app import decode_records, decode_user_data
@@ -218,7 +227,7 @@ class _FakeApi:
         return f"fw_server_key={FUZZ_KEY}\nntp_interval=600\n"
 
     async def apply_text(
-        self, text: str, *, partial: bool, who: str, via: str, dry_run: bool = False
+        self, text: str, *, partial: bool, who: str, via: str, authenticated: bool, dry_run: bool = False
     ) -> ApplyResult:
         _params, issues = parse_parameter_text(text, "upload")
         if issues:
@@ -354,12 +363,157 @@ def envelope_target(data: bytes) -> None:
     raise AssertionError("forged envelope accepted")
 
 
+# -- DLMS/COSEM application layer ------------------------------------------------------------------
+
+DLMS_KEYS = Keys(bytes(range(16)), bytes(range(0xD0, 0xE0)))
+DLMS_SERVER_TITLE = bytes.fromhex("4D4D4D0000BC614E")
+_DLMS_CONFIGS = (
+    DlmsClientConfig(response_timeout_s=1.0),
+    DlmsClientConfig(
+        auth=Auth.HLS_GMAC,
+        keys=DLMS_KEYS,
+        system_title=bytes.fromhex("4D4D4D0000000001"),
+        challenge=b"K56iVagY",
+        response_timeout_s=1.0,
+    ),
+    DlmsClientConfig(
+        auth=Auth.LLS,
+        password=b"12345678",
+        security=SecurityPolicy.AUTHENTICATED_ENCRYPTED,
+        keys=DLMS_KEYS,
+        system_title=bytes.fromhex("4D4D4D0000000001"),
+        response_timeout_s=1.0,
+        max_blocks=20,
+    ),
+)
+_DLMS_REQUESTS = [
+    GetRequest(AttributeRef.parse("3/1.0.1.8.0.255/2")),
+    GetRequest(AttributeRef.parse("3/1.0.1.8.0.255/3")),
+]
+
+
+class _LengthPrefixedApdus:
+    """An ApduTransport for the fuzzer: each APDU from the 'meter' is a 2-byte length and the bytes."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def open(self, now: float) -> list[object]:
+        from dcud.codec.dlms.transport import LinkUp
+
+        return [LinkUp()]
+
+    def send_apdu(self, apdu: bytes, now: float) -> list[object]:
+        return []
+
+    def receive_data(self, data: bytes, now: float) -> list[object]:
+        self.buffer += data
+        out: list[object] = []
+        while len(self.buffer) >= 2 and len(self.buffer) >= 2 + int.from_bytes(self.buffer[:2], "big"):
+            size = int.from_bytes(self.buffer[:2], "big")
+            out.append(ApduIn(bytes(self.buffer[2 : 2 + size])))
+            del self.buffer[: 2 + size]
+        return out
+
+    def handle_timer(self, now: float) -> list[object]:
+        return []
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def close(self, now: float) -> list[object]:
+        from dcud.codec.dlms.transport import LinkDown
+
+        return [LinkDown(None)]
+
+
+def dlms_target(data: bytes) -> None:
+    """Decoders raise only typed errors; a session fed anything ends once, in Done or Failed."""
+    if not data:
+        return
+    with contextlib.suppress(*TYPED):
+        apdu = decode_apdu(data[1:])
+        assert decode_apdu(apdu.encode()).encode() == apdu.encode(), "APDU does not re-encode stably"
+    with contextlib.suppress(*TYPED):
+        decode_data(data[1:])
+    with contextlib.suppress(*TYPED):
+        unprotect(data[1:], system_title=DLMS_SERVER_TITLE, keys=DLMS_KEYS)
+    client = DlmsClient(_LengthPrefixedApdus(), _DLMS_CONFIGS[data[0] % 3], _DLMS_REQUESTS)
+    ends = [a for a in client.start(0.0) if isinstance(a, Done | Failed)]
+    now = 0.0
+    for chunk in _cuts(data[1:], data[0] >> 2):
+        now += 0.01
+        ends += [a for a in client.receive_data(chunk, now) if isinstance(a, Done | Failed)]
+    for _ in range(50):
+        deadline = client.next_deadline()
+        if deadline is None:
+            break
+        ends += [a for a in client.handle_timer(deadline) if isinstance(a, Done | Failed)]
+    assert client.next_deadline() is None, "the session never ended"
+    assert len(ends) == 1, f"the session ended {len(ends)} times"
+
+
+class CommandHarness:
+    """The command router with every verb's real request struct and do-nothing handlers."""
+
+    def __init__(self) -> None:
+        from dcud.service.commands import CommandRouter, Request
+        from dcud.service.drives import DriveReadRequest, DriveRequest, DriveWriteRequest
+        from dcud.service.polling import ReadRequest, ScanRequest
+        from dcud.service.remote_config import ParamGetRequest, ParamSetRequest, parameter_updates
+
+        self.loop = asyncio.new_event_loop()
+        self.router = CommandRouter()
+
+        async def done(request: Any, _ctx: Any) -> dict[str, Any]:
+            if isinstance(request, ParamSetRequest) and request.set is not None:
+                parameter_updates(request.set)  # the per-value check the real handler makes
+            return {}
+
+        verbs: dict[str, type[Any]] = {
+            "ping": Request,
+            "param/get": ParamGetRequest,
+            "param/set": ParamSetRequest,
+            "read": ReadRequest,
+            "scan": ScanRequest,
+            "drive/enable": DriveRequest,
+            "drive/read": DriveReadRequest,
+            "drive/write": DriveWriteRequest,
+        }
+        for verb, request_type in verbs.items():
+            self.router.register(
+                verb, request_type, done, state_changing=verb in ("param/set", "drive/write")
+            )
+        self.verbs = list(verbs)
+
+    def run(self, data: bytes) -> None:
+        verb = self.verbs[data[0] % len(self.verbs)] if data else "ping"
+        reply = self.loop.run_until_complete(self.router.dispatch(verb, data[1:]))
+        assert set(reply) <= {"id", "ok", "result", "error"} and isinstance(reply["ok"], bool), reply
+        if not reply["ok"]:
+            assert reply["error"]["type"] != "internal", reply
+            assert isinstance(reply["error"]["message"], str)
+
+
+_COMMANDS: CommandHarness | None = None
+
+
+def commands_target(data: bytes) -> None:
+    """First byte: the verb; the rest: the MQTT payload. Always one well-formed reply, never internal."""
+    global _COMMANDS  # noqa: PLW0603 (one harness per process: the loop is reused)
+    if _COMMANDS is None:
+        _COMMANDS = CommandHarness()
+    _COMMANDS.run(data)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
+    "dlms": dlms_target,
     "iec": iec_target,
     "mbus": mbus_target,
     "wme": wme_target,
     "http": http_target,
     "envelope": envelope_target,
+    "commands": commands_target,
 }
 
 REGRESSIONS = Path(__file__).resolve().parent.parent / "vectors" / "fuzz-regressions"

@@ -173,6 +173,46 @@ HTTP_BYTES = st.one_of(
 )
 
 
+COMMAND_BYTES = pieces(
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b'"',
+    b"\\",
+    b'"id":',
+    b'"expires":"2999-01-01T00:00:00Z"',
+    b'"set":{"ntp_interval":',
+    b'"text":"ntp_interval=1\\n"',
+    b'"names":["ntp_interval"]',
+    b'"meter":"m1"',
+    b'"line":"mbus-1","first":1,"last":300',
+    b'"drive":"axis-1"',
+    b'"index":"0x6060","value":1e400',
+    b'"values":[1,2,70000]',
+    b'"envelope":"AAAA"',
+    b"null",
+    b"true",
+    b"-0.0",
+    b"1e999",
+    b"99999999999999999999999",
+    b"\xff",
+    b"\\u0000",
+    max_size=60,
+)
+
+
+@budget(0.5)
+@given(
+    verb=st.integers(0, 255),
+    payload=st.one_of(st.binary(max_size=300), COMMAND_BYTES, COMMAND_BYTES.map(lambda b: b"{" + b + b"}")),
+)
+def test_fuzz_commands(verb: int, payload: bytes) -> None:
+    run_keeping_crash("commands", bytes([verb]) + payload)
+
+
 @budget()
 @given(data=st.one_of(st.binary(max_size=400), IEC_BYTES.map(lambda b: b"\x01\x00" + b), IEC_BYTES))
 def test_fuzz_iec(data: bytes) -> None:
@@ -220,6 +260,46 @@ def _flip(envelope: bytes, index: int, mask: int) -> bytes:
 @given(data=FORGED)
 def test_fuzz_envelope(data: bytes) -> None:
     run_keeping_crash("envelope", data)
+
+
+def _prefixed(apdu: bytes) -> bytes:
+    return len(apdu).to_bytes(2, "big") + apdu
+
+
+_DLMS_PIECES = [
+    _prefixed(
+        bytes.fromhex(
+            "6129A109060760857405080101A203020100A305A103020100BE10040E0800065F1F040000501F01F40007"
+        )
+    ),
+    _prefixed(
+        bytes.fromhex(
+            "6142A109060760857405080101A203020100A305A10302010EA40A04084D4D4D0000BC614E88020780890760857405080205"
+            "AA0A8008503677524A323146BE10040E0800065F1F040000501F01F40007"
+        )
+    ),
+    _prefixed(bytes.fromhex("C401C1000600001391")),
+    _prefixed(bytes.fromhex("C401C10101")),
+    _prefixed(bytes.fromhex("C402C10000000001000C010506000000010600000002")),
+    _prefixed(bytes.fromhex("C402C1010000000200050600000005")),
+    _prefixed(bytes.fromhex("C401C10002020F00161E")),
+    _prefixed(bytes.fromhex("C701C1000100091110000000011A52FE7DD3E72748973C1E28")),
+    _prefixed(bytes.fromhex("6303800100")),
+    _prefixed(bytes.fromhex("D80102")),
+    _prefixed(bytes.fromhex("CC1E3001234567411312FF935A47566827C467BC7D825C3BE4A77C3FCC056B6B")),
+    bytes.fromhex("C402C1"),
+    bytes.fromhex("0009"),
+]
+DLMS_BYTES = st.tuples(
+    st.integers(0, 255),
+    st.lists(st.one_of(st.binary(max_size=6), st.sampled_from(_DLMS_PIECES)), max_size=12).map(b"".join),
+).map(lambda t: bytes([t[0]]) + t[1])
+
+
+@budget()
+@given(data=st.one_of(st.binary(max_size=300), DLMS_BYTES))
+def test_fuzz_dlms(data: bytes) -> None:
+    run_keeping_crash("dlms", data)
 
 
 def _corpus() -> list[tuple[str, Path]]:
