@@ -132,6 +132,18 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
+    if args.protocol == "dlms":
+        from dcud.cli_decode_dlms import cmd_decode_dlms
+
+        return cmd_decode_dlms(
+            args.source,
+            framing=args.framing,
+            key=args.key,
+            auth_key=args.auth_key,
+            key_file=args.key_file,
+            system_title=args.system_title,
+            client_system_title=args.client_system_title,
+        )
     from dcud.cli_meters import cmd_decode
 
     return cmd_decode(args.protocol, args.source, args.bcc, args.p1)
@@ -149,6 +161,27 @@ def _cmd_sim_meters(args: argparse.Namespace) -> int:
         baud=args.baud,
         control=args.control,
     )
+
+
+def _cmd_sim_dlms(args: argparse.Namespace) -> int:
+    from dcud.sim.dlms_sim import cmd_sim_dlms
+
+    return cmd_sim_dlms(args)
+
+
+def _add_dlms_sim_command(sim_sub: Any) -> None:
+    """``dcud sim dlms``: DLMS/COSEM meters on HDLC lines and the TCP wrapper (docs/dlms.md)."""
+    dlms = sim_sub.add_parser("dlms", help="DLMS/COSEM meters on HDLC ptys and the TCP wrapper")
+    dlms.add_argument("--config", dest="sim_config", help="simulator TOML/JSON ([[line]], [[meter]])")
+    dlms.add_argument("--link", default="", help="one meter on HDLC on a new pty, symlinked here")
+    dlms.add_argument("--device", default="", help="... or on this existing tty (socat pair end)")
+    dlms.add_argument("--tcp-port", type=int, default=None, help="one meter on the wrapper at 127.0.0.1:PORT")
+    dlms.add_argument("--baud", type=int, default=0, help="pace the pty at this rate (default 0: unpaced)")
+    dlms.add_argument("--mode-e", action="store_true", help="IEC 62056-21 sign-on before HDLC")
+    dlms.add_argument("--physical-address", type=int, default=17, help="HDLC physical address (17)")
+    dlms.add_argument("--silent", action="store_true", help="start silent")
+    dlms.add_argument("--control", default="", help='JSON control file: {"silent": ["<meter>"]}')
+    dlms.set_defaults(func=_cmd_sim_dlms)
 
 
 def _cmd_sim_drive(args: argparse.Namespace) -> int:
@@ -199,11 +232,22 @@ def _add_meter_commands(sub: Any) -> Any:
     scan.add_argument("--last", type=int, default=250, help="last primary address (default 250)")
     scan.set_defaults(func=_cmd_scan, mode="primary")
 
-    decode = sub.add_parser("decode", help="decode a captured M-Bus or IEC 62056-21 exchange offline")
-    decode.add_argument("protocol", choices=["mbus", "iec"])
+    decode = sub.add_parser("decode", help="decode a captured M-Bus, IEC 62056-21 or DLMS exchange offline")
+    decode.add_argument("protocol", choices=["mbus", "iec", "dlms"])
     decode.add_argument("source", help="file with hex text or raw bytes; - for stdin")
     decode.add_argument("--bcc", default="xor", choices=["xor", "sum7", "none"], help="IEC BCC rule")
     decode.add_argument("--p1", action="store_true", help="IEC: DSMR P1 / mode D telegrams")
+    decode.add_argument(
+        "--framing",
+        default="auto",
+        choices=["auto", "hdlc", "wrapper", "apdu"],
+        help="DLMS: what the capture holds",
+    )
+    decode.add_argument("--key", help="DLMS: block cipher key (hex) to decipher ciphered APDUs")
+    decode.add_argument("--auth-key", help="DLMS: authentication key (hex)")
+    decode.add_argument("--key-file", help="DLMS: TOML/JSON with block_cipher_key and authentication_key")
+    decode.add_argument("--system-title", help="DLMS: the meter's system title (hex), if not in the capture")
+    decode.add_argument("--client-system-title", help="DLMS: the client's system title (hex)")
     decode.set_defaults(func=_cmd_decode)
 
     sim = sub.add_parser("sim", help="field-device simulators")
@@ -249,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim_sub = _add_meter_commands(sub)
     # Other simulators join the ``sim`` group here: sim_sub.add_parser("drive", ...).
     _add_drive_sim_command(sim_sub)
+    _add_dlms_sim_command(sim_sub)
 
     return parser
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: installs everything a fresh Debian 12 machine needs, then runs
-# ruff, mypy, the systemd checks and the whole test suite against real peers. Arguments go to pytest.
-# Missing Debian packages are installed as root or through sudo; without either it says what to run.
+# ruff, mypy, the layer contracts, the systemd checks and the whole test suite against real peers.
+# Arguments go to pytest. Missing Debian packages are installed as root or through sudo; without either
+# it says what to run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,8 @@ ruff check .
 ruff format --check .
 echo "== mypy --strict"
 mypy
+echo "== import-linter (layer contracts in pyproject.toml)"
+lint-imports
 echo "== systemd unit checks"
 bash scripts/check_systemd.sh
 echo "== pytest"

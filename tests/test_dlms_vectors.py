@@ -45,6 +45,7 @@ def test_every_vector_file_is_used() -> None:
         "get_with_block.json",
         "kamstrup_object_list_glo.json",
         "hdlc",  # the lower layers' frames: tests/test_dlms_hdlc.py walks that folder
+        "sim",  # captures recorded from dcud sim dlms: tests/test_cli_decode_dlms.py decodes them
     }
 
 

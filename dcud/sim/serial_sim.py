@@ -34,7 +34,7 @@ import tty
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from dcud.codec.actions import Drain, Send, SetBaud
 from dcud.codec.iec62056 import BccMode, DataSet, numeric_value
@@ -461,12 +461,31 @@ class _Endpoint:
     path: str = ""
 
 
-class SimLineRunner:
-    """Runs one :class:`SimLine` on a pty or tty with wire-accurate pacing (module docstring)."""
+class LineEndpoint(Protocol):
+    """Where a simulated line lives: a new pty (symlinked at ``link`` when set) or the tty ``device``."""
 
-    def __init__(self, spec: SimLineSpec, model: SimLine | None = None) -> None:
+    name: str
+    link: str
+    device: str
+
+
+SpecT = TypeVar("SpecT", bound=LineEndpoint)
+
+
+class SimLineRunner(Generic[SpecT]):
+    """Runs one :class:`SimLine` on a pty or tty with wire-accurate pacing (module docstring).
+
+    ``model`` may be left out for a :class:`SimLineSpec` (IEC or M-Bus meters); other simulators (the
+    DLMS meters of :mod:`dcud.sim.dlms_sim`) bring their own line model.
+    """
+
+    def __init__(self, spec: SpecT, model: SimLine | None = None) -> None:
         self.spec = spec
-        self.model: SimLine = model if model is not None else make_sim_line(spec)
+        if model is None:
+            if not isinstance(spec, SimLineSpec):
+                raise TypeError("a line model is needed for anything but a SimLineSpec")
+            model = make_sim_line(spec)
+        self.model: SimLine = model
         self.stats = SimStats()
         self.path = ""
         self.ready = asyncio.Event()
@@ -677,7 +696,7 @@ class ControlFile:
 class SimHandle:
     """What :func:`serve` reports once every line is up."""
 
-    runners: list[SimLineRunner] = field(default_factory=list)
+    runners: list[SimLineRunner[SimLineSpec]] = field(default_factory=list)
 
     def paths(self) -> dict[str, str]:
         """Line name -> tty path dcud should open."""
