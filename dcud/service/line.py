@@ -632,18 +632,22 @@ class LineService:
 
     def _note_device(self, ctx: ServiceContext, line: Line, port: SerialPort) -> None:
         """Log once what the device refused (RS485 ioctl, framing); a pty refuses both."""
+        # A pty (a simulator, a socat pair) has no wire: it refuses the RS485 ioctl, parity and
+        # 7-bit characters, which is expected there and so not a warning. A real device refusing is.
+        log = ctx.log.info if port.is_pty else ctx.log.warning
         notes = dict(line.notes)
         if port.rs485 is not None:
             notes["rs485"] = "applied" if port.rs485_applied else f"not applied: {port.rs485_error}"
             if not port.rs485_applied and notes.get("rs485") != line.notes.get("rs485"):
-                ctx.log.warning(
+                log(
                     "RS485 mode not applied; continuing without kernel direction control",
                     line=line.name,
                     error=port.rs485_error,
+                    pty=port.is_pty,
                 )
         if port.framing_error:
             if notes.get("framing_note") != port.framing_error:
-                ctx.log.warning("framing not applied", line=line.name, error=port.framing_error)
+                log("framing not applied", line=line.name, error=port.framing_error, pty=port.is_pty)
             notes["framing_note"] = port.framing_error
         line.notes = notes
 
