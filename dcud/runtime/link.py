@@ -117,11 +117,14 @@ async def until_stopped(
     timeout_s: float | None = None,
     name: str = "work",
     owner: str | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> T | Stopped:
     """Await ``work`` unless ``stopping`` is set first: then cancel it and return :data:`STOPPED`.
 
     ``work``'s result is returned and its exception raised as they are (not wrapped in a group).
     With ``timeout_s``, ``work`` is cancelled and ``TimeoutError`` raised when it takes longer.
+    With ``on_stop``, a stop calls it instead of cancelling ``work`` (which is to end by itself
+    then, e.g. a session told to close gracefully) and waits for ``work`` to end.
     ``work`` runs as the task ``dcud[<owner>:<name>]`` (owner: the current task's service) and is
     gone when this returns, whichever way it returns (also when the caller is cancelled).
     """
@@ -144,6 +147,9 @@ async def until_stopped(
         stopper = tg.create_task(stopping.wait(), name=_task_name(who, f"{name}:stopping"))
         await asyncio.wait({worker, stopper}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
+        if on_stop is not None and not worker.done() and stopping.is_set():
+            on_stop()
+            await asyncio.wait({worker})
         if not worker.done():
             timed_out = not stopping.is_set()
             worker.cancel()

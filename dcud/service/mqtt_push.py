@@ -19,7 +19,6 @@ Session
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ import aiomqtt
 
 from dcud.config.model import DataPushConfig
 from dcud.service.datapush import DataPushServiceConfig, PushError, PushTarget, tls_context
+from dcud.service.mqtt import drop_socket
 from dcud.service.outbox import OutboxItem
 
 __all__ = ["CONSUMER", "MqttPusher", "push_topic_prefix", "with_uid"]
@@ -141,8 +141,4 @@ class MqttPusher:
             async with asyncio.timeout(_DISCONNECT_TIMEOUT_S):
                 await client.__aexit__(None, None, None)
         except (aiomqtt.MqttError, TimeoutError, OSError, RuntimeError):
-            # A stalled broker never answers DISCONNECT: drop the socket so nothing leaks across retries.
-            with contextlib.suppress(Exception):
-                sock = client._client.socket()
-                if sock is not None:
-                    sock.close()
+            drop_socket(client)  # a stalled broker never answers DISCONNECT

@@ -243,6 +243,11 @@ class SourceLimits:
         """Sources with a slot in use."""
         return len(self._by_source)
 
+    @property
+    def by_source(self) -> dict[str, int]:
+        """Slots in use per source key (a copy)."""
+        return dict(self._by_source)
+
 
 def peer_address(address: Any) -> tuple[str, str]:
     """``(host, "host:port")`` of an address tuple from ``accept`` (IPv6 in brackets)."""
