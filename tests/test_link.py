@@ -149,18 +149,19 @@ async def test_stable_s_zero_resets_on_every_connect() -> None:
 
 async def test_one_log_line_per_change_of_error() -> None:
     a, b = OSError(111, "refused"), OSError(113, "no route")
-    script: list[BaseException | float] = [a, a, a, b, b, a, 5, a]
-    link, ctx = await run_script(script, no_jitter(initial_s=1, stable_s=60), 8)
+    script: list[BaseException | float] = [a, a, a, b, b, a, 5, 5, a]
+    link, ctx = await run_script(script, no_jitter(initial_s=1, stable_s=60), 9)
     lines = [(message, fields["error"]) for _level, message, fields in ctx.log.lines]
     assert lines == [
         ("peer unavailable", "refused"),
         ("peer unavailable", "no route"),
         ("peer unavailable", "refused"),
-        ("connection lost", "closed"),  # coming up clears the memory: the loss is logged
+        ("connection lost", "closed"),
+        ("connection lost", "closed"),  # coming up clears the memory: every loss after an up is logged
         ("peer unavailable", "refused"),
     ]
     assert all(fields["peer"] == "test" for _level, _message, fields in ctx.log.lines)
-    assert [d.logged for d in link.downs] == [True, False, False, True, False, True, True, True]
+    assert [d.logged for d in link.downs] == [True, False, False, True, False, True, True, True, True]
 
 
 async def test_fatal_errors_propagate_and_retry_errors_do_not() -> None:

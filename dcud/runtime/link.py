@@ -78,6 +78,7 @@ __all__ = [
     "LinkPolicy",
     "LinkState",
     "Stopped",
+    "child_name",
     "describe_error",
     "run_link",
     "until_stopped",
@@ -108,6 +109,11 @@ def _owner_name() -> str:
     if name.startswith("dcud[") and name.endswith("]") and ":" in name:
         return name[5:-1].split(":", 1)[0]
     return "dcud"
+
+
+def child_name(item: str) -> str:
+    """``dcud[<service>:<item>]`` for a helper task of the current task (which awaits or cancels it)."""
+    return _task_name(_owner_name(), item)
 
 
 async def until_stopped(

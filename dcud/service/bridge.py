@@ -59,7 +59,7 @@ import contextlib
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -93,6 +93,7 @@ from dcud.codec.rfc2217 import (
 from dcud.config.model import LineConfig, TransparentConfig
 from dcud.errors import DcudError, LocalProtocolError, TransportError
 from dcud.runtime.bus import EventBus
+from dcud.runtime.link import child_name, until_stopped
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.service.line import LeasedPort, LeaseTimeout, Line, LineBusyError, LineClosedError, LineRegistry
 from dcud.service.tls_banks import (
@@ -351,12 +352,12 @@ class _Ended(Exception):
     """Internal: the session has ended; unwinds helper tasks."""
 
 
-async def _to_the_end(work: Awaitable[None]) -> None:
+async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
     """Await ``work`` to its end even if this task is cancelled meanwhile; then re-raise the cancel.
 
     ``work`` must be bounded in time by itself (the break's drain has a deadline), so the loop ends.
     """
-    task = asyncio.ensure_future(work)
+    task = asyncio.get_running_loop().create_task(work, name=child_name("wind-down"))
     cancelled: asyncio.CancelledError | None = None
     while not task.done():
         try:
@@ -486,22 +487,17 @@ class BridgeSession(asyncio.Protocol):
 
     async def run(self) -> None:
         """Bridge until the session ends; closes the connection; the caller writes the audit record."""
-        body = asyncio.ensure_future(self._body())
-        ended = asyncio.ensure_future(self._ended.wait())
         try:
-            await asyncio.wait([body, ended], return_when=asyncio.FIRST_COMPLETED)
+            # The session's own end (client gone, idle, taken over...) is its "stopping": the body
+            # is cancelled then, and waited for (it hands the line back in order).
+            await until_stopped(self._ended, self._body(), name=f"{self.sid}/body")
         except asyncio.CancelledError:
             self.end("stopping")
             raise
+        except Exception as exc:  # the body's bug ends this session, never the port
+            log.error("bridge session failed", session=self.sid, error=repr(exc))
+            self.end("error", repr(exc))
         finally:
-            ended.cancel()
-            if not body.done():
-                body.cancel()
-                await asyncio.wait([body])
-            if not body.cancelled() and body.exception() is not None:
-                exc = body.exception()
-                log.error("bridge session failed", session=self.sid, error=repr(exc))
-                self.end("error", repr(exc))
             self.end("closed")  # a guard: every path that ends the body has set a reason already
             self._close_transport()
             self.ended_s = time.time()
@@ -1067,11 +1063,12 @@ class BridgeSession(asyncio.Protocol):
         self._port = port
         self._fast = not self._ops
         self._wake.set()
+        # Helpers of this lease, named after the session; they end (cancelled) before the lease does.
         tasks = [
-            asyncio.ensure_future(self._reader(port)),
-            asyncio.ensure_future(self._pump(port)),
+            loop.create_task(self._reader(port), name=child_name(f"{self.sid}/reader")),
+            loop.create_task(self._pump(port), name=child_name(f"{self.sid}/pump")),
         ]
-        watcher = asyncio.ensure_future(self._watch(port))
+        watcher = loop.create_task(self._watch(port), name=child_name(f"{self.sid}/watch"))
         yielded = False
         try:
             done, _ = await asyncio.wait([*tasks, watcher], return_when=asyncio.FIRST_COMPLETED)

@@ -438,7 +438,12 @@ class ConfigPortService:
     async def _listening(self, ctx: ServiceContext) -> AsyncIterator[asyncio.Server]:
         """Bound and serving; on the way out: closed, idle connections ended, state ``stopped``."""
         server = await start_stream_server(
-            self._connection, self.config.host, self.config.port, limit=READ_CHUNK_BYTES, tuning=TUNING
+            self._connection,
+            self.config.host,
+            self.config.port,
+            limit=READ_CHUNK_BYTES,
+            tuning=TUNING,
+            owner=ctx.name,
         )
         try:
             self.bound = bound_addresses(server)

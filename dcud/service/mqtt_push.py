@@ -27,6 +27,7 @@ from typing import Any, Final
 import aiomqtt
 
 from dcud.config.model import DataPushConfig
+from dcud.runtime.link import child_name
 from dcud.service.datapush import DataPushServiceConfig, PushError, PushTarget, tls_context
 from dcud.service.mqtt import drop_socket
 from dcud.service.outbox import OutboxItem
@@ -115,11 +116,13 @@ class MqttPusher:
             finally:
                 window.release()
 
+        name = child_name("publish")
         try:
             async with asyncio.TaskGroup() as tg:
                 for item in items:
                     await window.acquire()
-                    tg.create_task(publish(f"{prefix}/{item.subtopic}", with_uid(item.payload, item.uid)))
+                    topic = f"{prefix}/{item.subtopic}"
+                    tg.create_task(publish(topic, with_uid(item.payload, item.uid)), name=name)
         except BaseExceptionGroup as group:
             leaf: BaseException = group
             while isinstance(leaf, BaseExceptionGroup):

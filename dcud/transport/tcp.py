@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import enum
 import ipaddress
+import itertools
 import socket
 import ssl
 import struct
@@ -321,10 +322,18 @@ async def start_stream_server(
     *,
     limit: int,
     tuning: SocketTuning | None = None,
+    owner: str = "dcud",
 ) -> asyncio.Server:
-    """asyncio's stream server on ``host`` (None: every interface), each connection tuned first."""
+    """asyncio's stream server on ``host`` (None: every interface), each connection tuned first.
+
+    asyncio runs each handler in a task of its own; it is named ``dcud[<owner>:conn-<n>]``.
+    """
+    numbers = itertools.count(1)
 
     async def tuned(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            task.set_name(f"dcud[{owner}:conn-{next(numbers)}]")
         if tuning is not None:
             tuning.apply_to(writer.transport)
         await handler(reader, writer)
