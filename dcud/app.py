@@ -153,7 +153,7 @@ def _mqtt_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
 
 
 def _polling_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
-    if not config.toml.line:  # nothing to poll: keep the codecs out of a small DCU's memory
+    if not config.toml.line and not config.toml.meter:  # nothing to poll (DLMS/TCP meters need no line)
         return []
     from dcud.service.polling import build_polling_services
 
