@@ -181,7 +181,7 @@ def _cmd_sim_meters(args: argparse.Namespace) -> int:
 
 
 def _cmd_sim_dlms(args: argparse.Namespace) -> int:
-    from dcud.sim.dlms_sim import cmd_sim_dlms
+    from dcud.cli_meters import cmd_sim_dlms
 
     return cmd_sim_dlms(args)
 

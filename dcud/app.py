@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import time
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -25,9 +22,11 @@ from dcud import __version__
 from dcud.config.loader import LoadedConfig, load_config
 from dcud.errors import RestartRequested
 from dcud.runtime.bus import EventBus
+from dcud.runtime.clock import SYSTEM_CLOCK, Clock
+from dcud.runtime.context import Runtime
+from dcud.runtime.events import EventLog, EventSink
 from dcud.runtime.sdnotify import Notifier
-from dcud.runtime.supervisor import Service, Supervisor, SupervisorOptions
-from dcud.runtime.uplink import UplinkReconnect
+from dcud.runtime.supervisor import Service, Supervisor, SupervisorOptions, Worker
 from dcud.service.commands import CommandContext, CommandLimits, CommandRouter, Request
 from dcud.service.line import LineRegistry, build_line_services
 from dcud.service.mqtt import MqttService, MqttServiceConfig, status_document
@@ -38,99 +37,79 @@ log = structlog.get_logger("dcud.app")
 
 
 @dataclass
-class Runtime:
-    """Objects shared by services for the life of the process (they survive reloads)."""
+class Shared:
+    """What the builders hand out: the runtime plus the service-level singletons (all survive reloads).
 
-    device_id: str
-    topic_prefix: str
-    bus: EventBus
+    A builder passes each service the parts it uses; no service sees this object or imports this module.
+    """
+
+    runtime: Runtime
     outbox: Outbox
     commands: CommandRouter
-    started_monotonic_s: float = field(default_factory=time.monotonic)
     lines: LineRegistry = field(default_factory=LineRegistry)
     """Every serial line by name; services take leases on them (design.md rule 4)."""
-    event_listeners: list[Callable[[Mapping[str, Any]], None]] = field(default_factory=list)
-    """Called synchronously with every event right after its commit (payload plus ``uid``): the SNMP
-    service turns events into traps here. A listener must not block; its errors are logged."""
-    early_events: deque[Mapping[str, Any]] | None = field(default_factory=lambda: deque(maxlen=8))
-    """Events committed before the first listener registered (``outbox_corrupt`` is raised before any
-    service starts): handed to that listener, so that they reach the SNMP manager too. None afterwards:
-    events while a reload restarts the listener, or while traps are off, are not kept for later."""
-    restart_reason: str | None = None
-    """Set by :meth:`request_restart`; ``run_daemon`` then raises RestartRequested (exit 75)."""
-    stop_daemon: Callable[[], None] | None = None
-    """Graceful stop of the whole daemon (set by ``run_daemon``)."""
-    reconnect: UplinkReconnect = field(default_factory=UplinkReconnect)
-    """Uplink reconnect requests (connectivity watchdog -> MQTT and other uplinks)."""
     remote_config: Reloader | None = None
     """The one path for configuration changes: SIGHUP, config port, MQTT param/set (set by run_daemon)."""
-    service_restarts: Callable[[], Mapping[str, int]] = dict
-    """Failures per service since start (the supervisor's counts; set by run_daemon)."""
 
-    def add_event_listener(self, listener: Callable[[Mapping[str, Any]], None]) -> Callable[[], None]:
-        """Register an event listener; returns the function that removes it."""
-        self.event_listeners.append(listener)
-        early, self.early_events = self.early_events, None
-        for event in early or ():
-            try:
-                listener(event)
-            except Exception as exc:  # as in event(): an alarm path failure is logged, never raised
-                log.error("event listener failed", event_type=event.get("type"), error=repr(exc))
+    @classmethod
+    def create(
+        cls,
+        device_id: str,
+        topic_prefix: str,
+        bus: EventBus,
+        outbox: Outbox,
+        commands: CommandRouter,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> Shared:
+        """A runtime whose events go into ``outbox`` (also after the outbox is replaced on reload)."""
 
-        def remove() -> None:
-            if listener in self.event_listeners:
-                self.event_listeners.remove(listener)
+        async def commit(payload: bytes) -> str:
+            return (await shared.outbox.put("event", "event", payload)).uid
 
-        return remove
+        runtime = Runtime(device_id, topic_prefix, bus, EventLog(commit, clock), clock)
+        shared = cls(runtime, outbox, commands)
+        return shared
 
-    def request_restart(self, reason: str) -> None:
-        """Stop gracefully and exit with the restart code (systemd starts dcud again)."""
-        self.restart_reason = reason
-        if self.stop_daemon is not None:
-            self.stop_daemon()
+    @property
+    def event(self) -> EventSink:
+        """``runtime.event``: commit an event to the outbox."""
+        return self.runtime.event
+
+    async def put_history(self, kind: str, subtopic: str, payload: bytes) -> object:
+        """``outbox.put`` on the outbox in force (it is replaced when the set of uplinks changes)."""
+        return await self.outbox.put(kind, subtopic, payload)
+
+    @property
+    def bus(self) -> EventBus:
+        """``runtime.bus``."""
+        return self.runtime.bus
 
     def status(self) -> dict[str, object]:
         """The ``<p>/status`` document."""
+        runtime = self.runtime
         document = status_document(
-            device_id=self.device_id,
+            device_id=runtime.device_id,
             version=__version__,
-            started_monotonic_s=self.started_monotonic_s,
+            started_monotonic_s=runtime.started_monotonic_s,
             outbox=self.outbox,
-            bus=self.bus,
+            bus=runtime.bus,
         )
-        if "firmware" in self.bus.states:  # staged firmware (dcud.service.firmware)
-            document["firmware"] = dict(self.bus.states["firmware"])
-        restarts = dict(self.service_restarts())
+        if "firmware" in runtime.bus.states:  # staged firmware (dcud.service.firmware)
+            document["firmware"] = dict(runtime.bus.states["firmware"])
+        restarts = dict(runtime.service_restarts())
         # A service that failed and was restarted shows here: the hostile-input tests expect zeros.
         document["restarts"] = {"total": sum(restarts.values()), "services": restarts}
         document["commands"] = self.commands.stats.to_json()
         return document
 
-    async def event(self, event_type: str, text: str, **fields: object) -> None:
-        """Commit an event (``<p>/event``) to the outbox; returns once it is durable."""
-        payload = {
-            "type": event_type,
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "text": text,
-            **fields,
-        }
-        item = await self.outbox.put("event", "event", json.dumps(payload, default=str).encode())
-        if self.early_events is not None:
-            self.early_events.append({**payload, "uid": item.uid})
-        for listener in list(self.event_listeners):
-            try:
-                listener({**payload, "uid": item.uid})
-            except Exception as exc:  # an alarm path failure must never fail the event's producer
-                log.error("event listener failed", event_type=event_type, error=repr(exc))
+
+ServiceBuilder = Callable[[LoadedConfig, Shared], Sequence[Service]]
 
 
-ServiceBuilder = Callable[[LoadedConfig, Runtime], Sequence[Service]]
-
-
-def _mqtt_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def _mqtt_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
     remote = config.toml.remote
     # The router outlives reloads; its bounds follow dcud.toml's [remote] (start and every reload).
-    runtime.commands.configure(
+    shared.commands.configure(
         CommandLimits(
             max_request_bytes=remote.max_request_bytes,
             max_depth=remote.max_depth,
@@ -148,19 +127,32 @@ def _mqtt_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
         max_queued_requests=remote.max_queued_requests,
     )
     return [
-        MqttService(slice_, runtime.bus, runtime.outbox, runtime.commands, runtime.status, runtime.reconnect)
+        MqttService(
+            slice_, shared.bus, shared.outbox, shared.commands, shared.status, shared.runtime.reconnect
+        )
     ]
 
 
-def _polling_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def _line_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
+    return build_line_services(config, shared.lines, shared.bus, shared.event)
+
+
+def _polling_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
     if not config.toml.line and not config.toml.meter:  # nothing to poll (DLMS/TCP meters need no line)
         return []
     from dcud.service.polling import build_polling_services
 
-    return build_polling_services(config, runtime)
+    return build_polling_services(
+        config,
+        lines=shared.lines,
+        bus=shared.bus,
+        outbox=shared.outbox,
+        commands=shared.commands,
+        event=shared.event,
+    )
 
 
-def _alarm_and_time_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def _alarm_and_time_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
     """Power monitor, SNMP traps, NTP and the connectivity watchdog / daily restart (issue 6)."""
     from dcud.service.ntp import NtpService, NtpServiceConfig
     from dcud.service.power import PowerService, PowerServiceConfig
@@ -168,71 +160,94 @@ def _alarm_and_time_services(config: LoadedConfig, runtime: Runtime) -> Sequence
     from dcud.service.snmp_agent import AgentServiceConfig, SnmpAgentService
     from dcud.service.watchdog import WatchdogService, WatchdogServiceConfig
 
+    runtime = shared.runtime
     services: list[Service] = []
     snmp = SnmpServiceConfig.from_config(config)
     if snmp is not None:  # first, so that its event hook is in place before power events at start
         services.append(SnmpTrapService(snmp, runtime.bus, runtime.add_event_listener))
     agent = AgentServiceConfig.from_config(config)
     if agent is not None:  # read-only SNMP agent: the same state documents as MQTT, read per request
-        services.append(SnmpAgentService(agent, runtime.bus, runtime.status))
+        services.append(SnmpAgentService(agent, runtime.bus, shared.status))
     power = PowerServiceConfig.from_config(config)
     if power is not None:
-        services.append(PowerService(power, runtime.bus, runtime.event))
+        services.append(PowerService(power, runtime.bus, runtime.event, clock=runtime.clock))
     services.append(NtpService(NtpServiceConfig.from_config(config), runtime.bus, runtime.event))
     watchdog = WatchdogServiceConfig.from_config(config)
     if watchdog is not None:
         services.append(
-            WatchdogService(watchdog, runtime.bus, runtime.event, runtime.request_restart, runtime.reconnect)
+            WatchdogService(
+                watchdog,
+                runtime.bus,
+                runtime.event,
+                runtime.request_restart,
+                runtime.reconnect,
+                clock=runtime.clock,
+            )
         )
     return services
 
 
-def _io_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def _io_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
     """Digital inputs (one service per [[input]]), the relay and the LEDs (issue 16)."""
     from dcud.service.inputs import build_input_services
     from dcud.service.outputs import OutputsConfig, OutputsService
 
     return [
-        *build_input_services(config, runtime),
-        OutputsService(OutputsConfig.from_config(config), runtime.bus),
+        *build_input_services(config, shared.bus, shared.event),
+        OutputsService(OutputsConfig.from_config(config), shared.bus),
     ]
 
 
-def _push_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def _push_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
     """Data push (FTP/MQTT), UDP event push, device-manager push, WM-E source meter (issue 5)."""
     from dcud.service.datapush import build_push_services
 
-    return build_push_services(config, runtime)
+    return build_push_services(
+        config,
+        lines=shared.lines,
+        bus=shared.bus,
+        outbox=shared.outbox,
+        commands=shared.commands,
+        event=shared.event,
+        status=shared.status,
+    )
 
 
-def _config_port_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def _config_port_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
     """The config/firmware port (issue 8, dcud.service.config_port)."""
     from dcud.service.config_port import build_config_port_services
 
-    return build_config_port_services(config, runtime)
+    return build_config_port_services(config, shared.remote_config, shared.bus, shared.event)
 
 
-def _drive_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def _drive_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
     """Servo drives: CANopen per [[can]], Modbus RTU through line leases (issue 7, dcud.service.drives)."""
     if not config.toml.drive:
         return []
     from dcud.service.drives import build_drive_services
 
-    return build_drive_services(config, runtime)
+    return build_drive_services(
+        config,
+        lines=shared.lines,
+        bus=shared.bus,
+        history=shared.put_history,
+        commands=shared.commands,
+        event=shared.event,
+    )
 
 
-def _bridge_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def _bridge_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
     """Transparent ports tm/tm2 and the EI client (issue 4, dcud.service.bridge)."""
     if not any(line.transparent for line in config.toml.line):  # both bridge to a transparent line
         return []
     from dcud.service.bridge import build_bridge_services
 
-    return build_bridge_services(config, runtime)
+    return build_bridge_services(config, shared.lines, shared.bus, shared.event)
 
 
 SERVICE_BUILDERS: list[ServiceBuilder] = [
     _mqtt_services,
-    build_line_services,
+    _line_services,
     _polling_services,
     _alarm_and_time_services,
     _io_services,
@@ -251,25 +266,25 @@ def consumers_for(config: LoadedConfig) -> list[str]:
     return consumers + push_consumers(config)  # ftp / mqtt-push / udp-event, exactly when configured
 
 
-def build_services(config: LoadedConfig, runtime: Runtime) -> list[Service]:
+def build_services(config: LoadedConfig, shared: Shared) -> list[Service]:
     """Every service of this configuration, in start order."""
     services: list[Service] = []
     for builder in SERVICE_BUILDERS:
-        services.extend(builder(config, runtime))
+        services.extend(builder(config, shared))
     return services
 
 
-async def _register_builtin_commands(runtime: Runtime) -> None:
+async def _register_builtin_commands(shared: Shared) -> None:
     """``cmd/ping`` (liveness, version, the verbs served) and ``cmd/status`` (the status document)."""
 
     async def ping(_request: Request, _ctx: CommandContext) -> dict[str, object]:
-        return {"pong": True, "version": __version__, "verbs": runtime.commands.verbs()}
+        return {"pong": True, "version": __version__, "verbs": shared.commands.verbs()}
 
     async def status(_request: Request, _ctx: CommandContext) -> dict[str, object]:
-        return runtime.status()
+        return shared.status()
 
-    runtime.commands.register("ping", Request, ping)
-    runtime.commands.register("status", Request, status)
+    shared.commands.register("ping", Request, ping)
+    shared.commands.register("status", Request, status)
 
 
 async def run_daemon(config_path: Path, notifier: Notifier | None = None) -> None:
@@ -290,7 +305,7 @@ async def run_daemon(config_path: Path, notifier: Notifier | None = None) -> Non
 
     def on_overflow(report: OverflowReport) -> None:
         # Called in the loop, once per transition; it must not block, so the event is committed by a
-        # helper task. A full queue drops the report (the counters in the outbox stats stay exact).
+        # worker. A full queue drops the report (the counters in the outbox stats stay exact).
         _offer(overflow_reports, report)
 
     def make_outbox(consumers: Sequence[str]) -> Outbox:
@@ -315,46 +330,36 @@ async def run_daemon(config_path: Path, notifier: Notifier | None = None) -> Non
         )
         outbox = make_outbox(consumers_for(config))
         await outbox.open()
-    runtime = Runtime(config.device_id, config.topic_prefix, EventBus(), outbox, CommandRouter())
-    await _register_builtin_commands(runtime)
+    shared = Shared.create(config.device_id, config.topic_prefix, EventBus(), outbox, CommandRouter())
+    runtime = shared.runtime
+    await _register_builtin_commands(shared)
     if corrupt_moved is not None:
         await runtime.event("outbox_corrupt", f"outbox database was unreadable; moved to {corrupt_moved}")
 
     async def prepare(new: LoadedConfig) -> None:
         consumers = consumers_for(new)
-        if tuple(consumers) != runtime.outbox.consumers:
+        if tuple(consumers) != shared.outbox.consumers:
             # The set of uplinks changed: the outbox must hold items for exactly the new set, so
             # every service (they all share the outbox) restarts around a reopened outbox.
             log.info("uplink set changed; reopening the outbox", consumers=consumers)
             await supervisor.replace([])
-            await runtime.outbox.close()
-            runtime.outbox = make_outbox(consumers)
-            await runtime.outbox.open()
+            await shared.outbox.close()
+            shared.outbox = make_outbox(consumers)
+            await shared.outbox.open()
 
     # SIGHUP, the config port and MQTT param/set all go through this one serialised reloader.
     reloader = Reloader(
         config_path,
         config,
-        lambda new: build_services(new, runtime),
+        lambda new: build_services(new, shared),
         notifier,
         prepare=prepare,
         event=runtime.event,
     )
-    runtime.remote_config = reloader
+    shared.remote_config = reloader
     from dcud.service.ntp import clock_synced
 
-    register_param_commands(runtime.commands, reloader, lambda: clock_synced(runtime.bus) is True)
-    supervisor = Supervisor(
-        build_services(config, runtime),
-        notifier,
-        SupervisorOptions(grace_s=config.toml.grace_s),
-    )
-    reloader.attach(supervisor)
-    runtime.stop_daemon = supervisor.request_stop
-    runtime.service_restarts = lambda: supervisor.restart_counts
-    loop.add_signal_handler(signal.SIGTERM, supervisor.request_stop)
-    loop.add_signal_handler(signal.SIGINT, supervisor.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, reloader.request_reload)
+    register_param_commands(shared.commands, reloader, lambda: clock_synced(runtime.bus) is True)
 
     async def overflow_events() -> None:
         while True:
@@ -371,22 +376,28 @@ async def run_daemon(config_path: Path, notifier: Notifier | None = None) -> Non
                 rejected=report.rejected,
             )
 
+    supervisor = Supervisor(
+        build_services(config, shared),
+        notifier,
+        SupervisorOptions(grace_s=config.toml.grace_s),
+        # The daemon's own workers: never swapped by a reload (the reloader is the one swapping).
+        fixed=[Worker("app-reload", reloader.run), Worker("app-overflow", overflow_events)],
+        clock=runtime.clock,
+    )
+    reloader.attach(supervisor)
+    runtime.stop_daemon = supervisor.request_stop
+    runtime.service_restarts = lambda: supervisor.restart_counts
+    loop.add_signal_handler(signal.SIGTERM, supervisor.request_stop)
+    loop.add_signal_handler(signal.SIGINT, supervisor.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request_reload)
+
     log.info("starting", version=__version__, device_id=config.device_id, config=str(config_path))
-    helpers = [
-        asyncio.create_task(reloader.run(), name="dcud[app:reload]"),
-        asyncio.create_task(overflow_events(), name="dcud[app:overflow]"),
-    ]
     try:
         await supervisor.run()
     finally:
-        for task in helpers:
-            task.cancel()
-        for task in helpers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        await runtime.outbox.close()
+        await shared.outbox.close()
         log.info("stopped")
     if runtime.restart_reason is not None:
         raise RestartRequested(runtime.restart_reason)

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from dcud.config.loader import LoadedConfig, load_config
 from dcud.config.model import LineConfig, MeterConfig
 from dcud.errors import DcudError
+from dcud.runtime.timefmt import rfc3339_ms
 from dcud.service.dlms_meter import (
     DlmsMeterSettings,
     ObjectCache,
@@ -33,7 +34,6 @@ from dcud.service.dlms_meter import (
     open_tcp,
 )
 from dcud.service.dlms_state import DlmsStateLocked, DlmsStateStore, lock_state_dir, unlock_state_dir
-from dcud.service.meter_read import rfc3339
 from dcud.service.session_runner import SessionPort
 
 
@@ -114,7 +114,7 @@ async def read_dlms(config: LoadedConfig, name: str) -> dict[str, Any]:
     finished = time.time()
     document: dict[str, Any] = {
         "meter": name,
-        "ts": rfc3339(finished, millis=True),
+        "ts": rfc3339_ms(finished),
         "seq": 0,
         "values": result.values,
         "protocol": "dlms",

@@ -404,3 +404,35 @@ def cmd_sim_meters(
     if control:
         sim_config.control = control
     return run_cli(sim_config)
+
+
+def cmd_sim_dlms(args: Any) -> int:
+    """``dcud sim dlms`` from parsed arguments (a file, or one meter from flags)."""
+    from dcud.sim.dlms_sim import load_config as load_sim_config
+    from dcud.sim.dlms_sim import quick_config, run_cli
+    from dcud.sim.serial_sim import SimConfigError
+
+    try:
+        if args.sim_config:
+            config = load_sim_config(Path(args.sim_config))
+            if args.control:
+                config.control = args.control
+        else:
+            if not (args.link or args.device or args.tcp_port is not None):
+                raise CliError("give --config FILE, or --link/--device (HDLC) and/or --tcp-port (wrapper)")
+            config = quick_config(
+                link=args.link,
+                device=args.device,
+                tcp_port=args.tcp_port,
+                baud=args.baud,
+                mode_e=args.mode_e,
+                physical_address=args.physical_address,
+                silent=args.silent,
+                control=args.control,
+            )
+    except SimConfigError as exc:
+        raise CliError(str(exc)) from exc
+    try:
+        return run_cli(config)
+    except OSError as exc:  # a port in use, a link that cannot be made
+        raise CliError(f"cannot start the DLMS simulator: {exc}") from exc

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: installs everything a fresh Debian 12 machine needs, then runs
-# ruff, mypy, the systemd checks and the whole test suite against real peers.
+# ruff, mypy, the layer contracts, the systemd checks and the whole test suite against real peers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +31,8 @@ ruff check .
 ruff format --check .
 echo "== mypy --strict"
 mypy
+echo "== import-linter (layer contracts in pyproject.toml)"
+lint-imports
 echo "== systemd unit checks"
 bash scripts/check_systemd.sh
 echo "== pytest"

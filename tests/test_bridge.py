@@ -10,7 +10,6 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -652,8 +651,8 @@ def test_builder_reads_the_wme_parameters(tmp_path: Path) -> None:
         "ei_client_top_keepalive=5\nei_client_auth_mode=E\nei_client_type=hes\nei_client_pass=secret\n"
     )
     loaded = load_config(write_site(tmp_path, toml_extra=toml, wme=wme))
-    runtime = SimpleNamespace(lines=LineRegistry(), bus=EventBus(), event=None)
-    services = {s.name: s for s in build_bridge_services(loaded, runtime)}  # type: ignore[arg-type]
+    runtime = (LineRegistry(), EventBus(), _no_events)
+    services = {s.name: s for s in build_bridge_services(loaded, *runtime)}
     assert set(services) == {"bridge.tm", "bridge.tm2", "ei-client"}
     tm = services["bridge.tm"].config
     assert (tm.port, tm.baud, tm.line.name, tm.host, tm.tls.enabled) == (
@@ -676,15 +675,15 @@ def test_builder_reads_the_wme_parameters(tmp_path: Path) -> None:
 def test_wme_defaults_serve_tls_with_a_device_certificate_on_loopback_only(tmp_path: Path) -> None:
     toml = '[[line]]\nname = "rs485-1"\ndevice = "/dev/ttyS1"\ntransparent = "primary"\n'
     loaded = load_config(write_site(tmp_path, toml_extra=toml, wme="ntp_interval=600\n"))
-    runtime = SimpleNamespace(lines=LineRegistry(), bus=EventBus(), event=None)
-    (service,) = build_bridge_services(loaded, runtime)  # type: ignore[arg-type]
+    runtime = (LineRegistry(), EventBus(), _no_events)
+    (service,) = build_bridge_services(loaded, *runtime)
     config = service.config  # type: ignore[attr-defined]
     # TLS without client authentication (tm.verify=0) encrypts but admits anyone: loopback only.
     assert config.tls.enabled and config.tls.cert_bank == 0 and config.host == "127.0.0.1"
     allowed = load_config(
         write_site(tmp_path / "b", toml_extra=toml + '[transparent]\nallow = ["192.0.2.0/24"]\n', wme="")
     )
-    (service,) = build_bridge_services(allowed, runtime)  # type: ignore[arg-type]
+    (service,) = build_bridge_services(allowed, *runtime)
     assert service.config.host == ""  # type: ignore[attr-defined]
 
 
@@ -736,3 +735,7 @@ async def test_mbus_readout_through_the_secondary_port_with_the_simulator(tmp_pa
             writer.close()
             (record,) = await h.wait_audits(1)
     assert record["port"] == "tm2" and record["iec"]["signons"] == 0
+
+
+async def _no_events(event_type: str, text: str, **fields: Any) -> None:
+    """An event sink for builder tests that never run the services."""

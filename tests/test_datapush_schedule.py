@@ -360,7 +360,7 @@ async def test_timeouts_halve_the_batch(tmp_path: Path) -> None:
 
 
 def test_builders_and_the_wme_source_meter(tmp_path: Path) -> None:
-    from dcud.app import Runtime, build_services
+    from dcud.app import Shared, build_services
     from dcud.service.commands import CommandRouter
     from dcud.service.polling import PollingService
 
@@ -374,7 +374,7 @@ def test_builders_and_the_wme_source_meter(tmp_path: Path) -> None:
         )
     )
     outbox = Outbox(tmp_path / "unused.sqlite", OutboxLimits(), ["ftp", "udp-event"], "dcu-1")
-    runtime = Runtime("dcu-1", "dcu/dcu-1", EventBus(), outbox, CommandRouter())
+    runtime = Shared.create("dcu-1", "dcu/dcu-1", EventBus(), outbox, CommandRouter())
     services = {s.name: s for s in build_services(config, runtime)}
     assert {"datapush", "eventpush", "dm", "polling"} <= set(services)
     polling = services["polling"]

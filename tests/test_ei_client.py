@@ -8,7 +8,6 @@ import contextlib
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -198,8 +197,7 @@ async def ei_from_config(
         loaded = load_config(
             write_site(site, toml_extra=f"[transparent]\nei_tls = true\n{toml}{line}", wme=params)
         )
-        runtime = SimpleNamespace(lines=h.lines, bus=h.bus, event=h.events)
-        services.extend(build_ei_client(loaded, runtime))  # type: ignore[arg-type]
+        services.extend(build_ei_client(loaded, h.lines, h.bus, h.events))
         return services
 
     (site / "state" / "certbank").mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dcud.app import Runtime
+from dcud.app import Shared
 from dcud.config.loader import load_config
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
@@ -156,7 +156,7 @@ async def test_events_become_datagrams_by_mask_with_the_configured_texts(
     outbox = Outbox(tmp_path / "outbox.sqlite", OutboxLimits(), ["udp-event"], "dcu-9")
     await outbox.open()
     try:
-        runtime = Runtime("dcu-9", "dcu/dcu-9", EventBus(), outbox, CommandRouter())
+        runtime = Shared.create("dcu-9", "dcu/dcu-9", EventBus(), outbox, CommandRouter())
         await outbox.put("reading", "meter/x/reading", b"{}")  # readings are not for the event push
         service = EventPushService(config, runtime.bus, outbox, EventPushGate())
 
@@ -186,7 +186,7 @@ async def test_debug_bit_sends_other_events_with_their_own_text(
     outbox = Outbox(tmp_path / "outbox.sqlite", OutboxLimits(), ["udp-event"], "dcu-9")
     await outbox.open()
     try:
-        runtime = Runtime("dcu-9", "dcu/dcu-9", EventBus(), outbox, CommandRouter())
+        runtime = Shared.create("dcu-9", "dcu/dcu-9", EventBus(), outbox, CommandRouter())
         service = EventPushService(config, runtime.bus, outbox, EventPushGate())
 
         async def produce() -> None:
@@ -208,7 +208,7 @@ async def test_suppression_window_follows_the_parameter(tmp_path: Path, receiver
     outbox = Outbox(tmp_path / "outbox.sqlite", OutboxLimits(), ["udp-event"], "dcu-9")
     await outbox.open()
     try:
-        runtime = Runtime("dcu-9", "dcu/dcu-9", EventBus(), outbox, CommandRouter())
+        runtime = Shared.create("dcu-9", "dcu/dcu-9", EventBus(), outbox, CommandRouter())
         service = EventPushService(config, runtime.bus, outbox, EventPushGate(clock))
         sent = lambda: runtime.bus.states.get("push/event", {}).get("counters", {})  # noqa: E731
         settled = lambda: outbox.stats().backlog["udp-event"] == 0  # noqa: E731
@@ -244,7 +244,7 @@ async def test_last_gasp_fast_path_and_outbox_send_one_datagram(
     outbox = Outbox(tmp_path / "outbox.sqlite", OutboxLimits(), ["udp-event"], "dcu-9")
     await outbox.open()
     try:
-        runtime = Runtime("dcu-9", "dcu/dcu-9", EventBus(), outbox, CommandRouter())
+        runtime = Shared.create("dcu-9", "dcu/dcu-9", EventBus(), outbox, CommandRouter())
         service = EventPushService(config, runtime.bus, outbox, GATE)
         since = "2026-03-10T11:11:11Z"
 
@@ -269,7 +269,7 @@ async def test_phone_number_is_reported_once_and_holds_nothing(
     try:
         bus = EventBus()
         service = EventPushService(config, bus, outbox, EventPushGate())
-        runtime = Runtime("dcu-9", "dcu/dcu-9", bus, outbox, CommandRouter())
+        runtime = Shared.create("dcu-9", "dcu/dcu-9", bus, outbox, CommandRouter())
 
         async def produce() -> None:
             for _ in range(5):

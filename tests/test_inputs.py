@@ -422,7 +422,7 @@ async def test_input_file_vanishing_is_unavailable_then_back(tmp_path: Path) -> 
 
 
 def test_one_service_per_input_and_removed_inputs_lose_their_state(tmp_path: Path) -> None:
-    from dcud.app import Runtime, build_services
+    from dcud.app import Shared, build_services
     from dcud.service.commands import CommandRouter
 
     config = load_config(
@@ -432,7 +432,7 @@ def test_one_service_per_input_and_removed_inputs_lose_their_state(tmp_path: Pat
             '[[input]]\nname = "tamper"\nsource = "gpio"\ngpio_line = 2\n',
         )
     )
-    runtime = Runtime("d", "dcu/d", EventBus(), None, CommandRouter())  # type: ignore[arg-type]
+    runtime = Shared.create("d", "dcu/d", EventBus(), None, CommandRouter())  # type: ignore[arg-type]
     runtime.bus.set_state("input/gone", {"state": "active"})
     runtime.bus.set_state("input/door", {"state": "active"})
     names = [s.name for s in build_services(config, runtime)]

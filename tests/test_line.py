@@ -285,7 +285,7 @@ async def test_device_disappears_and_comes_back(tmp_path: Path) -> None:
 
             # A lease asked for while the device is gone waits, and is granted once it is back.
             waiting = asyncio.create_task(_lease_once(line))
-            await asyncio.sleep(0.3)
+            await wait_until(lambda: line.waiting == 1, 10)  # queued behind the missing device
             assert not waiting.done()
             pair.start()  # plugged in again, same names
             await wait_until(lambda: line.state == "open", 15)

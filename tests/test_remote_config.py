@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import RecordingNotifier, write_site
+from meter_helpers import wait_until
 
 from dcud.config.loader import LoadedConfig, load_config, remote_parameters_path
 from dcud.config.wme import CATALOGUE
@@ -358,7 +359,7 @@ async def test_queue_is_bounded(harness: Harness) -> None:
             )
             for i in range(r.max_pending + 2)
         ]
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: any(t.done() for t in tasks), 5, step_s=0.01)  # the full queue refused
         refused = [t for t in tasks if t.done()]
         assert refused and all(isinstance(t.exception(), ReloadBusyError) for t in refused)
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
@@ -389,7 +390,8 @@ async def test_sighup_reload_uses_the_same_path_and_coalesces(harness: Harness) 
         if r.stats.reloads:
             break
         await asyncio.sleep(0.02)
-    await asyncio.sleep(0.1)
+    # Until the worker is idle: a second (uncoalesced) reload would have run by then.
+    await wait_until(lambda: r._queue.empty() and not r._lock.locked(), 5, step_s=0.01)
     assert r.stats.reloads == 1
     assert r.current.params.get("ntp_interval") == 700
     assert harness.events[-1]["via"] == "sighup"

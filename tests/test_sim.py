@@ -23,6 +23,7 @@ from dcud.errors import PeerTimeout, RemoteProtocolError
 from dcud.service.line import LeasedPort, Line
 from dcud.service.session_runner import Session, run_session
 from dcud.sim.serial_sim import (
+    MbusSimLine,
     SimConfig,
     SimLineSpec,
     SimMeterSpec,
@@ -143,12 +144,14 @@ async def test_control_file_silences_and_revives(tmp_path: Path) -> None:
     config.control = str(control)
     async with simulators(config) as sims, line_on(sims.runners[0].path, "mbus") as line:
         await run(line, MbusReadout(3))
+        model = sims.runners[0].model
+        assert isinstance(model, MbusSimLine)
         write_control(control, ["3"])
-        await asyncio.sleep(0.5)  # the simulator polls its control file every 0.2 s
+        await wait_until(lambda: not model.bus.slaves, 10)  # the simulator polls its control file
         with pytest.raises(PeerTimeout):
             await run(line, MbusReadout(3, retries=0))
         write_control(control, [])
-        await asyncio.sleep(0.5)
+        await wait_until(lambda: bool(model.bus.slaves), 10)
         await run(line, MbusReadout(3))
 
 

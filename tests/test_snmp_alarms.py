@@ -236,7 +236,7 @@ async def test_events_before_the_first_listener_reach_it_and_later_gaps_are_not_
     Events while a reload restarts the listener (or while traps are off) are not kept for later."""
     from dataclasses import dataclass
 
-    from dcud.app import Runtime
+    from dcud.app import Shared
     from dcud.service.commands import CommandRouter
 
     @dataclass
@@ -250,15 +250,15 @@ async def test_events_before_the_first_listener_reach_it_and_later_gaps_are_not_
             self.count += 1
             return Item(f"u-{self.count}")
 
-    runtime = Runtime("dcu-test", "dcu/dcu-test", EventBus(), Outbox(), CommandRouter())  # type: ignore[arg-type]
+    runtime = Shared.create("dcu-test", "dcu/dcu-test", EventBus(), Outbox(), CommandRouter())  # type: ignore[arg-type]
     await runtime.event("outbox_corrupt", "moved aside")
     first: list[Any] = []
-    remove = runtime.add_event_listener(first.append)
+    remove = runtime.runtime.add_event_listener(first.append)
     assert [(e["type"], e["uid"]) for e in first] == [("outbox_corrupt", "u-1")]
     await runtime.event("drive_fault", "fault")
     assert [e["type"] for e in first] == ["outbox_corrupt", "drive_fault"]
     remove()
     await runtime.event("meter_error", "while no listener")  # e.g. during a reload
     second: list[Any] = []
-    runtime.add_event_listener(second.append)
+    runtime.runtime.add_event_listener(second.append)
     assert second == []

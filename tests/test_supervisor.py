@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from conftest import RecordingNotifier
+from meter_helpers import wait_until
 
 from dcud.errors import ServiceFailed
 from dcud.runtime.supervisor import ServiceContext, Supervisor, SupervisorOptions
@@ -59,7 +60,7 @@ async def test_ready_only_when_all_services_ready() -> None:
     slow = Svc("slow", ready_after=gate)
     sup = Supervisor([Svc("a"), slow], notifier, FAST)
     task = asyncio.create_task(sup.run())
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: "STATUS=waiting for slow" in notifier.sent, 5, step_s=0.01)  # "a" is ready
     assert "READY=1" not in notifier.sent
     assert any("waiting for slow" in line for line in notifier.sent)
     gate.set()

@@ -11,10 +11,11 @@ from conftest import write_site
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dcud.config import tzrules
 from dcud.config.loader import load_config
+from dcud.config.timekeeping import LocalClock, TimeSettings
 from dcud.errors import ConfigError
-from dcud.service import tzrules
-from dcud.service.timekeeping import LocalClock, TimeSettings, utc_text
+from dcud.runtime.timefmt import rfc3339
 
 UTC = dt.UTC
 EU = tzrules.WmeZone(
@@ -142,7 +143,7 @@ def test_local_clock_for_file_names_and_utc_on_the_wire() -> None:
     )
     summer = dt.datetime(2026, 7, 1, 10, 0, tzinfo=UTC).timestamp()
     assert clock.file_stamp(summer) == "20260701_120000"
-    assert utc_text(summer) == "2026-07-01T10:00:00Z"
+    assert rfc3339(summer) == "2026-07-01T10:00:00Z"
     winter = dt.datetime(2026, 1, 1, 10, 0, tzinfo=UTC).timestamp()
     assert clock.file_stamp(winter, "%H%M") == "1100"
     due = clock.next_daily_s(dt.time(3, 0), now_s=winter)

@@ -14,11 +14,12 @@ import pytest
 from conftest import NotifySocket, daemon_log, needs_netns, run_in_own_netns, start_daemon, write_site
 
 from dcud.config.loader import load_config
+from dcud.config.timekeeping import LocalClock
 from dcud.runtime.bus import EventBus
+from dcud.runtime.clock import ManualClock
 from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.uplink import UplinkReconnect
 from dcud.service import power, watchdog
-from dcud.service.timekeeping import LocalClock
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,24 +164,20 @@ async def test_daily_restart_is_requested_at_the_time_and_waits_for_power(tmp_pa
         "snrp_restart_time=03:00\n",
         '\ntimezone = "UTC"\n\n[watchdog]\nrestart_min_uptime_s = 0\n',
     )
-    wall = [dt.datetime(2026, 11, 21, 2, 59, 59, tzinfo=dt.UTC).timestamp()]
+    clock = ManualClock(wall_s=dt.datetime(2026, 11, 21, 2, 59, 59, tzinfo=dt.UTC).timestamp())
     requests: list[str] = []
     bus = EventBus()
     bus.set_state("power", {"state": "lost"})
-    service = watchdog.WatchdogService(
-        cfg, bus, Events(), requests.append, wall_clock=lambda: wall[0], rng=random.Random(1)
-    )
-    ctx = ServiceContext("watchdog", 30.0, lambda: None)
+    service = watchdog.WatchdogService(cfg, bus, Events(), requests.append, clock=clock, rng=random.Random(1))
+    ctx = ServiceContext("watchdog", 30.0, lambda: None, clock)
     task = asyncio.create_task(service._restarter(ctx))
-    for _ in range(100):
-        if service.restart_at_s is not None:
-            break
-        await asyncio.sleep(0.01)
+    await clock.wait_for_sleepers(1)
     assert service.restart_at_s == dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.UTC).timestamp()
-    wall[0] += 2  # 03:00:01, power lost: wait
-    await asyncio.sleep(1.5)
+    clock.advance(2)  # 03:00:01, power lost: it looks, waits and parks again
+    await clock.wait_for_sleepers(1)
     assert requests == [] and not task.done()
     bus.set_state("power", {"state": "ok"})
+    clock.advance(1)
     await asyncio.wait_for(task, 10)
     assert requests and "daily restart" in requests[0]
     assert power.power_ok(bus)

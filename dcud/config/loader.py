@@ -89,7 +89,7 @@ def load_config(path: Path | str, *, params_text: str | None = None) -> LoadedCo
         issues.extend(_cross_check(toml, str(path), locator))
     if params is not None:
         issues.extend(_check_ports(params))
-        from dcud.service.timekeeping import check_time_params
+        from dcud.config.timekeeping import check_time_params
 
         issues.extend(check_time_params(params))
     if issues:

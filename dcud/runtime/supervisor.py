@@ -7,6 +7,12 @@ supervisor raises ``ServiceFailed`` and the daemon exits 1 for systemd to restar
 
 Live reload hands the supervisor a new list of services: a service whose ``config`` slice is equal to
 the running one's keeps running untouched; changed ones are stopped gracefully and started anew.
+*Fixed* services (the daemon's own workers: the reloader, the outbox overflow events) run for the
+supervisor's whole life: a reload never touches them and they stop after every other service.
+
+Services sleep through ``ctx.sleep``, which waits on the supervisor's :class:`~dcud.runtime.clock.Clock`
+(a test hands in a ``ManualClock``); beats are stamped on the real monotonic clock, because the systemd
+watchdog counts real seconds.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,6 +29,7 @@ import structlog
 
 from dcud.errors import ServiceFailed
 from dcud.runtime.backoff import Backoff
+from dcud.runtime.clock import SYSTEM_CLOCK, Clock
 from dcud.runtime.sdnotify import Notifier, watchdog_interval_s
 
 log = structlog.get_logger("dcud.supervisor")
@@ -61,9 +68,13 @@ class SupervisorOptions:
 class ServiceContext:
     """What a running service sees of the supervisor."""
 
-    def __init__(self, name: str, liveness_s: float, on_ready: Callable[[], None]) -> None:
+    def __init__(
+        self, name: str, liveness_s: float, on_ready: Callable[[], None], clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.name = name
         self.liveness_s = liveness_s
+        self.clock = clock
+        """What :meth:`sleep` waits on (the service's own clock, as its builder gave it)."""
         self.stopping = asyncio.Event()
         self.log = structlog.get_logger(f"dcud.{name}").bind(service=name)
         self.ready = False
@@ -90,19 +101,57 @@ class ServiceContext:
         return self._tg.create_task(coro, name=f"dcud[{self.name}:{item}]")
 
     async def sleep(self, delay_s: float) -> bool:
-        """Sleep up to ``delay_s`` (beating); True when the service is asked to stop meanwhile."""
+        """Sleep up to ``delay_s`` on the clock (beating); True when asked to stop meanwhile."""
         self.beat()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(0.0, delay_s)):
-                await self.stopping.wait()
+        stopping = await self.clock.wait(self.stopping, delay_s)
         self.beat()
-        return self.stopping.is_set()
+        return stopping
 
     async def heartbeat_forever(self, period_s: float | None = None) -> None:
         """Beat periodically; for services whose work is purely event-driven."""
         period = period_s if period_s is not None else self.liveness_s / 3
         while not await self.sleep(period):
             pass
+
+
+class Worker:
+    """A coroutine of the daemon itself (not a feature) run as a fixed service: ``dcud[<name>:main]``.
+
+    It is ready at once, beats while ``work`` runs (``work`` may wait for a long time on a queue) and
+    cancels ``work`` when the service stops; ``work`` raising fails the service like any other.
+    """
+
+    def __init__(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        self._name = name
+        self._work = work
+
+    @property
+    def name(self) -> str:
+        """The service name."""
+        return self._name
+
+    @property
+    def config(self) -> object:
+        """Constant: a worker has no configuration slice."""
+        return self._name
+
+    async def run(self, ctx: ServiceContext) -> None:
+        """Run ``work`` until it returns or the service stops."""
+
+        async def work() -> None:
+            await self._work()
+
+        task = ctx.spawn("work", work())
+        ctx.set_ready()
+        while not task.done():
+            # ctx.sleep beats; the wait ends early when asked to stop.
+            if await ctx.sleep(ctx.liveness_s / 3):
+                task.cancel()
+                break
+            if task.done():
+                break
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @dataclass
@@ -121,9 +170,16 @@ class Supervisor:
         services: Sequence[Service],
         notifier: Notifier | None = None,
         options: SupervisorOptions | None = None,
+        *,
+        fixed: Sequence[Service] = (),
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.options = options or SupervisorOptions()
         self.notifier = notifier or Notifier("")
+        self.clock = clock
+        """What ``ctx.sleep`` and the restart backoff wait on."""
+        self._fixed = list(fixed)
+        self._fixed_names = {s.name for s in fixed}
         self._initial = list(services)
         self._running: dict[str, _Running] = {}
         self._tg: asyncio.TaskGroup | None = None
@@ -147,15 +203,18 @@ class Supervisor:
         return self._stop.is_set()
 
     def service_names(self) -> list[str]:
-        """Names of the services currently supervised."""
-        return list(self._running)
+        """Names of the services currently supervised (the fixed workers are not listed)."""
+        return [name for name in self._running if name not in self._fixed_names]
 
     async def replace(self, services: Sequence[Service]) -> list[str]:
         """Apply a new service list; returns the names that were (re)started or stopped."""
         changed: list[str] = []
+        clash = self._fixed_names.intersection(s.name for s in services)
+        if clash:
+            raise ValueError(f"fixed services cannot be replaced: {sorted(clash)}")
         new_by_name = {s.name: s for s in services}
         for name in list(self._running):
-            if name not in new_by_name:
+            if name not in new_by_name and name not in self._fixed_names:
                 await self._stop_one(name)
                 changed.append(name)
         for service in services:
@@ -175,7 +234,7 @@ class Supervisor:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                for service in self._initial:
+                for service in [*self._fixed, *self._initial]:
                     self._start(service)
                 self._update_ready()
                 watchdog = tg.create_task(self._watchdog(), name="dcud[supervisor:watchdog]")
@@ -191,7 +250,7 @@ class Supervisor:
 
     def _start(self, service: Service, restarts: deque[float] | None = None) -> None:
         assert self._tg is not None, "supervisor is not running"
-        ctx = ServiceContext(service.name, self.options.liveness_s, self._update_ready)
+        ctx = ServiceContext(service.name, self.options.liveness_s, self._update_ready, self.clock)
         task = self._tg.create_task(self._runner(service, ctx), name=f"dcud[{service.name}:main]")
         self._running[service.name] = _Running(service, ctx, task, restarts or deque())
 
@@ -240,10 +299,13 @@ class Supervisor:
 
     async def _stop_all(self) -> None:
         self.notifier.notify("STOPPING=1", "STATUS=stopping")
-        entries = list(self._running.values())
-        for entry in entries:
-            entry.ctx.stopping.set()
-        await self._await_or_cancel([e.task for e in entries])
+        # Features first, then the daemon's own workers (a reload in flight finishes or is cancelled
+        # after the services it was swapping are gone).
+        for fixed in (False, True):
+            entries = [e for n, e in self._running.items() if (n in self._fixed_names) is fixed]
+            for entry in entries:
+                entry.ctx.stopping.set()
+            await self._await_or_cancel([e.task for e in entries])
         self._running.clear()
 
     async def _await_or_cancel(self, tasks: list[asyncio.Task[None]]) -> None:
@@ -258,15 +320,16 @@ class Supervisor:
 
     def _update_ready(self) -> None:
         waiting = [n for n, e in self._running.items() if not e.ctx.ready]
+        count = len(self._running) - len(self._fixed_names.intersection(self._running))  # features only
         if not waiting:
             self.all_ready.set()
             if not self._ready_sent:
                 self._ready_sent = True
                 elapsed = time.monotonic() - self.started_s
-                log.info("ready", services=len(self._running), startup_s=round(elapsed, 3))
-                self.notifier.notify("READY=1", f"STATUS=ready: {len(self._running)} services")
+                log.info("ready", services=count, startup_s=round(elapsed, 3))
+                self.notifier.notify("READY=1", f"STATUS=ready: {count} services")
             else:
-                self.notifier.notify(f"STATUS=ready: {len(self._running)} services")
+                self.notifier.notify(f"STATUS=ready: {count} services")
         elif waiting:
             self.all_ready.clear()
             self.notifier.notify(f"STATUS=waiting for {', '.join(sorted(waiting))}")

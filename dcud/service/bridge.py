@@ -95,7 +95,9 @@ from dcud.codec.rfc2217 import (
 from dcud.config.model import LineConfig, TransparentConfig
 from dcud.errors import DcudError, LocalProtocolError, TransportError
 from dcud.runtime.bus import EventBus
+from dcud.runtime.events import EventSink
 from dcud.runtime.supervisor import Service, ServiceContext
+from dcud.runtime.timefmt import rfc3339_ms
 from dcud.service.line import LeasedPort, LeaseTimeout, Line, LineBusyError, LineClosedError, LineRegistry
 from dcud.service.tls_banks import (
     TlsBankError,
@@ -108,7 +110,6 @@ from dcud.service.tls_banks import (
 )
 
 if TYPE_CHECKING:
-    from dcud.app import Runtime
     from dcud.config.loader import LoadedConfig
 
 log = structlog.get_logger("dcud.bridge")
@@ -139,17 +140,10 @@ BREAK_DRAIN_S = 2.0
 IPV6_SOURCE_PREFIX = 64
 """IPv6 sources are counted per /64: one host usually holds a whole /64 and picks addresses in it."""
 
-EventSink = Callable[..., Awaitable[None]]
-
 
 def bits_per_char(framing: str) -> int:
     """Bits one character takes on the wire: start + data + parity + stop (``"7E1"`` -> 10)."""
     return 1 + int(framing[0]) + (0 if framing[1].upper() == "N" else 1) + int(framing[2])
-
-
-def rfc3339_ms(epoch_s: float) -> str:
-    """UTC time with milliseconds and a ``Z``."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s)) + f".{int(epoch_s % 1 * 1000):03d}Z"
 
 
 # -- configuration slices ------------------------------------------------------------------------
@@ -1655,7 +1649,9 @@ def trace_path(template: str, state_dir: Path, port_name: str) -> str:
     return str(path if path.is_absolute() else state_dir / path)
 
 
-def build_bridge_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def build_bridge_services(
+    config: LoadedConfig, lines: LineRegistry, bus: EventBus, event: EventSink
+) -> Sequence[Service]:
     """The transparent ports and the EI client (``SERVICE_BUILDERS`` entry)."""
     from dcud.service.ei_client import build_ei_client
 
@@ -1696,12 +1692,12 @@ def build_bridge_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Se
                     state_dir=str(config.state_dir),
                     device_id=config.device_id,
                 ),
-                runtime.lines,
-                runtime.bus,
-                runtime.event,
+                lines,
+                bus,
+                event,
             )
         )
-    services.extend(build_ei_client(config, runtime))
+    services.extend(build_ei_client(config, lines, bus, event))
     return services
 
 

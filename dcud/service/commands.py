@@ -47,6 +47,7 @@ import msgspec
 import structlog
 
 from dcud.errors import DcudError
+from dcud.runtime.timefmt import rfc3339
 from dcud.service.crypto_envelope import EnvelopeKeys, Opened, open_envelope
 
 log = structlog.get_logger("dcud.commands")
@@ -616,5 +617,5 @@ class CommandRouter:
 
 def _check_expiry(expires: datetime.datetime | None, now_s: float, where: str) -> None:
     if expires is not None and expires.timestamp() <= now_s:
-        shown = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now_s))
+        shown = rfc3339(now_s)
         raise ExpiredError(f"request expired at {expires.isoformat()} (DCU time {shown})", field=where)

@@ -57,7 +57,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import h11
 import structlog
@@ -67,6 +67,7 @@ from dcud.config.model import ConfigPortConfig
 from dcud.errors import ConfigError, ConfigIssue
 from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
+from dcud.runtime.events import EventSink
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.service.crypto_envelope import (
     BLOCK_BYTES,
@@ -105,9 +106,6 @@ from dcud.service.remote_config import (
     issues_json,
     mask_parameter_text,
 )
-
-if TYPE_CHECKING:
-    from dcud.app import Runtime
 
 log = structlog.get_logger("dcud.config_port")
 
@@ -882,13 +880,13 @@ def _error_body(message: str, **extra: Any) -> bytes:
     return _json({"ok": False, "error": message, **extra})
 
 
-def build_config_port_services(config: LoadedConfig, runtime: Runtime) -> list[Service]:
-    """The config port, when enabled (``SERVICE_BUILDERS`` entry); needs ``runtime.remote_config``."""
+def build_config_port_services(
+    config: LoadedConfig, api: ConfigApi | None, bus: EventBus, event: EventSink
+) -> list[Service]:
+    """The config port, when enabled (``SERVICE_BUILDERS`` entry); needs the reloader as ``api``."""
     settings = ConfigPortSettings.from_config(config)
-    api = getattr(runtime, "remote_config", None)
     if settings is None or api is None:
         return []
     from dcud.service.ntp import clock_synced
 
-    bus = runtime.bus
-    return [ConfigPortService(settings, api, bus, lambda: clock_synced(bus) is True, runtime.event)]
+    return [ConfigPortService(settings, api, bus, lambda: clock_synced(bus) is True, event)]

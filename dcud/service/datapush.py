@@ -7,7 +7,7 @@ argument, so tests drive it with an explicit clock:
 
 Schedule
     Push cycles start on the boundaries of ``datapush_periodic`` (1, 5, 10, 15, 30, 60 minutes, 1 day),
-    aligned to the wall clock in the configured time zone (:mod:`dcud.service.timekeeping`): a 15-minute
+    aligned to the wall clock in the configured time zone (:mod:`dcud.config.timekeeping`): a 15-minute
     cycle runs at :00, :15, :30, :45 local time, a daily one at local midnight. ``0`` ("table") means
     the per-meter schedules of dcud.toml: a cycle starts on every boundary of any meter's ``interval_s``
     (meters without one: 900 s). dcud.toml ``[datapush] period_s`` overrides the period (tests, demos);
@@ -51,15 +51,18 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import unquote, urlsplit
 
 from dcud.config.model import DataPushConfig
+from dcud.config.timekeeping import TimeSettings
 from dcud.errors import DcudError
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import Service, ServiceContext
+from dcud.runtime.timefmt import rfc3339
 from dcud.service.outbox import Outbox, OutboxItem
-from dcud.service.timekeeping import TimeSettings
 
 if TYPE_CHECKING:
-    from dcud.app import Runtime
     from dcud.config.loader import LoadedConfig
+    from dcud.runtime.events import EventSink
+    from dcud.service.commands import CommandRouter
+    from dcud.service.line import LineRegistry
 
 __all__ = [
     "DEFAULT_TABLE_PERIOD_S",
@@ -79,7 +82,7 @@ __all__ = [
     "next_boundary_s",
     "parse_push_target",
     "push_consumers",
-    "rfc3339",
+    "rfc3339_or_none",
     "tls_context",
 ]
 
@@ -440,11 +443,9 @@ def tls_context(options: DataPushConfig) -> ssl.SSLContext:
     return context
 
 
-def rfc3339(epoch_s: float | None) -> str | None:
+def rfc3339_or_none(epoch_s: float | None) -> str | None:
     """UTC RFC 3339 with ``Z``, or None."""
-    if epoch_s is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+    return None if epoch_s is None else rfc3339(epoch_s)
 
 
 @dataclass(frozen=True)
@@ -505,7 +506,7 @@ class DataPushService:
             "data push ready",
             target=self.config.target.redacted(),
             periods_s=list(self.config.periods_s),
-            next_cycle=rfc3339(machine.wake_at),
+            next_cycle=rfc3339_or_none(machine.wake_at),
         )
         self._publish()
         try:
@@ -558,7 +559,7 @@ class DataPushService:
                     target=self.config.target.redacted(),
                     error=error,
                     phase=str(machine.phase),
-                    next_attempt=rfc3339(machine.wake_at),
+                    next_attempt=rfc3339_or_none(machine.wake_at),
                 )
             self._failing = True
             return
@@ -588,7 +589,7 @@ class DataPushService:
             "backlog": stats.backlog.get(self.consumer, 0),
             "in_flight": stats.in_flight.get(self.consumer, 0),
             "pushed_items": self.pushed_items,
-            "last_success": rfc3339(self.last_success_s),
+            "last_success": rfc3339_or_none(self.last_success_s),
             "last_error": self.last_error,
             "batch_items": self._batch,
         }
@@ -600,7 +601,9 @@ class DataPushService:
                     "max_retries": machine.policy.max_retries,
                     "retry_delay_s": machine.policy.retry_delay_s,
                     "rest_s": machine.policy.rest_s,
-                    "next_wakeup": None if machine.phase is Phase.ATTEMPTING else rfc3339(machine.wake_at),
+                    "next_wakeup": None
+                    if machine.phase is Phase.ATTEMPTING
+                    else rfc3339_or_none(machine.wake_at),
                     "counters": {
                         "cycles": machine.cycles,
                         "attempts": machine.attempts,
@@ -653,7 +656,14 @@ def _make_uploader(slice_: DataPushServiceConfig) -> Uploader:
     return MqttPusher.from_slice(slice_)
 
 
-def _source_meter_services(config: LoadedConfig, runtime: Runtime) -> list[Service]:
+def _source_meter_services(
+    config: LoadedConfig,
+    lines: LineRegistry,
+    bus: EventBus,
+    outbox: Outbox,
+    commands: CommandRouter,
+    event: EventSink,
+) -> list[Service]:
     """The WM-E modem case: one IEC meter on the only serial line, without a [[meter]] list."""
     toml, params = config.toml, config.params
     if toml.meter or len(toml.line) != 1:
@@ -661,16 +671,16 @@ def _source_meter_services(config: LoadedConfig, runtime: Runtime) -> list[Servi
     from dcud.config.model import MeterConfig
     from dcud.service.polling import FALLBACK_INTERVAL_S, PollingConfig, PollingService
 
-    lines = [line for line in toml.line if line.kind != "mbus"]
+    iec_lines = [line for line in toml.line if line.kind != "mbus"]
     address = params.get_opt_str("datapush_iec_address")
-    if len(lines) != 1 or len(toml.line) != 1:
+    if len(iec_lines) != 1 or len(toml.line) != 1:
         return []
     if address is None and not params.get_opt_str("datapush_host"):
         return []
     baud = params.get_opt_int("datapush_iec_readout_baudrate")
     meter = MeterConfig(
         name=SOURCE_METER_NAME,
-        line=lines[0].name,
+        line=iec_lines[0].name,
         protocol="iec62056-21",
         address=address or "",
         max_baud=baud,  # type: ignore[arg-type]  # the catalogue allows only valid Baud values
@@ -678,19 +688,24 @@ def _source_meter_services(config: LoadedConfig, runtime: Runtime) -> list[Servi
     periodic = params.get_int("datapush_periodic")
     slice_ = PollingConfig(
         meters=(meter,),
-        lines=(lines[0],),
+        lines=(iec_lines[0],),
         default_interval_s=periodic or FALLBACK_INTERVAL_S,
         iec_max_baud=baud,
         state_dir=str(config.state_dir),
     )
-    return [
-        PollingService(
-            slice_, runtime.lines, runtime.bus, runtime.outbox, commands=runtime.commands, event=runtime.event
-        )
-    ]
+    return [PollingService(slice_, lines, bus, outbox, commands=commands, event=event)]
 
 
-def build_push_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def build_push_services(
+    config: LoadedConfig,
+    *,
+    lines: LineRegistry,
+    bus: EventBus,
+    outbox: Outbox,
+    commands: CommandRouter,
+    event: EventSink,
+    status: Callable[[], dict[str, object]],
+) -> Sequence[Service]:
     """Data push, event push, device-manager push and the WM-E source meter (``SERVICE_BUILDERS``)."""
     from dcud.service.dm_push import DmPushConfig, DmPushService
     from dcud.service.eventpush import EventPushConfig, EventPushService
@@ -698,12 +713,12 @@ def build_push_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Serv
     services: list[Service] = []
     data = DataPushServiceConfig.from_config(config)
     if data is not None:
-        services.append(DataPushService(data, runtime.bus, runtime.outbox, _make_uploader(data)))
-    services.extend(_source_meter_services(config, runtime))
-    event = EventPushConfig.from_config(config)
-    if event is not None:
-        services.append(EventPushService(event, runtime.bus, runtime.outbox))
+        services.append(DataPushService(data, bus, outbox, _make_uploader(data)))
+    services.extend(_source_meter_services(config, lines, bus, outbox, commands, event))
+    event_push = EventPushConfig.from_config(config)
+    if event_push is not None:
+        services.append(EventPushService(event_push, bus, outbox))
     dm = DmPushConfig.from_config(config)
     if dm is not None:
-        services.append(DmPushService(dm, runtime.bus, runtime.status))
+        services.append(DmPushService(dm, bus, status))
     return services

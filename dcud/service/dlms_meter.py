@@ -99,9 +99,10 @@ from dcud.config.dlms import (
 )
 from dcud.config.model import DlmsConfig, LineConfig, MeterConfig
 from dcud.errors import DcudError, PeerTimeout, RemoteProtocolError, TransportError
+from dcud.runtime.timefmt import rfc3339
 from dcud.service.dlms_state import DlmsStateStore, MeterState, keyset_id, lock_state_dir
 from dcud.service.line import LeaseInfo, LeaseKind, LeaseTimeout, LineClosedError, LineRegistry
-from dcud.service.meter_read import MeterReading, rfc3339
+from dcud.service.meter_read import MeterReading
 from dcud.service.session_runner import SessionPort, run_session
 
 log = structlog.get_logger("dcud.dlms")

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
+from dcud.runtime.timefmt import rfc3339
 from dcud.service.tls_banks import TlsBankError, client_context, load_bank
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ def dm_document(
         "type": "dcud.dm.status",
         "version": 1,
         "device_id": device_id,
-        "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ts": rfc3339(time.time()),
         "seq": seq,
         "status": dict(status),
         **groups,
@@ -249,4 +250,4 @@ class DmPushService:
 
 
 def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return rfc3339(time.time())

@@ -31,23 +31,22 @@ from dcud.codec import modbus_rtu as mb
 from dcud.config.model import DriveConfig, ModbusRegisters
 from dcud.errors import DcudError, PeerTimeout, ProtocolError, TransportError
 from dcud.runtime.bus import EventBus
+from dcud.runtime.events import EventSink
 from dcud.runtime.supervisor import Service, ServiceContext
+from dcud.runtime.timefmt import rfc3339_ms
 from dcud.service.commands import CommandError
 from dcud.service.drives import (
     EVENT_QUEUE_SIZE,
     DriveBase,
     DriveRegistry,
     DriveStateError,
-    EventSink,
     HistorySink,
     parse_int,
-    rfc3339,
 )
 from dcud.service.line import LeasedPort, LeaseTimeout, LineRegistry
 from dcud.service.session_runner import run_session
 
 if TYPE_CHECKING:
-    from dcud.app import Runtime
     from dcud.config.loader import LoadedConfig
 
 DEFAULT_RESPONSE_TIMEOUT_S = 0.5
@@ -192,7 +191,7 @@ class ModbusDrive(DriveBase):
         self.count("polls")
         self.last_update_s = time.monotonic()
         self.flush_pending_fault(self.last_update_s)
-        self.last_poll = rfc3339()
+        self.last_poll = rfc3339_ms(time.time())
         if self.failures >= OFFLINE_AFTER_FAILURES or not self.online:
             if self.failures >= OFFLINE_AFTER_FAILURES:
                 self.log.info("drive answers again")
@@ -376,7 +375,12 @@ class ModbusDriveService:
 
 
 def build_modbus_drive_services(
-    config: LoadedConfig, runtime: Runtime, registry: DriveRegistry
+    config: LoadedConfig,
+    registry: DriveRegistry,
+    lines: LineRegistry,
+    bus: EventBus,
+    event: EventSink,
+    history: HistorySink,
 ) -> Sequence[Service]:
     """One ModbusDriveService per ``[[line]]`` that has Modbus RTU drives."""
     services: list[Service] = []
@@ -385,12 +389,7 @@ def build_modbus_drive_services(
         if on_line:
             services.append(
                 ModbusDriveService(
-                    ModbusDrivesConfig(line.name, on_line),
-                    runtime.lines,
-                    runtime.bus,
-                    runtime.event,
-                    runtime.outbox.put,
-                    registry,
+                    ModbusDrivesConfig(line.name, on_line), lines, bus, event, history, registry
                 )
             )
     return services

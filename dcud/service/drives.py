@@ -66,13 +66,15 @@ from dcud.errors import (
 )
 from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
+from dcud.runtime.events import EventSink
 from dcud.runtime.supervisor import Service, ServiceContext
+from dcud.runtime.timefmt import rfc3339_ms
 from dcud.service.commands import CommandContext, CommandError, CommandRouter, Request
 from dcud.transport.can import CanBusState, CanPort, CanSettings
 
 if TYPE_CHECKING:
-    from dcud.app import Runtime
     from dcud.config.loader import LoadedConfig
+    from dcud.service.line import LineRegistry
 
 log = structlog.get_logger("dcud.drives")
 
@@ -107,8 +109,6 @@ class DriveUnavailableError(CommandError):
     """No such drive is running (unknown name, service restarting, or commands disabled)."""
 
 
-EventSink = Callable[..., Awaitable[None]]
-"""``Runtime.event(event_type, text, **fields)``."""
 HistorySink = Callable[[str, str, bytes], Awaitable[object]]
 """``Outbox.put(kind, subtopic, payload)``."""
 
@@ -121,12 +121,6 @@ def heartbeat_timeout_s(producer_time_ms: int) -> float:
     """
     period_s = producer_time_ms / 1000.0
     return round(max(period_s * HEARTBEAT_FACTOR, period_s + HEARTBEAT_MARGIN_S), 3)
-
-
-def rfc3339(epoch_s: float | None = None) -> str:
-    """UTC time as RFC 3339 with a ``Z`` (millisecond resolution)."""
-    now = time.time() if epoch_s is None else epoch_s
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
 # -- the shared part of every drive ---------------------------------------------------------------
@@ -309,7 +303,7 @@ class DriveBase:
             "commands": self.config.commands,
             "last_error": self.last_error or None,
             "counters": dict(self.counters),
-            "ts": rfc3339(),
+            "ts": rfc3339_ms(time.time()),
         }
 
     def changed(self, significant: bool) -> None:
@@ -421,7 +415,7 @@ class DriveBase:
                 values.append({"id": ident, "value": value, "unit": unit})
         return {
             "drive": self.name,
-            "ts": rfc3339(),
+            "ts": rfc3339_ms(time.time()),
             "online": self.online,
             "cia402": str(self.cia402) if self.cia402 else None,
             "values": values,
@@ -827,7 +821,8 @@ class CanopenDrive(DriveBase):
             self.count("malformed")
             return
         self.count("emcy")
-        self.last_emcy = {"code": emcy.code, "text": emcy.text, "register": emcy.register, "ts": rfc3339()}
+        stamp = rfc3339_ms(time.time())
+        self.last_emcy = {"code": emcy.code, "text": emcy.text, "register": emcy.register, "ts": stamp}
         level = self.log.info if emcy.is_reset else self.log.warning
         level("EMCY", code=f"0x{emcy.code:04X}", text=emcy.text, register=emcy.register)
         if not emcy.is_reset:
@@ -1342,7 +1337,7 @@ class CanDriveService:
                 "drives": sorted(self.drives),
                 **port.stats.to_json(),
                 **self.counters,
-                "ts": rfc3339(),
+                "ts": rfc3339_ms(time.time()),
             },
         )
 
@@ -1418,25 +1413,29 @@ class CanDriveService:
                     await self._event(event_type, text, **fields)
 
 
-def build_drive_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def build_drive_services(
+    config: LoadedConfig,
+    *,
+    lines: LineRegistry,
+    bus: EventBus,
+    history: HistorySink,
+    commands: CommandRouter,
+    event: EventSink,
+) -> Sequence[Service]:
     """``SERVICE_BUILDERS`` entry: one CanDriveService per CAN bus with drives, one ModbusDriveService
     per line with drives; registers the ``drive/...`` commands."""
     from dcud.service.drive_modbus import build_modbus_drive_services
 
-    registry = register_drive_commands(runtime.commands)
+    registry = register_drive_commands(commands)
     services: list[Service] = []
     drives = config.toml.drive
     for can in config.toml.can:
         on_bus = tuple(d for d in drives if d.protocol == "canopen" and d.bus == can.name)
         if on_bus:
-            services.append(
-                CanDriveService(
-                    CanDrivesConfig(can, on_bus), runtime.bus, runtime.event, runtime.outbox.put, registry
-                )
-            )
-    services.extend(build_modbus_drive_services(config, runtime, registry))
+            services.append(CanDriveService(CanDrivesConfig(can, on_bus), bus, event, history, registry))
+    services.extend(build_modbus_drive_services(config, registry, lines, bus, event, history))
     configured = {d.name for d in drives}
-    for name in list(runtime.bus.states):
+    for name in list(bus.states):
         if name.startswith("drive/") and name.removeprefix("drive/") not in configured:
-            runtime.bus.clear_state(name)
+            bus.clear_state(name)
     return services

@@ -53,16 +53,16 @@ import structlog
 from dcud.config.model import LineConfig
 from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
+from dcud.runtime.events import EventSink
 from dcud.runtime.supervisor import Service, ServiceContext
+from dcud.runtime.timefmt import rfc3339_ms
 from dcud.service.bridge import (
     BridgeSession,
-    EventSink,
     HexTrace,
     SessionPolicy,
     TlsSettings,
     _param,
     audit,
-    rfc3339_ms,
     tls_settings,
     trace_path,
     tune_socket,
@@ -71,7 +71,6 @@ from dcud.service.line import LineRegistry
 from dcud.service.tls_banks import TlsBankError, Verify, client_context, load_bank
 
 if TYPE_CHECKING:
-    from dcud.app import Runtime
     from dcud.config.loader import LoadedConfig
 
 log = structlog.get_logger("dcud.ei_client")
@@ -345,7 +344,9 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def build_ei_client(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def build_ei_client(
+    config: LoadedConfig, lines: LineRegistry, bus: EventBus, event: EventSink
+) -> Sequence[Service]:
     """The EI client when ``ei_client_addr`` and ``ei_client_port`` are set and a primary line exists."""
     params = config.params
     host = _param(params, "ei_client_addr", None)
@@ -385,7 +386,7 @@ def build_ei_client(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]
         trace_max_bytes=t.trace_max_bytes,
         state_dir=str(config.state_dir),
     )
-    return [EiClientService(slice_, runtime.lines, runtime.bus, runtime.event)]
+    return [EiClientService(slice_, lines, bus, event)]
 
 
 __all__ = ["EiClientConfig", "EiClientService", "LoginRefused", "build_ei_client"]

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Final
 from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
+from dcud.runtime.timefmt import rfc3339
 from dcud.service.outbox import Outbox, OutboxItem
 
 if TYPE_CHECKING:
@@ -455,4 +456,4 @@ class EventPushService:
 
 
 def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return rfc3339(time.time())

@@ -34,6 +34,7 @@ from typing import Any
 from dcud.errors import DcudError
 from dcud.runtime.bus import EventBus
 from dcud.runtime.durable import fsync_dir, write_durably
+from dcud.runtime.timefmt import rfc3339
 
 STATE_SUBTOPIC = "firmware"
 _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
@@ -115,7 +116,7 @@ class FirmwareUpload:
                 sha256=digest,
                 size_bytes=self.size_bytes,
                 name=self.name,
-                staged_ts=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                staged_ts=rfc3339(time.time()),
                 who=self.who,
             )
             self._stager.install(self.temp_path, record)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,12 @@ from typing import TYPE_CHECKING, Any, Final
 from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
 from dcud.runtime.durable import write_durably
+from dcud.runtime.events import EventSink
 from dcud.runtime.supervisor import Service, ServiceContext
+from dcud.runtime.timefmt import rfc3339_ms
 from dcud.service.levels import FileSource, GpioSource, LevelSource, LevelWatcher
-from dcud.service.power import EventSink, utc_now_text
 
 if TYPE_CHECKING:
-    from dcud.app import Runtime
     from dcud.config.loader import LoadedConfig
 
 EVENT_TYPE: Final = "input_change"
@@ -172,7 +173,7 @@ class InputService:
         """The first readable level against the recorded one: a difference is a change."""
         cfg = self.config
         record = load_record(cfg.record_path)
-        now = utc_now_text()
+        now = rfc3339_ms(time.time())
         if record is not None and bool(record["level"]) != level:
             await self._change(ctx, level, now, at_start=True)
             return
@@ -228,7 +229,7 @@ class InputService:
                 self.error = ""
                 await self._reconcile(ctx, change.level)
             elif change.level is not None:
-                await self._change(ctx, change.level, utc_now_text())
+                await self._change(ctx, change.level, rfc3339_ms(time.time()))
 
     def _unreadable(self, ctx: ServiceContext, source: LevelSource) -> None:
         detail = getattr(source, "last_error", "") or "read failed"
@@ -237,12 +238,12 @@ class InputService:
         self._publish()
 
 
-def build_input_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def build_input_services(config: LoadedConfig, bus: EventBus, event: EventSink) -> Sequence[Service]:
     """One :class:`InputService` per ``[[input]]`` (``SERVICE_BUILDERS`` entry); states of removed
     inputs are cleared."""
     slices = InputServiceConfig.all_from_config(config)
     names = {s.name for s in slices}
-    for subtopic in list(runtime.bus.states):
+    for subtopic in list(bus.states):
         if subtopic.startswith("input/") and subtopic.removeprefix("input/") not in names:
-            runtime.bus.clear_state(subtopic)
-    return [InputService(s, runtime.bus, runtime.event) for s in slices]
+            bus.clear_state(subtopic)
+    return [InputService(s, bus, event) for s in slices]

@@ -29,9 +29,9 @@ import contextlib
 import heapq
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
@@ -39,11 +39,12 @@ from dcud.config.model import LineConfig
 from dcud.errors import DcudError, LocalProtocolError, PeerTimeout, TransportError
 from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
+from dcud.runtime.events import EventSink
 from dcud.runtime.supervisor import Service, ServiceContext
+from dcud.runtime.timefmt import rfc3339
 from dcud.transport.serial import Framing, PortCounters, Rs485Settings, SerialPort
 
 if TYPE_CHECKING:
-    from dcud.app import Runtime
     from dcud.config.loader import LoadedConfig
 
 log = structlog.get_logger("dcud.line")
@@ -519,14 +520,6 @@ class LineRegistry:
 # -- the owner service -----------------------------------------------------------------------------
 
 
-class EventSink(Protocol):
-    """``Runtime.event``: commit an event to the outbox."""
-
-    def __call__(self, event_type: str, text: str, **fields: object) -> Awaitable[None]:
-        """Commit one event."""
-        ...
-
-
 @dataclass(frozen=True)
 class LineServiceConfig:
     """The line service's slice: its ``[[line]]`` plus the WM-E RS485/DCD parameters."""
@@ -683,11 +676,6 @@ class LineService:
             await self._emit("line_down", f"line {line.name} down: {reason}", line=line.name)
 
 
-def rfc3339(epoch_s: float) -> str:
-    """UTC time as RFC 3339 with a ``Z`` (second resolution)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
-
-
 def _describe(failure: BaseException | None) -> str:
     if failure is None:
         return "device closed"
@@ -696,18 +684,20 @@ def _describe(failure: BaseException | None) -> str:
     return str(failure) or type(failure).__name__
 
 
-def build_line_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def build_line_services(
+    config: LoadedConfig, lines: LineRegistry, bus: EventBus, event: EventSink
+) -> Sequence[Service]:
     """One LineService per ``[[line]]`` (``SERVICE_BUILDERS`` entry)."""
     params = config.params
     rs485_mode = _param_int(params, "rs485.mode", 0)
     dcd_mode = _param_int(params, "dcd.mode", 3)
     configured = {line.name for line in config.toml.line}
-    for name in runtime.lines.names():
+    for name in lines.names():
         if name not in configured:
-            runtime.lines.remove(name)
-            runtime.bus.clear_state(f"line/{name}")
+            lines.remove(name)
+            bus.clear_state(f"line/{name}")
     return [
-        LineService(LineServiceConfig(line, rs485_mode, dcd_mode), runtime.lines, runtime.bus, runtime.event)
+        LineService(LineServiceConfig(line, rs485_mode, dcd_mode), lines, bus, event)
         for line in config.toml.line
     ]
 

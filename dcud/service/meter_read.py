@@ -17,6 +17,7 @@ from dcud.codec.iec_session import IecReadout, IecReadoutResult
 from dcud.codec.mbus_session import MbusReadout, MbusReadoutResult
 from dcud.config.model import LineConfig, MeterConfig
 from dcud.errors import LocalProtocolError
+from dcud.runtime.timefmt import rfc3339, rfc3339_ms
 from dcud.service.session_runner import SessionPort, run_session
 
 IEC_RETRY_PAUSE_S = 1.5
@@ -146,14 +147,6 @@ async def read_meter(
     )
 
 
-def rfc3339(epoch_s: float, *, millis: bool = False) -> str:
-    """UTC RFC 3339 time with ``Z``."""
-    base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s))
-    if millis:
-        return f"{base}.{int((epoch_s % 1) * 1000):03d}Z"
-    return base + "Z"
-
-
 def reading_payload(
     reading: MeterReading,
     *,
@@ -167,7 +160,7 @@ def reading_payload(
     """The ``<p>/meter/<name>/reading`` document (design.md section 6)."""
     payload: dict[str, Any] = {
         "meter": reading.meter,
-        "ts": rfc3339(reading.finished_s, millis=True),
+        "ts": rfc3339_ms(reading.finished_s),
         "seq": seq,
         "values": reading.values,
         "protocol": reading.protocol,

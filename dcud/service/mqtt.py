@@ -38,6 +38,7 @@ from dcud.config.mqtt_url import MqttUrl, parse_mqtt_url
 from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
+from dcud.runtime.timefmt import rfc3339
 from dcud.runtime.uplink import UplinkReconnect
 from dcud.service.commands import MAX_REQUEST_BYTES, CommandRouter, CommandStats
 from dcud.service.outbox import Outbox
@@ -418,7 +419,7 @@ def status_document(
         "state": "online",
         "device_id": device_id,
         "version": version,
-        "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ts": rfc3339(time.time()),
         "uptime_s": round(time.monotonic() - started_monotonic_s, 1),
         "clock": dict(bus.states.get("clock", {"synced": None})),
         "power": dict(bus.states.get("power", {"state": "unknown"})),

@@ -51,18 +51,20 @@ import asyncio
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import ntplib
 
 from dcud.config.loader import LoadedConfig
 from dcud.config.wme import ParameterSet
 from dcud.runtime.bus import EventBus
+from dcud.runtime.events import EventSink
 from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.threads import in_daemon_thread
+from dcud.runtime.timefmt import rfc3339
 from dcud.service.power import power_ok
 
 DEFAULT_NTP_PORT: Final = 123
@@ -319,14 +321,6 @@ def step_system_clock(offset_s: float) -> None:
     time.clock_settime(time.CLOCK_REALTIME, time.time() + offset_s)
 
 
-class EventSink(Protocol):
-    """``Runtime.event``."""
-
-    def __call__(self, event_type: str, text: str, **fields: Any) -> Awaitable[None]:
-        """Commit one event."""
-        ...
-
-
 Query = Callable[[str, int, float, float], NtpSample]
 
 
@@ -421,7 +415,7 @@ class NtpService:
             self.failures = 0
             self.last_error = None
             self.last = sample
-            self.last_sync_ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.last_sync_ts = rfc3339(time.time())
             if should_step(cfg, self.owner, sample.offset_s):
                 try:
                     self._stepper(sample.offset_s)

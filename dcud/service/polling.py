@@ -41,6 +41,7 @@ from dcud.errors import DcudError, NegativeResponse, PeerTimeout, ProtocolError,
 from dcud.runtime.bus import EventBus
 from dcud.runtime.durable import write_durably
 from dcud.runtime.supervisor import Service, ServiceContext
+from dcud.runtime.timefmt import rfc3339
 from dcud.service.commands import CommandContext, CommandError, CommandRouter, Request
 from dcud.service.line import LeaseTimeout, LineClosedError, LineRegistry
 from dcud.service.meter_read import (
@@ -49,15 +50,15 @@ from dcud.service.meter_read import (
     ReadDefaults,
     read_meter,
     reading_payload,
-    rfc3339,
 )
 from dcud.service.outbox import OutboxError
 from dcud.service.session_runner import run_session
 
 if TYPE_CHECKING:
-    from dcud.app import Runtime
     from dcud.config.loader import LoadedConfig
+    from dcud.runtime.events import EventSink
     from dcud.service.dlms_meter import DlmsReadouts
+    from dcud.service.outbox import Outbox
 
 FALLBACK_INTERVAL_S = 900
 """Interval of a meter without ``interval_s`` when ``datapush_periodic`` is 0 ("table")."""
@@ -640,7 +641,15 @@ def _error_doc(exc: BaseException) -> dict[str, Any]:
     return {"ts": rfc3339(time.time()), "type": type(exc).__name__, "message": str(exc)}
 
 
-def build_polling_services(config: LoadedConfig, runtime: Runtime) -> Sequence[Service]:
+def build_polling_services(
+    config: LoadedConfig,
+    *,
+    lines: LineRegistry,
+    bus: EventBus,
+    outbox: Outbox,
+    commands: CommandRouter,
+    event: EventSink,
+) -> Sequence[Service]:
     """The polling service when any meter is configured (``SERVICE_BUILDERS`` entry)."""
     toml = config.toml
     if not toml.meter:
@@ -661,11 +670,7 @@ def build_polling_services(config: LoadedConfig, runtime: Runtime) -> Sequence[S
         config_dir=str(config.path.parent),
         device_id=config.device_id,
     )
-    return [
-        PollingService(
-            slice_, runtime.lines, runtime.bus, runtime.outbox, commands=runtime.commands, event=runtime.event
-        )
-    ]
+    return [PollingService(slice_, lines, bus, outbox, commands=commands, event=event)]
 
 
 __all__ = [

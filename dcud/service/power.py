@@ -39,14 +39,17 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import structlog
 
 from dcud.config.loader import LoadedConfig
 from dcud.runtime.bus import EventBus
+from dcud.runtime.clock import SYSTEM_CLOCK, Clock
 from dcud.runtime.durable import write_durably
+from dcud.runtime.events import EventSink
 from dcud.runtime.supervisor import ServiceContext
+from dcud.runtime.timefmt import rfc3339_ms
 from dcud.service.eventpush import NOTIFY_POWER, EventPushConfig, send_event_push
 from dcud.service.levels import FileSource, GpioSource, LevelSource, LevelWatcher
 
@@ -63,16 +66,6 @@ _BOOT_CHECKED: set[Path] = set()
 def power_ok(bus: EventBus) -> bool:
     """False while power is lost: services check this before starting new work (readouts, pushes)."""
     return bus.states.get("power", {}).get("state") != "lost"
-
-
-def utc_now_text() -> str:
-    """Now as RFC 3339 UTC with milliseconds (``2026-11-21T14:00:00.123Z``): when a power edge was seen.
-
-    Milliseconds keep two transitions within one second apart (the event push gate drops a datagram
-    identical to one sent within a minute).
-    """
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
 # -- durable state ---------------------------------------------------------------------------------
@@ -93,14 +86,6 @@ def save_power_record(state_dir: Path, state: str, since: str) -> None:
 
 
 # -- service ---------------------------------------------------------------------------------------
-
-
-class EventSink(Protocol):
-    """``Runtime.event``: commit an event to the outbox; returns once it is durable."""
-
-    def __call__(self, event_type: str, text: str, **fields: Any) -> Awaitable[None]:
-        """Commit one event."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -168,14 +153,22 @@ class PowerService:
         bus: EventBus,
         event: EventSink,
         push: PushSender = send_event_push,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
         self._bus = bus
         self._event = event
         self._push = push
+        self._clock = clock
         self.state: str = "unknown"
         self.transitions = 0
         self.last_timings_ms: Mapping[str, float] = {}
+
+    def _now_text(self) -> str:
+        # Milliseconds keep two transitions within one second apart (the event push gate drops a
+        # datagram identical to one sent within a minute).
+        return rfc3339_ms(self._clock.time())
 
     def _set_state(self, state: str, since: str) -> None:
         self.state = state
@@ -252,7 +245,7 @@ class PowerService:
         state_dir = cfg.state_dir
         record = load_power_record(state_dir)
         recorded_lost = record is not None and record["state"] == "lost"
-        now = utc_now_text()
+        now = self._now_text()
         if level is None:
             self._set_state("unknown", now)
         elif level and recorded_lost:
@@ -283,9 +276,9 @@ class PowerService:
                 elif change.kind == "first":
                     await self._reconcile(ctx, change.level)
                 else:
-                    await self._sequence(ctx, lost=not change.level, since=utc_now_text())
+                    await self._sequence(ctx, lost=not change.level, since=self._now_text())
         finally:
             source.close()
             if ctx.stopping.is_set():
                 with contextlib.suppress(OSError):
-                    write_durably(cfg.state_dir / MARKER_FILE, utc_now_text().encode())
+                    write_durably(cfg.state_dir / MARKER_FILE, self._now_text().encode())

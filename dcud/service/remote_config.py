@@ -51,6 +51,7 @@ from dcud.config.loader import LoadedConfig, load_config, remote_parameters_path
 from dcud.config.wme import CATALOGUE, Kind, ParameterSet
 from dcud.errors import ConfigError, ConfigIssue, DcudError
 from dcud.runtime.durable import write_durably
+from dcud.runtime.events import EventSink
 from dcud.runtime.sdnotify import Notifier
 from dcud.runtime.supervisor import Service
 from dcud.service.commands import (
@@ -97,9 +98,6 @@ class SupervisorLike(Protocol):
     async def replace(self, services: Sequence[Service]) -> list[str]:
         """Apply a new service list; returns the names that were (re)started or stopped."""
         ...
-
-
-EventSink = Callable[..., Awaitable[None]]
 
 
 @dataclass(frozen=True)

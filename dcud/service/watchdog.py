@@ -18,7 +18,7 @@ Connectivity watchdog
       With ``icmp`` a refused socket counts as a failed probe (logged once).
 
 Daily restart
-    ``snrp_restart_time=HH:MM`` (local time, :mod:`dcud.service.timekeeping`) plus a random shift in
+    ``snrp_restart_time=HH:MM`` (local time, :mod:`dcud.config.timekeeping`) plus a random shift in
     ``[0, snrp_restart_time_shift)`` minutes, drawn once per start, so a fleet does not restart at once.
     dcud then stops gracefully and exits 75, which the systemd unit restarts (``RestartForceExitStatus=75``).
     It never restarts sooner than ``[watchdog] restart_min_uptime_s`` after its start (the next day's time
@@ -36,17 +36,19 @@ import os
 import random
 import socket
 import struct
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final
 
 from dcud.config.loader import LoadedConfig
+from dcud.config.timekeeping import LocalClock, TimeSettings
 from dcud.runtime.bus import EventBus
+from dcud.runtime.clock import SYSTEM_CLOCK, Clock
+from dcud.runtime.events import EventSink
 from dcud.runtime.supervisor import ServiceContext
+from dcud.runtime.timefmt import rfc3339
 from dcud.runtime.uplink import UplinkReconnect
 from dcud.service.power import power_ok
-from dcud.service.timekeeping import LocalClock, TimeSettings, utc_text
 
 _ICMP_ECHO_REQUEST: Final = 8
 _ICMP_ECHO_REPLY: Final = 0
@@ -130,14 +132,6 @@ async def tcp_probe(host: str, port: int, timeout_s: float) -> bool:
     return True
 
 
-class EventSink(Protocol):
-    """``Runtime.event``."""
-
-    def __call__(self, event_type: str, text: str, **fields: Any) -> Awaitable[None]:
-        """Commit one event."""
-        ...
-
-
 @dataclass(frozen=True)
 class WatchdogServiceConfig:
     """The watchdog service's slice."""
@@ -206,7 +200,7 @@ class WatchdogService:
         request_restart: Callable[[str], None],
         reconnect: UplinkReconnect | None = None,
         *,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
@@ -214,13 +208,13 @@ class WatchdogService:
         self._event = event
         self._request_restart = request_restart
         self._reconnect = reconnect
-        self._wall = wall_clock
+        self._clock = clock
         self._rng = rng or random.SystemRandom()
         self.probe_kind = "tcp" if config.probe == "tcp" else "icmp"
         self.reachable: bool | None = None
         self.failed_checks = 0
         self.reconnects = 0
-        self.started_s = wall_clock()
+        self.started_s = clock.time()
         self.restart_at_s: float | None = None
         self._icmp_refused = False
 
@@ -280,7 +274,7 @@ class WatchdogService:
                 "probe": self.probe_kind,
                 "failed_checks": self.failed_checks,
                 "reconnects": self.reconnects,
-                "checked_ts": utc_text(),
+                "checked_ts": rfc3339(self._clock.time()),
             },
         )
         return ok
@@ -296,7 +290,7 @@ class WatchdogService:
         cfg = self.config
         clock = LocalClock(cfg.time)
         shift = self._rng.uniform(0.0, cfg.restart_shift_s) if cfg.restart_shift_s > 0 else 0.0
-        due = restart_due_s(cfg, clock, self._wall(), self.started_s, shift)
+        due = restart_due_s(cfg, clock, self._clock.time(), self.started_s, shift)
         if due is None:
             return
         self.restart_at_s = due
@@ -307,7 +301,7 @@ class WatchdogService:
             zone=cfg.time.describe(),
         )
         while not ctx.stopping.is_set():
-            remaining = due - self._wall()
+            remaining = due - self._clock.time()
             if remaining <= 0 and power_ok(self._bus):
                 ctx.log.warning("daily restart", at=cfg.restart_at.isoformat() if cfg.restart_at else None)
                 self._request_restart(f"daily restart (snrp_restart_time {cfg.restart_at})")

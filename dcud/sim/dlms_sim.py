@@ -619,36 +619,6 @@ async def serve(
     return handle
 
 
-def cmd_sim_dlms(args: Any) -> int:
-    """``dcud sim dlms`` from parsed arguments (a file, or one meter from flags)."""
-    from dcud.cli_meters import CliError
-
-    try:
-        if args.sim_config:
-            config = load_config(Path(args.sim_config))
-            if args.control:
-                config.control = args.control
-        else:
-            if not (args.link or args.device or args.tcp_port is not None):
-                raise CliError("give --config FILE, or --link/--device (HDLC) and/or --tcp-port (wrapper)")
-            config = quick_config(
-                link=args.link,
-                device=args.device,
-                tcp_port=args.tcp_port,
-                baud=args.baud,
-                mode_e=args.mode_e,
-                physical_address=args.physical_address,
-                silent=args.silent,
-                control=args.control,
-            )
-    except SimConfigError as exc:
-        raise CliError(str(exc)) from exc
-    try:
-        return run_cli(config)
-    except OSError as exc:  # a port in use, a link that cannot be made
-        raise CliError(f"cannot start the DLMS simulator: {exc}") from exc
-
-
 def run_cli(config: DlmsSimConfig) -> int:
     """``dcud sim dlms``: serve, print one JSON line per meter and ``{"ready": true}``, run until
     SIGINT/SIGTERM."""
@@ -680,7 +650,6 @@ __all__ = [
     "ModeEServer",
     "SimMeter",
     "WrapperServer",
-    "cmd_sim_dlms",
     "config_from_dict",
     "load_config",
     "quick_config",

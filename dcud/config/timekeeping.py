@@ -7,7 +7,7 @@ Which zone is in force (first match wins):
 2. The WM-E calendar: standard offset ``calendar_timezone`` (minutes east of UTC, default 60), or
    ``ntp_timezone`` (``+1:00`` form) when only that one is set in the file; summer time when
    ``calendar_dst_enabled=1``, from ``calendar_dst_begin`` to ``calendar_dst_end``, adding
-   ``calendar_dst_deviation`` minutes. The hex date format is documented in :mod:`dcud.service.tzrules`.
+   ``calendar_dst_deviation`` minutes. The hex date format is documented in :mod:`dcud.config.tzrules`.
 
 Everything that prints a local time (file names, schedule logs) goes through :class:`LocalClock`;
 MQTT payloads, SNMP varbinds and outbox stamps use UTC (RFC 3339 with ``Z``).
@@ -21,9 +21,9 @@ import zoneinfo
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dcud.config.tzrules import UTC, WmeZone, decode_dst_point, next_daily
 from dcud.config.wme import HexDate, ParameterSet
 from dcud.errors import ConfigIssue
-from dcud.service.tzrules import UTC, WmeZone, decode_dst_point, next_daily
 
 if TYPE_CHECKING:
     from dcud.config.loader import LoadedConfig
@@ -124,8 +124,3 @@ class LocalClock:
         now = dt.datetime.fromtimestamp(time.time() if now_s is None else now_s, tz=UTC)
         after = dt.datetime.fromtimestamp(after_s, tz=UTC) if after_s is not None else None
         return next_daily(now, at, self.zone, after).timestamp()
-
-
-def utc_text(unix_s: float | None = None) -> str:
-    """RFC 3339 UTC for the wire (``2026-11-21T14:00:00Z``)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if unix_s is None else unix_s))

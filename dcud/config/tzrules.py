@@ -1,6 +1,6 @@
 """Pure date math for the WM-E calendar: DST rules from ``calendar_dst_begin``/``_end`` and a tzinfo.
 
-No I/O and no clock here: everything takes its instants as arguments (``dcud.service.timekeeping``
+No I/O and no clock here: everything takes its instants as arguments (``dcud.config.timekeeping``
 does the I/O: IANA zones, "now").
 
 How the hexadecimal DST dates are read
