@@ -114,6 +114,10 @@ CANCEL_CLEANUP_S = 3.0
 """After a cancellation: the longest wait for the link to close (DISC/UA) before the lease ends."""
 DEFAULT_HDLC_TIMEOUT_S = 5.0
 DEFAULT_SESSION_TIMEOUT_S = 10.0
+HDLC_MAX_PDU_BYTES = 2048
+"""The largest APDU dcud takes on a serial line (longer answers come in GET blocks): at 9600 Bd it is on
+the line for 2.3 s, so one answer cannot outlast the session's timeout, and a block costs one round trip
+per 2 kB at most. Meters usually accept 512 or 1024 themselves."""
 OBJECT_LIST = AttributeRef(CLASS_ASSOCIATION_LN, ASSOCIATION_LN_OBIS, ASSOCIATION_OBJECT_LIST)
 SCALER_ATTRIBUTE = {CLASS_REGISTER: 3, CLASS_EXTENDED_REGISTER: 3, CLASS_DEMAND_REGISTER: 4}
 """Where the scaler_unit of a register class is (the demand register keeps it in attribute 4)."""
@@ -190,11 +194,23 @@ class DlmsMeterSettings:
         return f"line {self.line}" if self.line else f"{self.host}:{self.port}"
 
     def client_config(
-        self, invocation_counter: int, limit: int, server_counter: int | None
+        self, invocation_counter: int, limit: int, server_counter: int | None, line: LineConfig | None = None
     ) -> DlmsClientConfig:
-        """The session's configuration with the counters the state store handed out."""
+        """The session's configuration with the counters the state store handed out.
+
+        On TCP ``timeout_s`` bounds each answer. On HDLC it is the link's per-frame timeout (the link
+        retries and gives up by itself); the session's own bound on one answer is a backstop above it
+        that also covers the line time of the largest APDU dcud accepts (:data:`HDLC_MAX_PDU_BYTES`).
+        """
         dlms = self.dlms
         secured = dlms.auth == "hls-gmac" or dlms.security != "none"
+        if self.host:
+            max_pdu, timeout_s = 0xFFFF, self.timeout_s or DEFAULT_SESSION_TIMEOUT_S
+        else:
+            baud = (self.max_baud or 9600) if dlms.mode_e or line is None else line.effective_baud
+            link_s = (self.timeout_s or DEFAULT_HDLC_TIMEOUT_S) * 4
+            max_pdu = HDLC_MAX_PDU_BYTES
+            timeout_s = max(DEFAULT_SESSION_TIMEOUT_S, link_s) + 1.5 * 11 * max_pdu / baud
         return DlmsClientConfig(
             auth=Auth(dlms.auth),
             password=dlms.password.encode(),
@@ -204,7 +220,8 @@ class DlmsMeterSettings:
             invocation_counter=invocation_counter,
             invocation_counter_limit=limit,
             server_invocation_counter=server_counter,
-            response_timeout_s=self.timeout_s or DEFAULT_SESSION_TIMEOUT_S,
+            response_timeout_s=timeout_s,
+            max_receive_pdu_bytes=max_pdu,
         )
 
     def transport(self, line: LineConfig | None) -> HdlcLink | WrapperTransport:
@@ -838,7 +855,7 @@ async def dlms_session(
         await asyncio.to_thread(store.save, settings.name)
     server_counter = state.server_counters.get(settings.keyset)
     client = DlmsClient(
-        settings.transport(line), settings.client_config(start, limit, server_counter), planner=plan
+        settings.transport(line), settings.client_config(start, limit, server_counter, line), planner=plan
     )
     try:
         return await run_dlms_session(client, port)
