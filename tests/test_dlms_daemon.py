@@ -132,7 +132,7 @@ def test_daemon_reads_dlms_meters_over_hdlc_and_tcp(
 ) -> None:
     events = [{"at": "2024-06-01T11:40:00Z", "code": 2}]
     peer = dlms_peer("both", clock={"start": NOW}, events=events, max_pdu_size=256)
-    clock_peer = dlms_peer("tcp", clock={"start": "2024-06-01T12:00:00Z"})
+    clock_peer = dlms_peer("tcp", clock={"start": "2024-06-01T12:00:00Z", "running": True})
     site = tmp_path / "site"
     site.mkdir()
     (site / "keys.toml").write_text(f'block_cipher_key = "{EK}"\nauthentication_key = "{AK}"\n')
