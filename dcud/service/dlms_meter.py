@@ -600,6 +600,10 @@ class ReadoutPlan:
             scaler = self.cache.scaler_units.get((ref.class_id, ref.obis))
             if _is_number(data):
                 value, unit = scaled(data, scaler)
+                if isinstance(value, float) and not math.isfinite(value):
+                    # NaN and infinities have no JSON form: the value is withheld, saying why.
+                    entry.update(value=None, unit=unit, invalid=f"not a finite number ({value})")
+                    return entry
                 entry.update(value=value, unit=unit)
                 return entry
         entry.update(value=_plain(data), unit=None)
@@ -631,8 +635,10 @@ class ReadoutPlan:
             except DcudError:
                 skipped += 1
                 continue
-            if capture_s <= last:
-                skipped += 1  # already committed, or out of order (a clock set back)
+            if capture_s <= last or not window[0] <= capture_s <= window[1] + 1:
+                # Already committed, out of order (a clock set back), or outside the range asked for: a
+                # row "from the future" must not move the cursor past rows still to come.
+                skipped += 1
                 continue
             out.append((capture_s, row.values))
             last = capture_s
