@@ -56,6 +56,13 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         f"{len(config.params.raw)} parameters set)"
     )
     print(f"parameter file in force: {config.params.path}")  # the remote copy once there is one
+    from dcud.config.wme import CATALOGUE, no_effect
+
+    # Honest: a parameter the file sets that this DCU validates but does not act on is named, not hidden.
+    for name in no_effect(config.params.raw):
+        line = config.params.lines.get(name, 0)
+        note = CATALOGUE[name].note or "validated and reported only"
+        print(f"{config.params.path}:{line}: {name}: no effect on this DCU (support level accepted): {note}")
     return EXIT_OK
 
 
@@ -102,6 +109,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return EXIT_OK
     width = max(len(r["name"]) for r in rows)  # type: ignore[arg-type]
+    # support: applied (dcud acts on it), accepted (validated, no effect here), read-only (status).
+    print(f"{'name':<{width}} {'*'} {'value':<24} {'unit':<4} support")
     for row in rows:
         value = row["value"] if row["value"] not in (None, "") else "-"
         marker = "*" if row["set"] else " "

@@ -28,6 +28,7 @@ from dcud.runtime.events import EventLog, EventSink
 from dcud.runtime.sdnotify import Notifier
 from dcud.runtime.supervisor import Service, Supervisor, SupervisorOptions, Worker
 from dcud.service.commands import CommandContext, CommandLimits, CommandRouter, Request
+from dcud.service.device_commands import register_device_commands
 from dcud.service.line import LineRegistry, build_line_services
 from dcud.service.mqtt import MqttService, MqttServiceConfig, status_document
 from dcud.service.outbox import Outbox, OutboxCorrupt, OutboxLimits, OverflowPolicy, OverflowReport
@@ -360,6 +361,9 @@ async def run_daemon(config_path: Path, notifier: Notifier | None = None) -> Non
     from dcud.service.ntp import clock_synced
 
     register_param_commands(shared.commands, reloader, lambda: clock_synced(runtime.bus) is True)
+    register_device_commands(
+        shared.commands, lambda: reloader.current, runtime.request_restart, runtime.event
+    )
 
     async def overflow_events() -> None:
         while True:

@@ -69,7 +69,7 @@ def _render(message: aiomqtt.Message) -> str:
         return (
             f"{topic}  online={payload.get('online')} nmt={payload.get('nmt')} "
             f"cia402={payload.get('cia402')} position={payload.get('position')} "
-            f"velocity={payload.get('velocity')} error={payload.get('error_text')}"
+            f"velocity={payload.get('velocity')} error={payload.get('error_text') or 'none'}"
         )
     if topic.endswith("/status") and isinstance(payload, dict):
         outbox = payload.get("outbox", {})
@@ -102,18 +102,31 @@ async def _watch(broker: Mosquitto, duration_s: float | None, stop: asyncio.Even
                 await task
 
 
-def _start_ftp(workdir: Path, stack: contextlib.ExitStack) -> tuple[str, Path] | None:
-    """A local FTP server for the data push: (datapush_host URL, local directory), or None."""
+def _start_ftp(workdir: Path, stack: contextlib.ExitStack) -> tuple[str, Path] | str:
+    """A local FTP server for the data push: (datapush_host URL, local directory), or why there is none."""
     try:
-        import pyftpdlib  # noqa: F401  (a test dependency; the demo works without it)
+        import pyftpdlib  # noqa: F401  (the `demo` extra; the rest of the demo works without it)
+    except ImportError:
+        return (
+            "pyftpdlib is not installed (the `demo` extra: scripts/demo.sh installs it, "
+            "or .venv/bin/pip install -e '.[demo]')"
+        )
+    from dcud.sim.ftp_server import start_ftp_server
 
-        from dcud.sim.ftp_server import start_ftp_server
-
+    try:
         ftp = start_ftp_server(workdir / "ftp")
-    except (ImportError, OSError, TimeoutError):
-        return None
+    except (OSError, TimeoutError) as exc:
+        return f"the local FTP server did not start ({exc})"
     stack.callback(ftp.stop)
     return ftp.url("/push"), ftp.root / "push"
+
+
+def closing_line(returncode: int | None, workdir: Path, kept: bool) -> str:
+    """The demo's last line: where the daemon log is, or that it went with the temporary directory."""
+    head = f"dcud demo: stopped (daemon exit {returncode})"
+    if kept:
+        return f"{head}; daemon log: {workdir / 'dcud.log'}"
+    return f"{head}; its files and log were in a temporary directory, now removed (--workdir DIR keeps them)"
 
 
 async def _enable_first_drive(broker: Mosquitto, drives_toml: str) -> None:
@@ -131,6 +144,7 @@ async def _enable_first_drive(broker: Mosquitto, drives_toml: str) -> None:
 def run_demo(duration_s: float | None = None, workdir: Path | None = None) -> int:
     """Run the demo; returns the process exit code."""
     with contextlib.ExitStack() as stack:
+        kept = workdir is not None
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dcud-demo-")))
         workdir.mkdir(parents=True, exist_ok=True)
@@ -141,9 +155,9 @@ def run_demo(duration_s: float | None = None, workdir: Path | None = None) -> in
             return 1
         stack.callback(broker.stop)
         push_wme = ""
-        ftp_root = _start_ftp(workdir, stack)
-        if ftp_root is not None:  # the FTP data push (issue 5), when pyftpdlib is installed
-            push_wme = f"datapush_host={ftp_root[0]}\ndatapush_prefix=DEMO\n"
+        ftp = _start_ftp(workdir, stack)
+        if not isinstance(ftp, str):  # the FTP data push, when the `demo` extra is installed
+            push_wme = f"datapush_host={ftp[0]}\ndatapush_prefix=DEMO\n"
         config = workdir / "dcud.toml"
         try:
             simulators = start_simulators(workdir)
@@ -169,9 +183,12 @@ def run_demo(duration_s: float | None = None, workdir: Path | None = None) -> in
         # Listening ports on free loopback ports, so the demo never clashes with a real DCU's 9000-9002.
         ports = f"tm_server_port={free_port()}\ntm2.port={free_port()}\nfw_server_port={free_port()}\n"
         (workdir / "wme.conf").write_text(DEMO_WME + push_wme + ports)
-        print(f"dcud demo: broker {broker.url}, files in {workdir}", flush=True)
-        if ftp_root is not None:
-            print(f"dcud demo: FTP data push every minute into {ftp_root[1]}", flush=True)
+        where = workdir if kept else f"{workdir} (temporary: removed at the end; --workdir DIR keeps it)"
+        print(f"dcud demo: broker {broker.url}, files in {where}", flush=True)
+        if isinstance(ftp, str):
+            print(f"dcud demo: FTP data push off: {ftp}", flush=True)
+        else:
+            print(f"dcud demo: FTP data push every minute into {ftp[1]}", flush=True)
         print(f"dcud demo: watching dcu/{DEVICE_ID}/# (Ctrl-C stops)", flush=True)
         log_file = (workdir / "dcud.log").open("ab")
         stack.callback(log_file.close)
@@ -204,6 +221,10 @@ def run_demo(duration_s: float | None = None, workdir: Path | None = None) -> in
 
         runner.run(main())
         stop_daemon()
-        print(f"dcud demo: stopped (daemon exit {daemon.returncode}); daemon log: {workdir / 'dcud.log'}")
+        log_file.flush()
+        if daemon.returncode != 0 and not kept:  # the log goes with the directory: show its end now
+            tail = (workdir / "dcud.log").read_text(errors="replace").splitlines()[-20:]
+            print("dcud demo: the daemon log ended with:", *tail, sep="\n", file=sys.stderr)
+        print(closing_line(daemon.returncode, workdir, kept))
         return 0 if daemon.returncode == 0 else 1
     return 1

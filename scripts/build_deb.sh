@@ -82,7 +82,7 @@ assemble() {
     install -m 0640 "$REPO/config/dcud.toml" "$REPO/config/wme.conf" "$stage/etc/dcud/"
     # ...and pristine copies: postinst compares with them ("configured?"), an installer starts anew.
     install -D -m 0644 -t "$stage/usr/share/dcud/examples" "$REPO/config/dcud.toml" "$REPO/config/wme.conf" \
-        "$REPO/systemd/dcud.service.d/clock-step.conf"
+        "$REPO/systemd/dcud.service.d/clock-step.conf" "$REPO/systemd/dcud-reboot.rules"
     install -D -m 0644 -t "$stage/usr/share/doc/dcud" "$REPO/packaging/debian/copyright" \
         "$REPO/packaging/debian/README.Debian"
     if [ -n "$requirements" ]; then

@@ -1,23 +1,16 @@
 #!/usr/bin/env bash
 # The README's test command: installs everything a fresh Debian 12 machine needs, then runs
 # ruff, mypy, the layer contracts, the systemd checks and the whole test suite against real peers.
+# Arguments go to pytest. Missing Debian packages are installed as root or through sudo; without either
+# it says what to run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-PEERS=(mosquitto mosquitto-clients socat snmptrapd snmp smitools chrony systemd procps util-linux python3-venv python3-dev gcc curl iproute2)
-missing=()
-for pkg in "${PEERS[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    echo "== apt-get install ${missing[*]}"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source scripts/debian_packages.sh
 
-PY="${PYTHON:-python3}"
+PEERS=(mosquitto mosquitto-clients socat dbus-daemon snmptrapd snmp smitools chrony systemd procps util-linux python3-venv python3-dev gcc curl iproute2)
+ensure_debian_packages test.sh "${PEERS[@]}"
+PY="$(python_for_dcud test.sh)"
 if [ ! -x .venv/bin/python ]; then
     echo "== creating .venv"
     "$PY" -m venv .venv
@@ -36,4 +29,5 @@ lint-imports
 echo "== systemd unit checks"
 bash scripts/check_systemd.sh
 echo "== pytest"
-python -m pytest -q -p no:cacheprovider "$@"
+# -rs: the reason of every skipped test in the summary (what is missing, how to run it)
+python -m pytest -q -rs -p no:cacheprovider "$@"

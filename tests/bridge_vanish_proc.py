@@ -32,9 +32,13 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True)
 
 
+TCP = str(socket.IPPROTO_TCP)
+"""By number: a minimal Debian has no /etc/protocols (package netbase), and ip cannot resolve "tcp"."""
+
+
 def blackhole(port: int) -> None:
-    ip("rule", "add", "pref", "10", "ipproto", "tcp", "dport", str(port), "blackhole")
-    ip("rule", "add", "pref", "11", "ipproto", "tcp", "sport", str(port), "blackhole")
+    ip("rule", "add", "pref", "10", "ipproto", TCP, "dport", str(port), "blackhole")
+    ip("rule", "add", "pref", "11", "ipproto", TCP, "sport", str(port), "blackhole")
 
 
 def clear_blackhole() -> None:

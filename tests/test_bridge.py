@@ -23,7 +23,7 @@ from bridge_helpers import (
     read_exactly,
     tty_speed,
 )
-from conftest import daemon_log, start_daemon, write_site
+from conftest import daemon_log, needs_user_netns, start_daemon, write_site
 from meter_helpers import FakeOutbox, SocatPair, simulators, wait_until
 
 from dcud.codec.iec62056 import compute_bcc, encode_option_select, encode_request, parse_data_message
@@ -612,6 +612,7 @@ async def test_a_session_never_interleaves_with_a_readout(tmp_path: Path) -> Non
             assert holder == "poll", kinds  # sign-ons and option selects only ever under the poll lease
 
 
+@needs_user_netns
 async def test_a_vanished_client_frees_the_line_within_the_bound(tmp_path: Path) -> None:
     """In a private network namespace the client's packets are black-holed (no FIN, no RST)."""
     unshare = find_program("unshare", "util-linux")

@@ -176,6 +176,10 @@ def test_emcy_decode() -> None:
     assert emcy.text == "DC-link over-voltage"
     assert error_register_flags(emcy.register) == ["generic", "voltage"]
     assert decode_emcy(encode_emcy(0, 0)).is_reset
+    # Code 0 is no error (issue 16: a drive showed "error reset or no error"); an EMCY with 0 is a reset.
+    assert emcy_text(0) == "no error"
+    assert decode_emcy(encode_emcy(0, 0)).text == "error reset"
+    assert "reset" not in emcy_text(0x0042)
     assert emcy_text(0x8130) == "life guard error or heartbeat error"
     assert emcy_text(0x8611) == "following error"
     assert emcy_text(0x2314) == "continuous over-current (0x2314)" or "current" in emcy_text(0x2314)

@@ -159,6 +159,17 @@ def test_good_file_is_applied_and_reported(tmp_path: Path) -> None:
         wait_count(d.notify, "READY=1", 2, 20)
 
 
+def test_put_names_the_parameters_that_have_no_effect(tmp_path: Path) -> None:
+    # Issue 16: an accepted-only parameter (the OS owns the modem) is listed, not silently "OK".
+    with dcu(tmp_path) as d:
+        upload = f"ntp_interval=300\nfw_server_port={d.port}\ncom_apn_name=iot.example\ncom.in_rings=2\n"
+        code, body = curl("-T", "-", f"{d.url}/config", data=upload.encode())
+        assert code == 200, body
+        assert json.loads(body)["no_effect"] == ["com.in_rings", "com_apn_name"]
+        code, body = curl("-X", "PATCH", "--data-binary", "@-", f"{d.url}/config", data=b"ntp_interval=120\n")
+        assert code == 200 and json.loads(body)["no_effect"] == [], body
+
+
 def test_partial_file_changes_only_what_it_names(tmp_path: Path) -> None:
     with dcu(tmp_path, wme="datapush_periodic=1\n") as d:
         code, body = curl("-X", "PATCH", "--data-binary", "@-", f"{d.url}/config", data=b"ntp_interval=120\n")

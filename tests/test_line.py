@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import structlog.testing
 from conftest import PtyPeer
 from meter_helpers import Events, SocatPair, supervised, wait_until
 
@@ -336,3 +337,33 @@ async def test_receivers_never_see_another_holders_bytes(pty_line: tuple[Line, P
         await port2.drain()
     assert first == [b"a1"] and second == [b"b1"]
     assert peer.drain() == b"ping"
+
+
+async def test_a_pty_refusing_the_framing_is_noted_not_warned() -> None:
+    """The demo's and the simulators' lines are ptys: 8E1 refused there is expected, not a warning."""
+    peer = PtyPeer()
+    config = LineServiceConfig(LineConfig(name="sim-1", device=peer.path, kind="mbus"), rs485_mode=0)
+    registry = LineRegistry()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with supervised(LineService(config, registry, EventBus(), Events())):
+                await wait_until(lambda: registry["sim-1"].state == "open", 10)
+        notes = [entry for entry in logs if entry["event"] == "framing not applied"]
+        assert [(entry["log_level"], entry["pty"]) for entry in notes] == [("info", True)], logs
+        assert "8E1" in notes[0]["error"]
+        assert not [entry for entry in logs if entry["log_level"] in ("warning", "error")], logs
+    finally:
+        peer.close()
+
+
+async def test_is_pty_is_found_on_open(tmp_path: Path) -> None:
+    peer = PtyPeer()
+    port = SerialPort(peer.path, 9600, "8N1")
+    await port.open()
+    try:
+        assert port.is_pty
+    finally:
+        port.close()
+        await asyncio.sleep(0.01)
+        peer.close()
+    assert not SerialPort(str(tmp_path / "nothing"), 9600).is_pty  # unopened: False, never a guess

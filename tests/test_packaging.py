@@ -96,6 +96,7 @@ def test_package_carries_the_repository_files_and_the_examples_as_conffiles(tmp_
         ("config/dcud.toml", "usr/share/dcud/examples/dcud.toml"),
         ("config/wme.conf", "usr/share/dcud/examples/wme.conf"),
         ("systemd/dcud.service.d/clock-step.conf", "usr/share/dcud/examples/clock-step.conf"),
+        ("systemd/dcud-reboot.rules", "usr/share/dcud/examples/dcud-reboot.rules"),
     ]:
         assert (tree / installed).read_bytes() == (REPO / repo_file).read_bytes(), installed
     conffiles = (tree / "DEBIAN" / "conffiles").read_text().split()

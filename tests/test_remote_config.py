@@ -618,3 +618,25 @@ def test_bind_host_default_deny() -> None:
     assert bind_host("loopback", encrypt=True) == "127.0.0.1"
     assert bind_host("any", encrypt=False) is None
     assert bind_host("10.1.2.3", encrypt=False) == "10.1.2.3"
+
+
+async def test_param_set_names_the_parameters_that_have_no_effect(harness: Harness) -> None:
+    # Issue 16: "param/set com_apn_name=... replies OK and changes nothing" -- now the reply says so.
+    router = CommandRouter()
+    register_param_commands(router, harness.reloader)
+    await allow_plain_param_set(harness)
+
+    async def call(request: dict[str, Any]) -> dict[str, Any]:
+        return await router.dispatch("param/set", json.dumps(request).encode())
+
+    reply = await call({"set": {"com_apn_name": "iot.example", "ntp_interval": "300"}})
+    assert reply["ok"], reply
+    assert reply["result"]["no_effect"] == ["com_apn_name"]
+    assert set(reply["result"]["changed"]) == {"com_apn_name", "ntp_interval"}
+    reply = await call({"set": {"ntp_interval": "301"}})
+    assert reply["result"]["no_effect"] == []
+    # A whole file: every accepted parameter it assigns; dry runs say it too.
+    reply = await call(
+        {"text": "ntp_interval=302\ncom_apn_name=iot.example\nsnrp_connect_interval=5\n", "dry_run": True}
+    )
+    assert reply["result"]["no_effect"] == ["com_apn_name", "snrp_connect_interval"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -41,15 +42,24 @@ EVENT = {
 # -- the MIB ---------------------------------------------------------------------------------------
 
 
-def snmptranslate(*args: str) -> subprocess.CompletedProcess[str]:
+def snmptranslate(*args: str, persistent_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Run snmptranslate on DCUD-MIB with a persistent directory of the test's own.
+
+    Net-SNMP creates ``<persistent dir>/cert_indexes`` on its first run and says so on stderr
+    ("Created directory: /var/lib/snmp/cert_indexes" on a fresh machine), so the system directory
+    would make the output depend on whether anything ran Net-SNMP before. The test's own directory,
+    with that subdirectory already there, makes every run a second run.
+    """
     binary = find_program("snmptranslate", "snmp")
     mib_path = ":".join(str(d) for d in MIB_DIRS)
+    (persistent_dir / "cert_indexes").mkdir(mode=0o700, parents=True, exist_ok=True)
     return subprocess.run(
         [binary, "-M", mib_path, "-m", "DCUD-MIB:SNMPv2-MIB", *args],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
+        env={**os.environ, "SNMP_PERSISTENT_DIR": str(persistent_dir)},
     )
 
 
@@ -61,8 +71,8 @@ ENTRY_TYPE_NOTE = re.compile(
 )
 
 
-def test_mib_loads_without_a_warning() -> None:
-    result = snmptranslate("-PW", "-Tp", "DCUD-MIB::dcudMIB")
+def test_mib_loads_without_a_warning(tmp_path: Path) -> None:
+    result = snmptranslate("-PW", "-Tp", "DCUD-MIB::dcudMIB", persistent_dir=tmp_path / "snmp")
     assert result.returncode == 0, result.stderr
     notes = [ENTRY_TYPE_NOTE.match(line) for line in result.stderr.splitlines()]
     assert all(notes), result.stderr
@@ -76,15 +86,34 @@ def test_mib_loads_without_a_warning() -> None:
     assert "PLACEHOLDER" in (REPO / "mibs" / "DCUD-MIB.txt").read_text()
 
 
-def test_mib_and_code_agree_on_every_oid() -> None:
+def test_a_first_net_snmp_run_says_so_on_stderr(tmp_path: Path) -> None:
+    """Why :func:`snmptranslate` prepares its directory: without it the first run is not silent."""
+    binary = find_program("snmptranslate", "snmp")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    result = subprocess.run(
+        [binary, "-M", ":".join(str(d) for d in MIB_DIRS), "-m", "DCUD-MIB:SNMPv2-MIB", "DCUD-MIB::dcudMIB"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, "SNMP_PERSISTENT_DIR": str(fresh)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"Created directory: {fresh}/cert_indexes" in result.stderr
+    second = snmptranslate("DCUD-MIB::dcudMIB", persistent_dir=fresh)
+    assert second.stderr == ""
+
+
+def test_mib_and_code_agree_on_every_oid(tmp_path: Path) -> None:
     ent = snmp_mib.PLACEHOLDER_ENTERPRISE_OID
     for event_type, trap in snmp_mib.TRAPS.items():
         oid = snmp_mib.trap_oid(ent, event_type)
         assert oid is not None
-        result = snmptranslate("-On", f"DCUD-MIB::{trap.name}")
+        result = snmptranslate("-On", f"DCUD-MIB::{trap.name}", persistent_dir=tmp_path)
         assert result.stdout.strip() == "." + oid, result.stderr
     for name, arc in snmp_mib.VARBINDS:
-        result = snmptranslate(snmp_mib.varbind_oid(ent, arc))
+        result = snmptranslate(snmp_mib.varbind_oid(ent, arc), persistent_dir=tmp_path)
         assert result.stdout.strip() == f"DCUD-MIB::{name}.0", result.stderr
     assert snmp_mib.trap_oid(ent, "reading") is None
 

@@ -130,6 +130,48 @@ async def test_repeated_failure_raises_one_event_and_reconnects_every_time(
     assert bus.states["uplink"]["reachable"] is True and bus.states["uplink"]["failed_checks"] == 2
 
 
+async def test_uplink_unreachable_for_snrp_bis_timeout_restarts_once_reachable_resets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # snrp_bis_timeout (hours): the WM-E "module reset" after a long outage is a restart of dcud (75).
+    answers: list[bool] = []
+
+    async def probe(host: str, port: int, timeout_s: float) -> bool:
+        return answers.pop(0)
+
+    monkeypatch.setattr(watchdog, "tcp_probe", probe)
+    cfg = slice_of(
+        tmp_path,
+        "com_ping_host=127.0.0.1\ncom_ping_max_retries=1\nsnrp_bis_timeout=2\n",
+        '\n[watchdog]\nprobe = "tcp"\nrestart_min_uptime_s = 0\n',
+    )
+    assert cfg.unreachable_restart_s == 7200
+    clock = ManualClock(wall_s=1_000_000.0)
+    requests: list[str] = []
+    service = watchdog.WatchdogService(
+        cfg, EventBus(), Events(), requests.append, UplinkReconnect(), clock=clock
+    )
+    ctx = ServiceContext("watchdog", 30.0, lambda: None)
+    answers.extend([False, False, True, False, False])
+    assert not await service.check(ctx)  # the outage starts
+    clock.advance(7199)
+    assert not await service.check(ctx)  # one second short
+    assert requests == []
+    clock.advance(2)
+    assert await service.check(ctx)  # reachable again: the outage is over
+    clock.advance(7200)
+    assert not await service.check(ctx)  # a new outage starts from here
+    assert requests == []
+    clock.advance(7200)
+    assert not await service.check(ctx)
+    assert requests == ["uplink unreachable for 2 h (snrp_bis_timeout)"]
+    # 0 = never.
+    never = slice_of(
+        tmp_path / "b", "com_ping_host=127.0.0.1\nsnrp_bis_timeout=0\n", '\n[watchdog]\nprobe = "tcp"\n'
+    )
+    assert never.unreachable_restart_s == 0
+
+
 async def test_reconnect_signal_wakes_waiters() -> None:
     signal_ = UplinkReconnect()
     waiter = asyncio.create_task(signal_.wait_newer(signal_.epoch))

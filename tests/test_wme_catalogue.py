@@ -164,6 +164,8 @@ APPLIED_PREFIXES = (
     "calendar_",
     "com_ping_",
     "snrp_restart_time",
+    "snrp_bis_timeout",
+    "emp_reboot",
     "led",
     "em_relay",
 )

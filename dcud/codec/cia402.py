@@ -273,8 +273,14 @@ def plan(goal: Goal, state: DriveState) -> tuple[Step, ...]:
 
 EMCY_SIZE_BYTES = 8
 
+NO_ERROR_TEXT = "no error"
+"""``emcy_text(0)``: code 0 means no error (CiA 301 names it "error reset or no error"; as a drive's
+error code, 603F or Modbus, it is only ever "no error"). State documents show no text at all for 0."""
+EMCY_RESET_TEXT = "error reset"
+"""The text of an EMCY frame with code 0: the drive says its errors cleared."""
+
 _EMCY_CODES: dict[int, str] = {
-    0x0000: "error reset or no error",
+    0x0000: NO_ERROR_TEXT,
     0x1000: "generic error",
     0x2000: "current",
     0x2100: "current, device input side",
@@ -324,7 +330,7 @@ _EMCY_CODES: dict[int, str] = {
 }
 
 _EMCY_CLASSES: dict[int, str] = {
-    0x0: "error reset or no error",
+    0x0: "no error",
     0x1: "generic error",
     0x2: "current",
     0x3: "voltage",
@@ -378,8 +384,8 @@ class Emcy:
 
     @property
     def text(self) -> str:
-        """Readable text of the error code."""
-        return emcy_text(self.code)
+        """Readable text of the error code ("error reset" for code 0: the errors cleared)."""
+        return EMCY_RESET_TEXT if self.code == 0 else emcy_text(self.code)
 
     @property
     def is_reset(self) -> bool:

@@ -275,6 +275,12 @@ def _cross_check(toml: DcudToml, file: str, locator: LineLocator) -> list[Config
             where = locator.line_of("snmp.agent_listen")
             message = 'expected "<IPv4>:<port>" or "[<IPv6>]:<port>", port 1..65535'
             issues.append(ConfigIssue(file, where, "snmp.agent_listen", message))
+    if toml.remote.reboot == "command" and not (
+        toml.remote.reboot_command and Path(toml.remote.reboot_command[0]).is_absolute()
+    ):
+        where = locator.line_of("remote.reboot_command")
+        message = 'reboot = "command" needs reboot_command = ["/absolute/program", "arg"...]'
+        issues.append(ConfigIssue(file, where, "remote.reboot_command", message))
     if toml.mqtt is not None:
         from dcud.config.mqtt_url import MqttUrlError, parse_mqtt_url
 

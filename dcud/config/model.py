@@ -48,9 +48,20 @@ class RemoteConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True)
     """
 
     plain_param_set: bool = False
-    """Accept ``param/set`` without an envelope. Even then, parameters that decide who can reach or
-    control the DCU (``fw_server_*``, ``ei_client_*``, ``tm.*`` TLS/verify, ``dm.*``, ``snmp_*``,
-    ``com_ping_host``) change only in an envelope (or in the files on the DCU)."""
+    """Accept ``param/set`` and the other state-changing commands (``restart``, ``reboot``) without an
+    envelope. Even then, parameters that decide who can reach or control the DCU (``fw_server_*``,
+    ``ei_client_*``, ``tm.*`` TLS/verify, ``dm.*``, ``snmp_*``, ``com_ping_host``) change only in an
+    envelope (or in the files on the DCU)."""
+    reboot: Literal["logind", "command", "none"] = "logind"
+    """How ``cmd/reboot`` reboots the DCU: ``logind`` (systemd-logind's D-Bus
+    ``org.freedesktop.login1.Manager.Reboot``, through ``busctl``; permitted by polkit, see
+    docs/systemd.md), ``command`` (run ``reboot_command``), ``none`` (refused)."""
+    reboot_command: Annotated[
+        tuple[Annotated[str, msgspec.Meta(min_length=1)], ...], msgspec.Meta(max_length=16)
+    ] = ()
+    """``reboot = "command"``: the program (absolute path) and its arguments, run without a shell."""
+    reboot_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+    """Bound of each reboot step (the permission check, the reboot call)."""
     max_request_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 64 * 1024
     """Largest command message; bigger ones are dropped before they are queued (MQTT 5: by the broker)."""
     max_queued_requests: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32

@@ -39,7 +39,7 @@ import pathlib
 import re
 import types
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -72,6 +72,15 @@ class Support(enum.StrEnum):
     """Validated and reported; the OS owns it on Linux, or the hardware has no such thing."""
     READ_ONLY = "read-only"
     """A status value: reported, and setting it in the file is an error."""
+
+
+def no_effect(names: Iterable[str]) -> list[str]:
+    """The names among ``names`` whose support level is "accepted": validated and stored, but with no
+    effect on this DCU (the OS owns it, or there is no such hardware). Sorted, unknown names skipped.
+
+    ``param/set``, ``PUT /config`` and ``dcud check-config`` list them instead of a silent OK.
+    """
+    return sorted({n for n in names if n in CATALOGUE and CATALOGUE[n].support is Support.ACCEPTED})
 
 
 class Kind(enum.StrEnum):

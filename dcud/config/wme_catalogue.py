@@ -1134,10 +1134,15 @@ ENTRIES: tuple[Entry, ...] = (
         unit="s",
         seed_unit="hours",
         kind="hours",
-        support="accepted",
+        support="applied",
         minimum=0,
         maximum=8760,
-        note="Resets the cellular module, which the OS owns on Linux; hours become seconds.",
+        note=(
+            "Hours the connectivity watchdog (com_ping_host) may find the uplink unreachable before "
+            "dcud restarts itself (exit 75, as the daily restart): the DCU's module reset. 0 = never; "
+            "no effect without com_ping_host. The cellular modem's own reset is ModemManager's on "
+            "Linux. Hours become seconds."
+        ),
         description="Module restart after this interval",
     ),
     Entry(
@@ -1336,10 +1341,11 @@ ENTRIES: tuple[Entry, ...] = (
         unit="",
         seed_unit="Checkbox to enable/disable",
         kind="checkbox",
-        support="accepted",
+        support="applied",
         note=(
-            "A reboot is a command (remote config cmd), not a stored setting; dcud validates it and "
-            "does not reboot on load."
+            "Read as the seed's 'enable or disable device reboot': 1 lets the MQTT command cmd/reboot "
+            "reboot the DCU (method: dcud.toml [remote] reboot; docs/remote-config.md), 0 refuses it. "
+            "Setting it never reboots by itself."
         ),
         description="Enable or disable device reboot",
     ),

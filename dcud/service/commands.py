@@ -33,6 +33,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -98,6 +99,10 @@ class CommandContext:
     request_id: str | int | None
     authenticated: bool
     """True when the request came in an envelope whose tag matched and was not a replay."""
+    after_reply: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """Actions to run once the reply has been delivered (:meth:`CommandRouter.serve`: after the
+    broker's PUBACK), and only if the reply is ``ok``: a restart or a reboot starts here, so that the
+    head-end has its answer before the DCU goes away. A handler appends; nothing runs on a refusal."""
 
 
 Handler = Callable[[R, CommandContext], Awaitable[Mapping[str, Any]]]
@@ -355,6 +360,7 @@ class _Progress:
     verb: str
     source: str
     request_id: str | int | None = None
+    after_reply: list[Callable[[], Awaitable[None]]] | None = None
 
 
 class CommandRouter:
@@ -414,10 +420,21 @@ class CommandRouter:
 
     # -- dispatch ------------------------------------------------------------------------------
 
-    async def dispatch(self, verb: str, payload: bytes, source: str = "mqtt") -> dict[str, Any]:
-        """Run one request; always returns a reply document, never raises (except cancellation)."""
+    async def dispatch(
+        self,
+        verb: str,
+        payload: bytes,
+        source: str = "mqtt",
+        *,
+        after_reply: list[Callable[[], Awaitable[None]]] | None = None,
+    ) -> dict[str, Any]:
+        """Run one request; always returns a reply document, never raises (except cancellation).
+
+        ``after_reply`` receives the actions the handler wants run once its reply is delivered
+        (:attr:`CommandContext.after_reply`); without it they are dropped (use :meth:`serve`).
+        """
         self.stats.received += 1
-        progress = _Progress(verb[:64], source)
+        progress = _Progress(verb[:64], source, after_reply=after_reply)
         try:
             parsed = self._parse(verb, payload, progress)
         except Exception as exc:
@@ -429,6 +446,40 @@ class CommandRouter:
     async def handle(self, verb: str, payload: bytes, source: str = "mqtt") -> bytes:
         """:meth:`dispatch` with the reply encoded as JSON bytes."""
         return encode_reply(await self.dispatch(verb, payload, source))
+
+    async def serve(
+        self,
+        verb: str,
+        payload: bytes,
+        send: Callable[[bytes], Awaitable[object]],
+        source: str = "mqtt",
+    ) -> None:
+        """Run one request, ``await send(reply)``, then the handler's after-reply actions.
+
+        ``send`` returns once the reply is delivered (MQTT: PUBACKed). The actions run only when the
+        reply was ``ok`` and ``send`` returned; if it raised, they are dropped (logged) and the error
+        propagates: a head-end that got no answer repeats the request instead of finding the DCU gone.
+        An action's failure is logged, never raised (the reply is already out).
+        """
+        actions: list[Callable[[], Awaitable[None]]] = []
+        reply = await self.dispatch(verb, payload, source, after_reply=actions)
+        try:
+            await send(encode_reply(reply))
+        except BaseException:
+            if actions:
+                log.warning(
+                    "reply not delivered; its action is not started", verb=verb[:64], id=reply.get("id")
+                )
+            raise
+        if not reply.get("ok"):
+            return
+        for action in actions:
+            try:
+                await action()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("action after the reply failed", verb=verb[:64], id=reply.get("id"), exc_info=exc)
 
     def busy_reply(self, payload: bytes, why: str) -> dict[str, Any]:
         """The reply to a request refused before it ran (too many commands in progress)."""
@@ -541,6 +592,8 @@ class CommandRouter:
             request = outer
             authenticated = False
         ctx = CommandContext(entry.name, progress.source, progress.request_id, authenticated)
+        if progress.after_reply is not None:
+            ctx = dataclasses.replace(ctx, after_reply=progress.after_reply)
         log.info(
             "command",
             verb=entry.name,

@@ -26,9 +26,9 @@ Retries and rest
     boundaries that pass meanwhile add nothing: the data stays in the outbox and the next successful
     attempt takes it, oldest first.
 State
-    The retained state ``<p>/push/ftp`` (or ``push/mqtt``) shows the phase (``waiting``, ``due``,
-    ``attempting``, ``retry_wait``, ``resting``), the attempt number, the next wake-up, last success,
-    last error, counters and the outbox backlog of the consumer.
+    The retained state ``<p>/push/ftp/state`` (or ``<p>/push/mqtt/state``) shows the phase
+    (``waiting``, ``due``, ``attempting``, ``retry_wait``, ``resting``), the attempt number, the next
+    wake-up, last success, last error, counters and the outbox backlog of the consumer.
 
 The WM-E modem case: when dcud.toml lists no meter and has exactly one RS-232/RS-485 line,
 ``datapush_iec_address`` (and ``datapush_iec_readout_baudrate``, the cap of the mode C baud switch) make

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import math
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +103,7 @@ from dcud.service.dlms_state import DlmsStateStore, MeterState, keyset_id, lock_
 from dcud.service.line import LeaseInfo, LeaseKind, LeaseTimeout, LineClosedError, LineRegistry
 from dcud.service.meter_read import MeterReading
 from dcud.service.session_runner import SessionPort, run_session
+from dcud.transport.tcp import SocketTuning, open_stream
 
 log = structlog.get_logger("dcud.dlms")
 
@@ -788,22 +788,15 @@ class TcpPort:
 
 
 async def open_tcp(host: str, port: int, timeout_s: float = TCP_CONNECT_TIMEOUT_S) -> TcpPort:
-    """A TCP connection to a meter (TCP_NODELAY: every APDU goes out at once); MeterUnreachable if not.
-
-    The one place a DLMS meter is dialled: the lead swaps it for ``dcud.transport.tcp``'s connect helper.
-    """
+    """A TCP connection to a meter (dcud's socket tuning: TCP_NODELAY, so every APDU goes out at once;
+    keepalive and a user timeout); MeterUnreachable when there is none within ``timeout_s``."""
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await open_stream(host, port, timeout_s=timeout_s, tuning=SocketTuning())
     except TimeoutError:
         raise MeterUnreachable(f"no TCP connection to {where} within {timeout_s:g} s") from None
     except OSError as exc:
         raise MeterUnreachable(f"cannot connect to {where}: {exc.strerror or exc}") from None
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return TcpPort(reader, writer, where)
 
 

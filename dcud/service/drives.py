@@ -67,6 +67,7 @@ from dcud.errors import (
 from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
 from dcud.runtime.events import EventSink
+from dcud.runtime.link import until_stopped
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.runtime.timefmt import rfc3339_ms
 from dcud.service.commands import CommandContext, CommandError, CommandRouter, Request
@@ -257,12 +258,8 @@ class DriveBase:
     async def _sleep(self, stopping: asyncio.Event, delay_s: float) -> None:
         """Sleep until ``delay_s`` passed, something asked for attention (``_wake``) or stopping."""
         if not self._wake.is_set():
-            waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(self._wake.wait())]
-            try:
-                await asyncio.wait(waits, timeout=max(0.0, delay_s), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in waits:
-                    task.cancel()
+            with contextlib.suppress(TimeoutError):
+                await until_stopped(stopping, self._wake.wait(), timeout_s=max(0.0, delay_s), name="sleep")
         self._wake.clear()
 
     # -- events and state ------------------------------------------------------------------------
@@ -298,7 +295,8 @@ class DriveBase:
             "velocity": self.velocity,
             "mode": self.mode,
             "error_code": code,
-            "error_text": emcy_text(code) if code is not None else None,
+            # 0 is "no error": no text at all (MQTT null, SNMP ""), never "error reset or no error".
+            "error_text": emcy_text(code) if code else None,
             "io": self.digital_io,
             "commands": self.config.commands,
             "last_error": self.last_error or None,

@@ -9,7 +9,7 @@ staged file under ``<state_dir>/firmware/``:
   after the file. It is the one switch: it names the file in force (the previous file is deleted
   only after it), so a power cut leaves the previous staged file or the new one, never half a file.
 
-The staged file is reported on the retained state ``<p>/firmware`` and in ``<p>/status`` (member
+The staged file is reported on the retained state ``<p>/firmware/state`` and in ``<p>/status`` (member
 ``firmware``), also after a restart. A new upload replaces the staged one only once it is complete
 and its hash matched; a failed upload leaves the staged file as it was.
 
@@ -183,7 +183,7 @@ class FirmwareStager:
         self._publish()
 
     def status(self) -> Mapping[str, Any]:
-        """The ``<p>/firmware`` document: ``{"staged": {...} | null}``."""
+        """The ``<p>/firmware/state`` document: ``{"staged": {...} | null}``."""
         return {"staged": self.staged.to_json() if self.staged else None}
 
     def _publish(self) -> None:

@@ -10,7 +10,7 @@ Sources and debounce
     20 ms + 50 ms).
 
 Last gasp (power lost), within ``budget_s`` (default 1 s) after detection, in this order:
-    1. the ``power`` state becomes ``lost`` (``<p>/power`` and ``<p>/status``) and services stop taking
+    1. the ``power`` state becomes ``lost`` (``<p>/power/state`` and ``<p>/status``) and services stop taking
        new work (they check :func:`power_ok`);
     2. a ``power_loss`` event is committed to the outbox (fsync'd) through the runtime;
     3. the SNMP trap goes out from the runtime's event hook right after the commit (dcud.service.snmp);

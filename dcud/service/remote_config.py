@@ -48,7 +48,7 @@ import msgspec
 import structlog
 
 from dcud.config.loader import LoadedConfig, load_config, remote_parameters_path
-from dcud.config.wme import CATALOGUE, Kind, ParameterSet
+from dcud.config.wme import CATALOGUE, Kind, ParameterSet, no_effect
 from dcud.errors import ConfigError, ConfigIssue, DcudError
 from dcud.runtime.durable import write_durably
 from dcud.runtime.events import EventSink
@@ -110,6 +110,9 @@ class ApplyResult:
     """Services that were restarted, started or stopped."""
     file: str
     dry_run: bool = False
+    no_effect: list[str] = field(default_factory=list)
+    """Parameters the request sets whose support level is "accepted": validated and stored, but with
+    no effect on this DCU (APN, SIM, bands... are the OS's; ``dcud params`` has each one's note)."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document of the result."""
@@ -119,6 +122,7 @@ class ApplyResult:
             "changed": self.changed,
             "restarted": self.restarted,
             "file": self.file,
+            "no_effect": self.no_effect,
         }
 
 
@@ -474,8 +478,10 @@ class Reloader:
             where = upload_lines if job.partial else _assigned_lines(candidate)
             job.future.set_exception(ProtectedParameterError([_protected_issue(n, where) for n in protected]))
             return
+        # What the request sets (a partial change: the names it lists; a whole file: every assignment).
+        inert = no_effect(updates if job.partial else _assigned_lines(candidate))
         if job.dry_run:
-            job.future.set_result(ApplyResult(changed, [], str(target), dry_run=True))
+            job.future.set_result(ApplyResult(changed, [], str(target), dry_run=True, no_effect=inert))
             return
         try:
             await asyncio.to_thread(atomic_write_parameters, target, candidate, previous)
@@ -483,14 +489,19 @@ class Reloader:
             log.error("parameter file not written", file=str(target), error=str(exc))
             raise ParameterWriteError(f"cannot write {target}: {exc.strerror or exc}") from exc
         log.info(
-            "parameter file written", file=str(target), via=job.via, who=job.who, changed=sorted(changed)
+            "parameter file written",
+            file=str(target),
+            via=job.via,
+            who=job.who,
+            changed=sorted(changed),
+            no_effect=inert,
         )
         restarted = await self._swap(new, notify=True)
         self.stats.applies += 1
         if changed:
             await self._event(changed, who=job.who, via=job.via, file=str(target))
         if not job.future.cancelled():
-            job.future.set_result(ApplyResult(changed, restarted, str(target)))
+            job.future.set_result(ApplyResult(changed, restarted, str(target), no_effect=inert))
 
     async def _swap(self, new: LoadedConfig, *, notify: bool) -> list[str]:
         if self._supervisor is None:

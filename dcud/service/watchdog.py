@@ -5,7 +5,11 @@ Connectivity watchdog
     ``com_ping_host``, each waiting ``com_ping_timeout`` for the answer; one answer is enough. When all
     probes fail, dcud raises ``uplink_unreachable`` (once per outage, with its trap) and asks every uplink
     to reconnect (:class:`dcud.runtime.uplink.UplinkReconnect`), again after every failed check.
-    The ``uplink`` state (``<p>/uplink``) shows the last result.
+    The ``uplink`` state (``<p>/uplink/state``) shows the last result. When the checks keep failing
+    for ``snrp_bis_timeout`` hours (WM-E "wait-time until module-reset"; 0: never), dcud restarts as
+    for the daily restart below (exit 75): the DCU's "module reset" (the cellular modem's own reset is
+    ModemManager's on Linux). The outage is counted from the first failed check after the start, so
+    a dead uplink restarts dcud at most once per ``snrp_bis_timeout``.
 
     Probes (``[watchdog] probe``):
     - ``icmp``: ICMP echo over an unprivileged ICMP datagram socket (``socket(AF_INET, SOCK_DGRAM,
@@ -49,6 +53,7 @@ from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.timefmt import rfc3339
 from dcud.runtime.uplink import UplinkReconnect
 from dcud.service.power import power_ok
+from dcud.transport.tcp import open_stream
 
 _ICMP_ECHO_REQUEST: Final = 8
 _ICMP_ECHO_REPLY: Final = 0
@@ -120,8 +125,7 @@ async def icmp_probe(host: str, timeout_s: float, seq: int = 1) -> bool:
 async def tcp_probe(host: str, port: int, timeout_s: float) -> bool:
     """A TCP connect; accepted or refused (RST) both prove the host answers."""
     try:
-        async with asyncio.timeout(timeout_s):
-            _reader, writer = await asyncio.open_connection(host, port)
+        _reader, writer = await open_stream(host, port, timeout_s=timeout_s)
     except ConnectionRefusedError:
         return True
     except (OSError, TimeoutError):
@@ -146,6 +150,8 @@ class WatchdogServiceConfig:
     restart_shift_s: float
     restart_min_uptime_s: float
     time: TimeSettings
+    unreachable_restart_s: float = 0.0
+    """``snrp_bis_timeout``: restart after the uplink stayed unreachable this long (0: never)."""
 
     @classmethod
     def from_config(cls, config: LoadedConfig) -> WatchdogServiceConfig | None:
@@ -167,6 +173,7 @@ class WatchdogServiceConfig:
             restart_shift_s=float(params.get_opt_int("snrp_restart_time_shift") or 0),
             restart_min_uptime_s=section.restart_min_uptime_s,
             time=TimeSettings.from_config(config),
+            unreachable_restart_s=float(params.get_int("snrp_bis_timeout")),
         )
 
 
@@ -216,6 +223,8 @@ class WatchdogService:
         self.reconnects = 0
         self.started_s = clock.time()
         self.restart_at_s: float | None = None
+        self.unreachable_since_s: float | None = None
+        """Wall time of the first failed check of the current outage (None while reachable)."""
         self._icmp_refused = False
 
     async def probe_once(self, ctx: ServiceContext, host: str, seq: int) -> bool:
@@ -253,9 +262,11 @@ class WatchdogService:
         before = self.reachable
         self.reachable = ok
         if ok:
+            self.unreachable_since_s = None
             if before is False:
                 ctx.log.info("uplink reachable again", host=cfg.ping_host)
         else:
+            self._restart_after_long_outage(ctx)
             self.failed_checks += 1
             self.reconnects += 1
             reason = f"no answer from {cfg.ping_host} to {cfg.ping_max_retries} {self.probe_kind} probes"
@@ -278,6 +289,20 @@ class WatchdogService:
             },
         )
         return ok
+
+    def _restart_after_long_outage(self, ctx: ServiceContext) -> None:
+        """``snrp_bis_timeout``: restart (exit 75) once the outage has lasted that long (module doc)."""
+        now_s = self._clock.time()
+        if self.unreachable_since_s is None:
+            self.unreachable_since_s = now_s
+        limit_s = self.config.unreachable_restart_s
+        if limit_s <= 0 or now_s - self.unreachable_since_s < limit_s:
+            return
+        if now_s - self.started_s < self.config.restart_min_uptime_s or not power_ok(self._bus):
+            return
+        hours = limit_s / 3600
+        ctx.log.warning("uplink unreachable too long; restarting", hours=hours)
+        self._request_restart(f"uplink unreachable for {hours:g} h (snrp_bis_timeout)")
 
     async def _pinger(self, ctx: ServiceContext) -> None:
         while not ctx.stopping.is_set():

@@ -6,6 +6,7 @@ Both are real programs started on 127.0.0.1 with a free port and a private worki
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -202,9 +203,10 @@ def start_chronyd(workdir: Path, port: int | None = None, stratum: int = 8) -> C
         f"pidfile {workdir / 'chronyd.pid'}\n"
     )
     log = (workdir / "chronyd.log").open("ab")
-    process = subprocess.Popen(
-        [binary, "-x", "-d", "-f", str(conf)], stdout=log, stderr=log, start_new_session=True
-    )
+    # -U: as a user other than root chronyd refuses to start ("Not superuser") unless told that it has
+    # what it needs, which it has here: a loopback port above 1023, files in workdir, -x.
+    args = [binary, "-x", "-d", "-f", str(conf), *(["-U"] if os.geteuid() != 0 else [])]
+    process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
     log.close()
     client = ntplib.NTPClient()
     deadline = time.monotonic() + 15.0

@@ -52,6 +52,8 @@ SER_RS485_RTS_ON_SEND = 1 << 1
 SER_RS485_RTS_AFTER_SEND = 1 << 2
 SER_RS485_RX_DURING_TX = 1 << 4
 TIOCSRS485: int = getattr(termios, "TIOCSRS485", 0x542F)
+PTY_SLAVE_MAJORS = range(136, 144)
+"""Linux device majors of Unix98 pty slaves (/dev/pts/N): a pty has no wire, so no parity to set."""
 TIOCGRS485: int = getattr(termios, "TIOCGRS485", 0x542E)
 
 _PARITIES = {"N": serial.PARITY_NONE, "E": serial.PARITY_EVEN, "O": serial.PARITY_ODD}
@@ -212,6 +214,8 @@ class SerialPort:
         self.rs485_applied = False
         self.rs485_error = ""
         self.framing_error = ""
+        self.is_pty = False
+        """True when the open device is a pseudo-terminal (a simulator's end, socat), not a UART."""
         self.failure: BaseException | None = None
         self._serial: Any = None
         self._transport: Any = None
@@ -255,6 +259,7 @@ class SerialPort:
                 self.framing_error = f"device refuses {self.framing} ({_reason(exc)}); running 8N1"
         except (termios.error, OSError, serial.SerialException, ValueError) as exc:
             raise TransportError(f"cannot open {self.device}: {_reason(exc)}") from exc
+        self.is_pty = _is_pty(ser.fileno())
         self._probe_framing(ser)
         self._serial = ser
         if self.rs485 is not None:
@@ -591,6 +596,14 @@ def _tcdrain(fd: int) -> None:
         termios.tcdrain(fd)
     except termios.error as exc:
         raise OSError(*exc.args) from exc
+
+
+def _is_pty(fd: int) -> bool:
+    """True when ``fd`` is a Unix98 pty slave."""
+    try:
+        return os.major(os.fstat(fd).st_rdev) in PTY_SLAVE_MAJORS
+    except OSError:
+        return False
 
 
 def _reason(exc: BaseException | None) -> str:

@@ -458,6 +458,7 @@ class CommandHarness:
 
     def __init__(self) -> None:
         from dcud.service.commands import CommandRouter, Request
+        from dcud.service.device_commands import RebootRequest, RestartRequest
         from dcud.service.drives import DriveReadRequest, DriveRequest, DriveWriteRequest
         from dcud.service.polling import ReadRequest, ScanRequest
         from dcud.service.remote_config import ParamGetRequest, ParamSetRequest, parameter_updates
@@ -479,11 +480,12 @@ class CommandHarness:
             "drive/enable": DriveRequest,
             "drive/read": DriveReadRequest,
             "drive/write": DriveWriteRequest,
+            "restart": RestartRequest,
+            "reboot": RebootRequest,
         }
+        changing = ("param/set", "drive/write", "restart", "reboot")
         for verb, request_type in verbs.items():
-            self.router.register(
-                verb, request_type, done, state_changing=verb in ("param/set", "drive/write")
-            )
+            self.router.register(verb, request_type, done, state_changing=verb in changing)
         self.verbs = list(verbs)
 
     def run(self, data: bytes) -> None:
