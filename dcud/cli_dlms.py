@@ -88,6 +88,8 @@ async def run_cli_readout(
             f"the DLMS state in {directory} is in use - is the daemon running? It reads meter {name}: "
             "use `dcud read --via-mqtt`, or stop it first."
         ) from None
+    except OSError as exc:
+        raise DlmsCliError(f"cannot use the DLMS state directory {directory}: {exc}") from None
     try:
         store = DlmsStateStore(directory)
         plan = ReadoutPlan(settings, ObjectCache(), options=options)
@@ -99,7 +101,8 @@ async def run_cli_readout(
             # The session has ended, however it ended (a cancellation included): no value past the
             # next one was used, so the rest of the reservation is given back.
             store.get(name).give_back_reservation()
-            store.save(name)
+            with contextlib.suppress(OSError):  # not given back: the reservation stays, which is safe
+                store.save(name)
         return settings, plan, started
     finally:
         unlock_state_dir(directory)

@@ -28,7 +28,15 @@ from dcud.config.model import DlmsConfig, LineConfig, MeterConfig
 from dcud.errors import DcudError, PeerTimeout
 from dcud.runtime.bus import EventBus
 from dcud.service.commands import CommandRouter
-from dcud.service.dlms_meter import DlmsReadouts
+from dcud.service.dlms_meter import (
+    DlmsMeterSettings,
+    DlmsReadouts,
+    DlmsStateError,
+    ObjectCache,
+    ReadoutPlan,
+    dlms_session,
+)
+from dcud.service.dlms_state import DlmsStateStore
 from dcud.service.line import Line, LineRegistry
 from dcud.service.outbox import Outbox, OutboxLimits
 from dcud.service.polling import PollingConfig, PollingService
@@ -488,3 +496,44 @@ async def test_mode_e_readout_against_the_simulator(tmp_path: Path) -> None:
     (value,) = reading.values
     assert value["id"] == "1.0.1.8.0.255" and value["unit"] == "Wh" and value["value"] > 1_000_000
     assert sign_ons == 1 and reading.details["meter_clock"] == NOW
+
+
+async def test_no_session_without_a_writable_state(dlms_peer: Start, tmp_path: Path) -> None:
+    peer = await asyncio.to_thread(dlms_peer, "tcp", **PEER_CONFIG)
+    meter = meter_config("em-7", host=f"127.0.0.1:{peer.tcp_port}", objects=OBJECTS)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "dlms").write_text("a file where the directory should be")
+    async with harness(tmp_path, [meter], peer) as h:
+        with pytest.raises(DlmsStateError, match="cannot lock the DLMS state directory"):
+            await h.read(meter)
+    assert not peer.requests("aarq")  # no counter was taken without its reservation on disk
+    store = DlmsStateStore(tmp_path / "other")
+    (tmp_path / "other").write_text("not a directory either")
+    state = store.get("em-7")
+    state.counter_range("k")
+    settings = DlmsMeterSettings.from_config(meter, tmp_path, "dcu-test")
+    plan = ReadoutPlan(settings, ObjectCache())
+    with pytest.raises(DlmsStateError, match="cannot save the DLMS state"):
+        await dlms_session(settings, None, TcpPortNever(), store, plan)
+
+
+class TcpPortNever:
+    """A port that must never be used (the session may not start)."""
+
+    def write(self, data: bytes) -> None:
+        raise AssertionError("a byte went out without the counter reservation on disk")
+
+    async def drain(self) -> None:
+        raise AssertionError("unused")
+
+    async def read(self, max_bytes: int = 4096, timeout_s: float = 1.0) -> bytes:
+        raise AssertionError("unused")
+
+    async def set_baud(self, baud: int) -> None:
+        raise AssertionError("unused")
+
+    async def set_framing(self, framing: str) -> None:
+        raise AssertionError("unused")
+
+    def flush_input(self) -> None:
+        raise AssertionError("unused")

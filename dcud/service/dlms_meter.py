@@ -97,7 +97,7 @@ from dcud.config.dlms import (
     physical_address,
 )
 from dcud.config.model import DlmsConfig, LineConfig, MeterConfig
-from dcud.errors import DcudError, PeerTimeout, RemoteProtocolError, TransportError
+from dcud.errors import DcudError, LocalProtocolError, PeerTimeout, RemoteProtocolError, TransportError
 from dcud.runtime.timefmt import rfc3339
 from dcud.service.dlms_state import DlmsStateStore, MeterState, keyset_id, lock_state_dir
 from dcud.service.line import LeaseInfo, LeaseKind, LeaseTimeout, LineClosedError, LineRegistry
@@ -738,6 +738,10 @@ class MeterUnreachable(PeerTimeout):
     """A TCP meter that cannot be connected to, or closed the connection."""
 
 
+class DlmsStateError(LocalProtocolError):
+    """The durable state cannot be written (or locked): no session may start without it."""
+
+
 class TcpPort:
     """A TCP connection with the port interface ``run_session`` drives (no baud, no framing)."""
 
@@ -851,7 +855,11 @@ async def dlms_session(
     state = store.get(settings.name)
     start, limit = state.counter_range(settings.keyset)
     if state.dirty:
-        await asyncio.to_thread(store.save, settings.name)
+        try:
+            await asyncio.to_thread(store.save, settings.name)
+        except OSError as exc:
+            # Without the reservation on disk a crash could reuse counters: no session.
+            raise DlmsStateError(f"cannot save the DLMS state of {settings.name}: {exc}") from exc
     server_counter = state.server_counters.get(settings.keyset)
     client = DlmsClient(
         settings.transport(line), settings.client_config(start, limit, server_counter, line), planner=plan
@@ -937,7 +945,11 @@ class DlmsReadouts:
     async def _lock_state(self) -> None:
         if not self._locked and self._state_dir is not None:
             # Held for the life of the process; waits while a `dcud read` of a DLMS meter runs.
-            await asyncio.to_thread(lock_state_dir, self._state_dir, wait=True)
+            try:
+                await asyncio.to_thread(lock_state_dir, self._state_dir, wait=True)
+            except OSError as exc:
+                where = self._state_dir
+                raise DlmsStateError(f"cannot lock the DLMS state directory {where}: {exc}") from exc
             self._locked = True
 
     async def read(
@@ -1198,6 +1210,7 @@ __all__ = [
     "TCP_CONCURRENCY",
     "DlmsMeterSettings",
     "DlmsReadouts",
+    "DlmsStateError",
     "MeterUnreachable",
     "ObjectCache",
     "PlanOptions",
