@@ -957,10 +957,9 @@ class DlmsReadouts:
     ) -> MeterReading:
         """One readout with the meter's retries; raises what the line or the meter raised."""
         settings = self.settings.get(meter.name)
-        if settings is None:
-            raise TransportError(
-                f"meter {meter.name}: {self.setting_errors.get(meter.name, 'not a DLMS meter')}"
-            )
+        if settings is None:  # its key file became unreadable since the configuration was loaded
+            why = self.setting_errors.get(meter.name, "not a DLMS meter")
+            raise LocalProtocolError(f"meter {meter.name}: {why}")
         await self._lock_state()
         lock = self._locks.setdefault(meter.name, asyncio.Lock())
         try:
