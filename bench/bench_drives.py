@@ -87,6 +87,14 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
     return out
 
 
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of ``pid``'s main thread (the event loop): about one per wake-up."""
+    for line in Path(f"/proc/{pid}/task/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
+
+
 def status_kib(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -273,6 +281,7 @@ async def measure(
         tpdo_before = sum(d.tpdo_sent for d in sim.drives.values())
         threads_before = thread_cpu_s(proc.pid)
         floors_before = [cpu_s(f.proc.pid) for f in floors]
+        wakeups_before = [wakeups(p) for p in (proc.pid, *(f.proc.pid for f in floors))]
         spy = start_pyspy(proc.pid)
         cpu_before, started = cpu_s(proc.pid), time.monotonic()
         counting = True
@@ -287,6 +296,10 @@ async def measure(
         cpu = cpu_s(proc.pid) - cpu_before
         threads_after = thread_cpu_s(proc.pid)
         floor_cpu = [cpu_s(f.proc.pid) - before for f, before in zip(floors, floors_before, strict=True)]
+        woke = [
+            wakeups(p) - before
+            for p, before in zip((proc.pid, *(f.proc.pid for f in floors)), wakeups_before, strict=True)
+        ]
         counting = False
         if spy is not None:
             spy.wait(timeout=60)
@@ -305,13 +318,15 @@ async def measure(
         f.kind: {
             "cpu_pct_of_core": round(100 * used / elapsed, 2),
             "us_per_frame": round(1e6 * used / tpdo_frames, 1) if tpdo_frames else None,
+            "wakeups_per_s": round(w / elapsed),
         }
-        for f, used in zip(floors, floor_cpu, strict=True)
+        for f, used, w in zip(floors, floor_cpu, woke[1:], strict=True)
     }
     return {
         "window_s": round(elapsed, 1),
         "cpu_pct_of_core": round(100 * cpu / elapsed, 2),
         "us_per_frame": round(1e6 * cpu / tpdo_frames, 1) if tpdo_frames else None,
+        "wakeups_per_s": round(woke[0] / elapsed),
         "floor": floor,
         "cpu_pct_by_thread": {
             "event_loop": round(100 * loop_s / elapsed, 2),
@@ -340,7 +355,9 @@ def start_pyspy(pid: int) -> subprocess.Popen[bytes] | None:
         return None
     out = Path(PYSPY_DIR) / f"dcud-{int(time.time())}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = ["py-spy", "record", "--nonblocking", "--format", "raw", "--rate", "200"]
+    # BENCH_PYSPY_NATIVE=1: C frames too (uvloop, libc); py-spy then pauses the process per sample.
+    native = ["--native"] if os.environ.get("BENCH_PYSPY_NATIVE") == "1" else ["--nonblocking"]
+    command = ["py-spy", "record", *native, "--format", "raw", "--rate", "200"]
     return subprocess.Popen(
         [*command, "--duration", str(int(WINDOW_S)), "--pid", str(pid), "--output", str(out)],
         stdout=subprocess.DEVNULL,

@@ -101,11 +101,18 @@ class CanDriveService:
         )
 
     def route(self, cob_id: int, handler: Callable[[bytes, float], None] | None) -> None:
-        """Deliver frames with ``cob_id`` to ``handler`` (None: stop delivering)."""
+        """Deliver frames with ``cob_id`` to ``handler`` (None: stop delivering).
+
+        The port is told what is routed: on socketcan the kernel then drops the rest (the PDOs of nodes
+        nobody configured, other masters' SDO and RPDO traffic) before it costs a wake-up; every
+        heartbeat and EMCY still comes through, so an unconfigured node is still counted.
+        """
         if handler is None:
             self._routes.pop(cob_id, None)
         else:
             self._routes[cob_id] = handler
+        if self.port is not None:
+            self.port.set_receive_ids(self._routes.keys())
 
     def _on_frame(self, can_id: int, data: bytes, now: float) -> None:
         handler = self._routes.get(can_id)
