@@ -56,12 +56,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import socket
 import ssl
-import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -96,6 +94,7 @@ from dcud.config.model import LineConfig, TransparentConfig
 from dcud.errors import DcudError, LocalProtocolError, TransportError
 from dcud.runtime.bus import EventBus
 from dcud.runtime.events import EventSink
+from dcud.runtime.link import child_name, until_stopped
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.runtime.timefmt import rfc3339_ms
 from dcud.service.line import LeasedPort, LeaseTimeout, Line, LineBusyError, LineClosedError, LineRegistry
@@ -107,6 +106,21 @@ from dcud.service.tls_banks import (
     self_signed_bank,
     server_context,
     verify_from_wme,
+)
+from dcud.transport.tcp import (
+    Admission,
+    AllowList,
+    SocketTuning,
+    SourceLimits,
+    accept_connection,
+    accept_forever,
+    describe_tls_failure,
+    listen_socket,
+    peer_address,
+    peer_certificate,
+    reset_close,
+    source_address,
+    source_key,
 )
 
 if TYPE_CHECKING:
@@ -137,8 +151,6 @@ EOF_LINGER_S = 1.5
 EOF_LINGER_MAX_S = 10.0
 BREAK_DRAIN_S = 2.0
 """Beyond its wire time, how long the IEC break may take to leave the UART before the lease goes anyway."""
-IPV6_SOURCE_PREFIX = 64
-"""IPv6 sources are counted per /64: one host usually holds a whole /64 and picks addresses in it."""
 
 
 def bits_per_char(framing: str) -> int:
@@ -163,6 +175,15 @@ class SessionPolicy:
     unsent_timeout_s: float = 30.0
     iec_aware: bool = True
     iec_inactivity_s: float = 120.0
+
+    def tuning(self) -> SocketTuning:
+        """The socket options of a session: NODELAY, keepalive, TCP_USER_TIMEOUT = ``unsent_timeout_s``."""
+        return SocketTuning(
+            keepalive_idle_s=self.keepalive_idle_s,
+            keepalive_interval_s=self.keepalive_interval_s,
+            keepalive_count=self.keepalive_count,
+            user_timeout_s=self.unsent_timeout_s,
+        )
 
     @classmethod
     def from_toml(cls, t: TransparentConfig) -> SessionPolicy:
@@ -220,88 +241,6 @@ class BridgeConfig:
 
 
 # -- small helpers -------------------------------------------------------------------------------
-
-
-class AllowList:
-    """Source networks allowed to connect (empty: everybody); IPv4-mapped IPv6 counts as IPv4.
-
-    An entry that is no address/network matches nothing (logged): a typo narrows access, never widens it.
-    """
-
-    def __init__(self, entries: Iterable[str]) -> None:
-        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        self.invalid: list[str] = []
-        for entry in entries:
-            try:
-                self.networks.append(ipaddress.ip_network(entry, strict=False))
-            except ValueError:
-                self.invalid.append(entry)
-        if self.invalid:
-            log.error("allow-list entries that match nothing", entries=self.invalid)
-
-    def allows(self, host: str) -> bool:
-        """Whether ``host`` (an address string) may connect."""
-        if not self.networks and not self.invalid:
-            return True
-        try:
-            addr = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr.version == net.version and addr in net for net in self.networks)
-
-
-def source_address(host: str) -> str:
-    """The canonical form of a peer address (IPv4-mapped IPv6 as IPv4, no zone): a session's identity."""
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
-
-
-def source_key(host: str) -> str:
-    """What the per-source admission limit counts: the IPv4 address, or the IPv6 /64 network."""
-    canonical = source_address(host)
-    if ":" in canonical:
-        with contextlib.suppress(ValueError):
-            return str(ipaddress.ip_network(f"{canonical}/{IPV6_SOURCE_PREFIX}", strict=False))
-    return canonical
-
-
-def peer_name(transport: asyncio.BaseTransport) -> tuple[str, str]:
-    """``(host, "host:port")`` of a socket transport's peer (IPv6 in brackets)."""
-    peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = str(peer[0])
-        shown = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-        return host, shown
-    return "", str(peer)
-
-
-def tune_socket(transport: asyncio.BaseTransport, policy: SessionPolicy) -> None:
-    """:func:`tune_socket_options` on a transport's socket (when it has one)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        tune_socket_options(sock, policy)
-
-
-def tune_socket_options(sock: Any, policy: SessionPolicy) -> None:
-    """TCP_NODELAY, keepalive and TCP_USER_TIMEOUT (the dead-peer bound) on a session's socket."""
-    options = [
-        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
-        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", 4), policy.keepalive_idle_s),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", 5), policy.keepalive_interval_s),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", 6), policy.keepalive_count),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", 18), int(policy.unsent_timeout_s * 1000)),
-    ]
-    for level, name, value in options:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(level, name, value)
 
 
 class HexTrace:
@@ -407,12 +346,12 @@ class _Ended(Exception):
     """Internal: the session has ended; unwinds helper tasks."""
 
 
-async def _to_the_end(work: Awaitable[None]) -> None:
+async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
     """Await ``work`` to its end even if this task is cancelled meanwhile; then re-raise the cancel.
 
     ``work`` must be bounded in time by itself (the break's drain has a deadline), so the loop ends.
     """
-    task = asyncio.ensure_future(work)
+    task = asyncio.get_running_loop().create_task(work, name=child_name("wind-down"))
     cancelled: asyncio.CancelledError | None = None
     while not task.done():
         try:
@@ -542,22 +481,17 @@ class BridgeSession(asyncio.Protocol):
 
     async def run(self) -> None:
         """Bridge until the session ends; closes the connection; the caller writes the audit record."""
-        body = asyncio.ensure_future(self._body())
-        ended = asyncio.ensure_future(self._ended.wait())
         try:
-            await asyncio.wait([body, ended], return_when=asyncio.FIRST_COMPLETED)
+            # The session's own end (client gone, idle, taken over...) is its "stopping": the body
+            # is cancelled then, and waited for (it hands the line back in order).
+            await until_stopped(self._ended, self._body(), name=f"{self.sid}/body")
         except asyncio.CancelledError:
             self.end("stopping")
             raise
+        except Exception as exc:  # the body's bug ends this session, never the port
+            log.error("bridge session failed", session=self.sid, error=repr(exc))
+            self.end("error", repr(exc))
         finally:
-            ended.cancel()
-            if not body.done():
-                body.cancel()
-                await asyncio.wait([body])
-            if not body.cancelled() and body.exception() is not None:
-                exc = body.exception()
-                log.error("bridge session failed", session=self.sid, error=repr(exc))
-                self.end("error", repr(exc))
             self.end("closed")  # a guard: every path that ends the body has set a reason already
             self._close_transport()
             self.ended_s = time.time()
@@ -1123,11 +1057,12 @@ class BridgeSession(asyncio.Protocol):
         self._port = port
         self._fast = not self._ops
         self._wake.set()
+        # Helpers of this lease, named after the session; they end (cancelled) before the lease does.
         tasks = [
-            asyncio.ensure_future(self._reader(port)),
-            asyncio.ensure_future(self._pump(port)),
+            loop.create_task(self._reader(port), name=child_name(f"{self.sid}/reader")),
+            loop.create_task(self._pump(port), name=child_name(f"{self.sid}/pump")),
         ]
-        watcher = asyncio.ensure_future(self._watch(port))
+        watcher = loop.create_task(self._watch(port), name=child_name(f"{self.sid}/watch"))
         yielded = False
         try:
             done, _ = await asyncio.wait([*tasks, watcher], return_when=asyncio.FIRST_COMPLETED)
@@ -1238,9 +1173,9 @@ class BridgeService:
         self._ctx: ServiceContext | None = None
         self._active: BridgeSession | None = None
         self._sessions: set[BridgeSession] = set()
-        self._pending = 0
-        self._pending_by_source: dict[str, int] = {}
-        """Connections in admission per :func:`source_key` (at most ``max_pending`` keys)."""
+        self._admission = SourceLimits(config.max_pending, config.max_pending_per_source)
+        """Connections in admission (TLS handshakes), in total and per source."""
+        self._tuning = config.policy.tuning()
         self._seq = 0
         self.state = "starting"
         self.tls_error = ""
@@ -1267,6 +1202,16 @@ class BridgeService:
             self.trace = HexTrace(Path(config.trace_file), config.trace_max_bytes)
         self.bound_port: int | None = None
         """The port actually bound (differs from ``config.port`` only when that is 0, in tests)."""
+
+    @property
+    def _pending(self) -> int:
+        """Connections in admission now (tests read it)."""
+        return self._admission.in_use
+
+    @property
+    def _pending_by_source(self) -> dict[str, int]:
+        """Connections in admission per source (tests read it)."""
+        return self._admission.by_source
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -1358,24 +1303,6 @@ class BridgeService:
                 if await ctx.sleep(30.0):
                     return None
 
-    def _listen_socket(self) -> socket.socket:
-        """The listening socket: ``host``, or every interface (IPv6 dual-stack where the host has IPv6)."""
-        cfg = self.config
-        if cfg.host:
-            family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-            sock = socket.create_server((cfg.host, cfg.port), family=family, backlog=64, reuse_port=False)
-        elif socket.has_dualstack_ipv6():
-            try:
-                sock = socket.create_server(
-                    ("", cfg.port), family=socket.AF_INET6, backlog=64, dualstack_ipv6=True
-                )
-            except OSError:  # IPv6 disabled on this host
-                sock = socket.create_server(("", cfg.port), family=socket.AF_INET, backlog=64)
-        else:
-            sock = socket.create_server(("", cfg.port), family=socket.AF_INET, backlog=64)
-        sock.setblocking(False)
-        return sock
-
     async def run(self, ctx: ServiceContext) -> None:
         """Listen until stopped."""
         self._ctx = ctx
@@ -1388,7 +1315,7 @@ class BridgeService:
             if await ctx.sleep(0.1):
                 return
         self._line = line
-        listener = self._listen_socket()
+        listener = listen_socket(cfg.host, cfg.port)
         self.bound_port = listener.getsockname()[1]
         self.state = "listening"
         ctx.log.info(
@@ -1403,7 +1330,7 @@ class BridgeService:
             second_client=cfg.second_client,
         )
         self._publish(now=True)
-        accepting = ctx.spawn("accept", self._accept_loop(listener))
+        accepting = ctx.spawn("accept", accept_forever(listener, self._accepted, self._accept_failed))
         try:
             await ctx.heartbeat_forever()
         finally:
@@ -1418,48 +1345,37 @@ class BridgeService:
 
     # -- admission ------------------------------------------------------------------------------
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        """Accept connections; each is checked before asyncio (or TLS) ever reads from it."""
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, address = await loop.sock_accept(listener)
-            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS...: back off a little, keep serving
-                self._pending_log.hit(port=self.config.port_name, error=exc.strerror or str(exc))
-                await asyncio.sleep(0.1)
-                continue
-            self._accepted(sock, address)
+    def _accept_failed(self, exc: OSError) -> None:
+        """EMFILE, ENFILE, ENOBUFS...: counted in the summary log; the listener rests and goes on."""
+        self._pending_log.hit(port=self.config.port_name, error=exc.strerror or str(exc))
 
     def _drop(self, sock: socket.socket) -> None:
-        """Close at once with a reset: no FIN_WAIT/TIME_WAIT state kept for unwanted connections."""
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
+        reset_close(sock)
         self._publish()
 
     def _accepted(self, sock: socket.socket, address: Any) -> None:
-        host = str(address[0]) if isinstance(address, tuple) and address else ""
-        shown = f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+        """Decide about a new connection at once, before asyncio (or TLS) ever reads from it."""
+        host, shown = peer_address(address)
         if not self._allow.allows(host):
             self.counters["refused_address"] += 1
             self._refused_address_log.hit(port=self.config.port_name, peer=shown)
             self._drop(sock)
             return
-        if self._pending >= self.config.max_pending or self._ctx is None or self._line is None:
+        ready = self._ctx is not None and self._line is not None
+        verdict = self._admission.admit(host) if ready else Admission.TOTAL_FULL
+        if verdict is Admission.TOTAL_FULL:
             self.counters["dropped_pending"] += 1
-            self._pending_log.hit(port=self.config.port_name, peer=shown, pending=self._pending)
+            self._pending_log.hit(port=self.config.port_name, peer=shown, pending=self._admission.in_use)
             self._drop(sock)
             return
-        key = source_key(host)
-        if self._pending_by_source.get(key, 0) >= self.config.max_pending_per_source:
+        if verdict is Admission.SOURCE_FULL:
             self.counters["dropped_pending_source"] += 1
-            self._source_pending_log.hit(port=self.config.port_name, peer=shown, source=key)
+            self._source_pending_log.hit(port=self.config.port_name, peer=shown, source=source_key(host))
             self._drop(sock)
             return
+        assert self._ctx is not None and self._line is not None
         sock.setblocking(False)
-        tune_socket_options(sock, self.config.policy)
-        self._pending += 1
-        self._pending_by_source[key] = self._pending_by_source.get(key, 0) + 1
+        self._tuning.apply(sock)
         self._seq += 1
         session = BridgeSession(
             sid=f"{self.config.port_name}#{self._seq}",
@@ -1475,46 +1391,38 @@ class BridgeService:
             source=host,
         )
         try:
-            self._ctx.spawn(f"session-{self._seq}", self._admit(session, sock, key))
+            self._ctx.spawn(f"session-{self._seq}", self._admit(session, sock, host))
         except RuntimeError:
-            self._admitted(key)
+            self._admission.release(host)
             sock.close()
 
-    def _admitted(self, key: str) -> None:
-        """A connection left admission (handshake done or failed): its slots are free again."""
-        self._pending -= 1
-        left = self._pending_by_source.get(key, 0) - 1
-        if left > 0:
-            self._pending_by_source[key] = left
-        else:
-            self._pending_by_source.pop(key, None)
-
-    async def _admit(self, session: BridgeSession, sock: socket.socket, key: str) -> None:
+    async def _admit(self, session: BridgeSession, sock: socket.socket, host: str) -> None:
         """TLS, the second-client policy, then the session; never raises (a helper failure fails the port)."""
-        loop = asyncio.get_running_loop()
         try:
             try:
-                transport, _ = await loop.connect_accepted_socket(
-                    lambda: session,
+                transport = await accept_connection(
                     sock,
-                    ssl=self._ssl,
-                    ssl_handshake_timeout=self.config.handshake_timeout_s if self._ssl is not None else None,
+                    lambda: session,
+                    ssl_context=self._ssl,
+                    handshake_timeout_s=self.config.handshake_timeout_s,
                 )
             except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
                 self.counters["tls_failures" if self._ssl is not None else "dropped_pending"] += 1
-                self._tls_log.hit(port=self.config.port_name, peer=session.peer, error=_tls_reason(exc))
+                self._tls_log.hit(
+                    port=self.config.port_name, peer=session.peer, error=describe_tls_failure(exc)
+                )
                 with contextlib.suppress(OSError):
                     sock.close()
                 self._publish()
                 return
             finally:
-                self._admitted(key)
+                self._admission.release(host)  # out of admission (handshake done or failed)
             if self._ssl is not None:
-                cert = transport.get_extra_info("peercert")
-                if isinstance(cert, dict) and cert:
+                cert = peer_certificate(transport)
+                if cert is not None:
                     # Only a verified certificate is ever returned here (CERT_OPTIONAL/REQUIRED).
-                    session.client_cert = _subject(cert)
-                    session.identity = ("certificate", f"{session.client_cert}; issuer {_issuer(cert)}")
+                    session.client_cert = cert.subject
+                    session.identity = ("certificate", f"{cert.subject}; issuer {cert.issuer}")
             session.attach(transport)
             active = self._active
             if active is not None and not active.done:
@@ -1574,30 +1482,6 @@ async def audit(session: BridgeSession, event: EventSink | None) -> None:
         await event("bridge_session", text, **record)
     except Exception as exc:  # the outbox may refuse (full, reject_new): the log line stays
         log.error("audit event not committed", session=session.sid, error=repr(exc))
-
-
-def _tls_reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    if isinstance(exc, TimeoutError):
-        return "handshake timeout"
-    return str(exc) or type(exc).__name__
-
-
-def _name(rdns: Any) -> str:
-    parts = []
-    for rdn in rdns or ():
-        for key, value in rdn:
-            parts.append(f"{key}={value}")
-    return ",".join(parts)
-
-
-def _subject(cert: dict[str, Any]) -> str:
-    return _name(cert.get("subject"))
-
-
-def _issuer(cert: dict[str, Any]) -> str:
-    return _name(cert.get("issuer"))
 
 
 # -- building from the configuration -------------------------------------------------------------
@@ -1716,6 +1600,4 @@ __all__ = [
     "source_address",
     "source_key",
     "tls_settings",
-    "tune_socket",
-    "tune_socket_options",
 ]

@@ -50,11 +50,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,9 +65,9 @@ import structlog
 from dcud.config.loader import LoadedConfig
 from dcud.config.model import ConfigPortConfig
 from dcud.errors import ConfigError, ConfigIssue
-from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
 from dcud.runtime.events import EventSink
+from dcud.runtime.link import Link, LinkDown, LinkPolicy, run_link
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.service.crypto_envelope import (
     BLOCK_BYTES,
@@ -106,6 +106,16 @@ from dcud.service.remote_config import (
     issues_json,
     mask_parameter_text,
 )
+from dcud.transport.tcp import (
+    Admission,
+    SocketTuning,
+    SourceLimits,
+    bound_addresses,
+    is_loopback,
+    linger_close,
+    source_key,  # noqa: F401  (its old home: callers import it from here)
+    start_stream_server,
+)
 
 log = structlog.get_logger("dcud.config_port")
 
@@ -132,6 +142,9 @@ _REASONS = {
 }
 ROUTES: dict[str, tuple[str, ...]] = {"/config": ("GET", "PUT", "PATCH"), "/firmware": ("GET", "PUT")}
 WRITE_METHODS = frozenset({"PUT", "PATCH"})
+TUNING = SocketTuning()
+"""Accepted connections: NODELAY, keepalive 60/10/3 and TCP_USER_TIMEOUT 30 s (docs/remote-config.md);
+the header, body-rate and request deadlines bound a request's life long before those fire."""
 PLAIN_WRITE_REFUSAL = (
     "writes on a plain config port are off: use fw_server_encrypt=1, or let the installer set "
     "[config_port] plain_writes = true in dcud.toml"
@@ -192,9 +205,7 @@ class ConfigPortSettings:
     @property
     def exposed(self) -> bool:
         """Whether the port listens beyond loopback."""
-        if self.host is None:
-            return True
-        return not ipaddress.ip_address(self.host).is_loopback
+        return self.host is None or not is_loopback(self.host)
 
 
 def bind_host(listen: str, encrypt: bool) -> str | None:
@@ -206,20 +217,6 @@ def bind_host(listen: str, encrypt: bool) -> str | None:
     if listen == "any":
         return None
     return listen
-
-
-def source_key(peer: str) -> str:
-    """What ``max_connections_per_source`` counts by: the IPv4 address, or the IPv6 /64 (one
-    subscriber's prefix: an attacker on IPv6 has a whole /64 to pick addresses from)."""
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return peer
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 class HttpError(Exception):
@@ -398,8 +395,10 @@ class ConfigPortService:
         self._firmware: FirmwareStager | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._applying: set[asyncio.Task[Any]] = set()
-        self._per_source: dict[str, int] = {}
-        """Open connections per source (bounded: entries only while a connection is counted)."""
+        self._admission = SourceLimits(
+            config.limits.max_connections, config.limits.max_connections_per_source
+        )
+        """Open connections, in total and per source (entries only while a connection is counted)."""
         self._state = "starting"
         self._error: str | None = None
         self.bound: list[tuple[str, int]] = []
@@ -426,46 +425,36 @@ class ConfigPortService:
                 "anyone who reaches it can reconfigure this DCU",
                 listen=cfg.limits.listen,
             )
-        server = await self._bind(ctx)
-        if server is None:
-            return
-        try:
-            await ctx.heartbeat_forever()
-        finally:
-            server.close()
-            await self._close_idle_connections()
-            self._publish("stopped", None)
+        await run_link(ctx, _ListenerLink(self, ctx), LinkPolicy(initial_s=1.0, max_s=60.0))
 
-    async def _bind(self, ctx: ServiceContext) -> asyncio.Server | None:
-        backoff = Backoff(initial_s=1.0, max_s=60.0)
-        last_error = ""
-        while not ctx.stopping.is_set():
-            try:
-                server = await asyncio.start_server(
-                    self._connection,
-                    self.config.host,
-                    self.config.port,
-                    reuse_address=True,
-                    limit=READ_CHUNK_BYTES,
-                )
-            except OSError as exc:
-                error = f"{exc.strerror or exc}"
-                if error != last_error:  # once per state change
-                    ctx.log.error("cannot listen", port=self.config.port, host=self.config.host, error=error)
-                    last_error = error
-                self._publish("failed", error)
-                ctx.set_ready()  # degraded, not a start failure: meters keep being read
-                if await ctx.sleep(backoff.next_delay_s()):
-                    return None
-                continue
-            self.bound = [sock.getsockname()[:2] for sock in server.sockets]
+    @property
+    def _per_source(self) -> dict[str, int]:
+        """Open connections per source (tests read it)."""
+        return self._admission.by_source
+
+    @contextlib.asynccontextmanager
+    async def _listening(self, ctx: ServiceContext) -> AsyncIterator[asyncio.Server]:
+        """Bound and serving; on the way out: closed, idle connections ended, state ``stopped``."""
+        server = await start_stream_server(
+            self._connection,
+            self.config.host,
+            self.config.port,
+            limit=READ_CHUNK_BYTES,
+            tuning=TUNING,
+            owner=ctx.name,
+        )
+        try:
+            self.bound = bound_addresses(server)
             ctx.log.info(
                 "listening", addresses=[f"{h}:{p}" for h, p in self.bound], encrypted=self.config.encrypt
             )
             self._publish("listening", None)
             ctx.set_ready()
-            return server
-        return None
+            yield server
+        finally:
+            server.close()
+            await self._close_idle_connections()
+            self._publish("stopped", None)
 
     async def _close_idle_connections(self) -> None:
         # A connection waiting for its apply to finish keeps going (it answers once the reload that
@@ -503,18 +492,18 @@ class ConfigPortService:
         task = asyncio.current_task()
         peer_info = writer.get_extra_info("peername")
         peer = str(peer_info[0]) if isinstance(peer_info, tuple) else "local"
-        source = source_key(peer)
         limits = self.config.limits
         counted = False
         self.counters.connections += 1
         try:
-            if len(self._handlers) >= limits.max_connections:
+            admission = self._admission.admit(peer)
+            if admission is Admission.TOTAL_FULL:
                 self.counters.refused_busy += 1
                 self._publish_counters()
                 log.warning("connection refused: port busy", peer=peer, limit=limits.max_connections)
                 await self._write_raw(writer, 503, _error_body("too many connections"))
                 return
-            if self._per_source.get(source, 0) >= limits.max_connections_per_source:
+            if admission is Admission.SOURCE_FULL:
                 self.counters.refused_per_source += 1
                 self._publish_counters()
                 log.warning(
@@ -524,21 +513,18 @@ class ConfigPortService:
                 )
                 await self._write_raw(writer, 503, _error_body("too many connections from this address"))
                 return
-            self._per_source[source] = self._per_source.get(source, 0) + 1
             counted = True
             if task is not None:
                 self._handlers.add(task)
             await self._serve(reader, writer, peer)
-            await _linger(reader, writer)
+            await linger_close(reader, writer)
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass
         except Exception as exc:  # one bad connection must never fail the service
             log.error("connection failed", peer=peer, error=repr(exc))
         finally:
             if counted:
-                left = self._per_source.pop(source, 1) - 1
-                if left > 0:
-                    self._per_source[source] = left
+                self._admission.release(peer)
             if task is not None:
                 self._handlers.discard(task)
                 self._applying.discard(task)
@@ -845,16 +831,33 @@ class ConfigPortService:
         return StreamBodyOpener(keys, stream.manifest), head[STREAM_HEADER_BYTES:]
 
 
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Half-close, then read and drop what the client still sends (a refused body) for a moment, so
-    that the kernel does not reset the connection before the client has read the answer."""
-    with contextlib.suppress(Exception):
-        if writer.can_write_eof():
-            writer.write_eof()
-        async with asyncio.timeout(1.0):
-            for _ in range(64):
-                if not await reader.read(READ_CHUNK_BYTES):
-                    return
+class _ListenerLink(Link[asyncio.Server]):
+    """The listening socket as the link kernel drives it: bind (retried while the port is taken),
+    then serve until stopped."""
+
+    down_message = "cannot listen"
+    down_level = "error"
+
+    def __init__(self, service: ConfigPortService, ctx: ServiceContext) -> None:
+        self._service = service
+        self._ctx = ctx
+
+    def log_fields(self) -> dict[str, object]:
+        return {"port": self._service.config.port, "host": self._service.config.host}
+
+    def describe(self, exc: BaseException) -> str:
+        return f"{getattr(exc, 'strerror', None) or exc}"
+
+    def connect(self) -> AbstractAsyncContextManager[asyncio.Server]:
+        return self._service._listening(self._ctx)
+
+    async def serve(self, server: asyncio.Server) -> str:
+        await self._ctx.heartbeat_forever()
+        return "closed"
+
+    async def on_down(self, down: LinkDown) -> None:
+        self._service._publish("failed", down.error)
+        self._ctx.set_ready()  # degraded, not a start failure: meters keep being read
 
 
 def _parse_request(head: h11.Request, peer: str) -> _Request:

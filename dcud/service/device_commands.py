@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Protocol
 
 import msgspec
@@ -40,6 +40,7 @@ import structlog
 
 from dcud.config.loader import LoadedConfig
 from dcud.errors import DcudError
+from dcud.runtime.events import EventSink
 from dcud.service.commands import CommandContext, CommandError, CommandRouter, NotAuthorizedError, Request
 
 log = structlog.get_logger("dcud.device_commands")
@@ -48,8 +49,6 @@ MAX_OUTPUT_BYTES = 4096
 """What is kept of a reboot program's output (for the error message and the log)."""
 LOGIND = ("org.freedesktop.login1", "/org/freedesktop/login1", "org.freedesktop.login1.Manager")
 """Bus name, object path and interface of systemd-logind's manager."""
-
-EventSink = Callable[..., Awaitable[None]]
 
 
 class RestartRequest(Request, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -42,9 +42,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from dcud.runtime.bus import EventBus
+from dcud.runtime.link import STOPPED, ErrorLog, until_stopped
 from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.timefmt import rfc3339
 from dcud.service.tls_banks import TlsBankError, client_context, load_bank
+from dcud.transport.tcp import open_stream
 
 if TYPE_CHECKING:
     from dcud.config.loader import LoadedConfig
@@ -155,6 +157,7 @@ class DmPushService:
         self.verified: bool | None = None
         self.last_success: str | None = None
         self.last_error: dict[str, Any] | None = None
+        self._error_log: ErrorLog | None = None
 
     @property
     def target(self) -> str:
@@ -182,7 +185,9 @@ class DmPushService:
         ctx.set_ready()
         self._publish()
         while not ctx.stopping.is_set():
-            await self.push_once(ctx)
+            # A push may wait for its whole timeout on a silent server; a stop does not wait for it.
+            if await until_stopped(ctx.stopping, self.push_once(ctx), name="push") is STOPPED:
+                return
             if await ctx.sleep(self.config.interval_s):
                 return
 
@@ -205,15 +210,20 @@ class DmPushService:
         self.last_success = _utc_now()
         if self.last_error is not None:
             ctx.log.info("device manager push recovered", target=self.target)
+        self._errors(ctx).forget()
         self.last_error = None
         self._publish()
         return True
 
+    def _errors(self, ctx: ServiceContext) -> ErrorLog:
+        if self._error_log is None:
+            self._error_log = ErrorLog(ctx.log, "device manager push failed", target=self.target)
+        return self._error_log
+
     def _failed(self, ctx: ServiceContext, message: str) -> None:
         """Count and show a failed push; log it once per change of message."""
         self.failures += 1
-        if self.last_error is None or self.last_error["message"] != message:
-            ctx.log.warning("device manager push failed", target=self.target, error=message)
+        self._errors(ctx).report(message)
         self.last_error = {"ts": _utc_now(), "message": message}
         self._publish()
 
@@ -223,8 +233,8 @@ class DmPushService:
         if cfg.tls:
             context = dm_tls_context(cfg, verify=cfg.verify != VERIFY_NONE)
         try:
-            reader, writer = await asyncio.open_connection(
-                cfg.server, cfg.port, ssl=context, server_hostname=cfg.server if context else None
+            reader, writer = await open_stream(
+                cfg.server, cfg.port, timeout_s=cfg.timeout_s, ssl_context=context
             )
         except ssl.SSLCertVerificationError as exc:
             if cfg.verify != VERIFY_OPTIONAL:
@@ -233,8 +243,8 @@ class DmPushService:
                 ctx.log.warning("device manager certificate not verified; pushing anyway", error=str(exc))
             self.verified = False
             context = dm_tls_context(cfg, verify=False)
-            reader, writer = await asyncio.open_connection(
-                cfg.server, cfg.port, ssl=context, server_hostname=cfg.server
+            reader, writer = await open_stream(
+                cfg.server, cfg.port, timeout_s=cfg.timeout_s, ssl_context=context
             )
         else:
             if cfg.tls:

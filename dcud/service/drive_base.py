@@ -35,6 +35,7 @@ from dcud.codec.cia402 import (
 from dcud.config.model import DriveConfig
 from dcud.errors import DcudError, PeerTimeout, RemoteProtocolError
 from dcud.runtime.bus import EventBus
+from dcud.runtime.link import until_stopped
 from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.timefmt import rfc3339_ms
 from dcud.service.drive_commands import DriveStateError, WriteAllowList
@@ -114,12 +115,8 @@ class DriveBase:
     async def _sleep(self, stopping: asyncio.Event, delay_s: float) -> None:
         """Sleep until ``delay_s`` passed, something asked for attention (``_wake``) or stopping."""
         if not self._wake.is_set():
-            waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(self._wake.wait())]
-            try:
-                await asyncio.wait(waits, timeout=max(0.0, delay_s), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in waits:
-                    task.cancel()
+            with contextlib.suppress(TimeoutError):
+                await until_stopped(stopping, self._wake.wait(), timeout_s=max(0.0, delay_s), name="sleep")
         self._wake.clear()
 
     # -- events and state ------------------------------------------------------------------------

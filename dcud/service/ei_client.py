@@ -40,10 +40,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -51,9 +51,9 @@ from typing import TYPE_CHECKING, Any, cast
 import structlog
 
 from dcud.config.model import LineConfig
-from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
 from dcud.runtime.events import EventSink
+from dcud.runtime.link import Link, LinkDown, LinkPolicy, run_link, until_stopped
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.runtime.timefmt import rfc3339_ms
 from dcud.service.bridge import (
@@ -65,10 +65,10 @@ from dcud.service.bridge import (
     audit,
     tls_settings,
     trace_path,
-    tune_socket,
 )
 from dcud.service.line import LineRegistry
 from dcud.service.tls_banks import TlsBankError, Verify, client_context, load_bank
+from dcud.transport.tcp import open_connection
 
 if TYPE_CHECKING:
     from dcud.config.loader import LoadedConfig
@@ -226,7 +226,7 @@ class EiClientService:
         )
 
     async def run(self, ctx: ServiceContext) -> None:
-        """Keep a bridged connection to the head-end until stopped."""
+        """Keep a bridged connection to the head-end until stopped (the link kernel reconnects)."""
         cfg = self.config
         ctx.set_ready()  # an unreachable head-end is a degraded uplink, not a failed daemon
         if cfg.password_blocked:
@@ -235,56 +235,32 @@ class EiClientService:
             self._set_state("refused", UNVERIFIED_PASSWORD)
             await ctx.stopping.wait()
             return
-        backoff = Backoff(cfg.reconnect_initial_s, cfg.reconnect_max_s)
-        last_logged = ""
-        while not ctx.stopping.is_set():
-            line = self._lines.get(cfg.line.name)
-            if line is None:
-                if await ctx.sleep(0.2):
-                    return
-                continue
-            self._set_state("connecting")
-            started = time.monotonic()
-            try:
-                await self._connect_and_bridge(ctx, line)
-                error = (self.session.reason if self.session is not None else None) or "closed"
-            except (OSError, TimeoutError, ssl.SSLError, LoginRefused, TlsBankError) as exc:
-                error = _describe(exc)
-                self.failures += 1
-            if ctx.stopping.is_set():
+        while (line := self._lines.get(cfg.line.name)) is None:
+            if await ctx.sleep(0.2):
                 return
-            if time.monotonic() - started >= STABLE_CONNECTION_S:
-                backoff.reset()
-            delay = backoff.next_delay_s()
-            if error != last_logged:  # once per state change, not once per retry
-                ctx.log.warning(
-                    "EI connection down; reconnecting", server=f"{cfg.host}:{cfg.port}", error=error
-                )
-                last_logged = error
-            self._set_state("backoff", error)
-            if await ctx.sleep(delay):
-                return
+        policy = LinkPolicy(
+            initial_s=cfg.reconnect_initial_s,
+            max_s=cfg.reconnect_max_s,
+            stable_s=STABLE_CONNECTION_S,
+            retry_on=RETRY_ERRORS,
+        )
+        await run_link(ctx, _HeadEndLink(self, ctx, line), policy)
 
-    async def _connect_and_bridge(self, ctx: ServiceContext, line: Any) -> None:
+    async def _dial(self) -> tuple[asyncio.Transport, _Login, ssl.SSLContext | None]:
+        """TCP (or TLS) to the head-end, tuned, logged in; the connection is aborted on any failure."""
         cfg = self.config
-        loop = asyncio.get_running_loop()
         context = self._ssl_context()
         login = _Login()
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            transport, _ = await loop.create_connection(
-                lambda: login,
-                cfg.host,
-                cfg.port,
-                ssl=context,
-                server_hostname=cfg.host if context is not None else None,
-            )
+        tuning = cfg.policy.tuning()
+        transport, _ = await open_connection(
+            cfg.host,
+            cfg.port,
+            lambda: login,
+            timeout_s=CONNECT_TIMEOUT_S,
+            tuning=tuning if cfg.keepalive_s else tuning.without_keepalive(),
+            ssl_context=context,
+        )
         try:
-            tune_socket(transport, cfg.policy)
-            if cfg.keepalive_s == 0:
-                sock = transport.get_extra_info("socket")
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
             greeting = cfg.login_lines()
             if greeting and context is not None and cfg.tls_verify != "mandatory":
                 raise LoginRefused(UNVERIFIED_PASSWORD)  # a guard: run() never gets here so
@@ -297,6 +273,14 @@ class EiClientService:
         except BaseException:
             transport.abort()
             raise
+        return transport, login, context
+
+    def _bridge(
+        self, ctx: ServiceContext, line: Any, dialled: tuple[asyncio.Transport, _Login, Any]
+    ) -> BridgeSession:
+        """Hand the logged-in connection to a bridge session (with what arrived after the ``OK``)."""
+        cfg = self.config
+        transport, login, context = dialled
         self.connects += 1
         self._seq += 1
         peer = f"{cfg.host}:{cfg.port}"
@@ -324,16 +308,59 @@ class EiClientService:
             session.data_received(rest)
         ctx.log.info("EI connection up", server=peer, auth=cfg.auth_mode, tls=context is not None)
         self._set_state("connected")
-        stop = asyncio.ensure_future(ctx.stopping.wait())
-        run = asyncio.ensure_future(session.run())
+        return session
+
+
+RETRY_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    ssl.SSLError,
+    LoginRefused,
+    TlsBankError,
+)
+"""What makes the EI client back off and dial again (anything else fails the service)."""
+
+
+class _HeadEndLink(Link[BridgeSession]):
+    """The EI connection as the link kernel drives it: dial and log in, then bridge until it ends."""
+
+    down_message = "EI connection down; reconnecting"
+
+    def __init__(self, service: EiClientService, ctx: ServiceContext, line: Any) -> None:
+        self._service = service
+        self._ctx = ctx
+        self._line = line
+
+    def log_fields(self) -> dict[str, object]:
+        cfg = self._service.config
+        return {"server": f"{cfg.host}:{cfg.port}"}
+
+    def describe(self, exc: BaseException) -> str:
+        return _describe(exc)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[BridgeSession]:
+        self._service._set_state("connecting")
+        dialled = await self._service._dial()
+        yield self._service._bridge(self._ctx, self._line, dialled)
+
+    def connect(self) -> AbstractAsyncContextManager[BridgeSession]:
+        return self._connection()
+
+    async def serve(self, session: BridgeSession) -> str:
+        """Bridge until the session ends; a stop ends it gracefully ("stopping"), then the audit."""
         try:
-            await asyncio.wait([stop, run], return_when=asyncio.FIRST_COMPLETED)
-            if not run.done():
-                session.end("stopping")
-                await run
+            await until_stopped(
+                self._ctx.stopping, session.run(), name="session", on_stop=lambda: session.end("stopping")
+            )
         finally:
-            stop.cancel()
-            await audit(session, self._event)
+            await audit(session, self._service._event)
+        return session.reason or "closed"
+
+    async def on_down(self, down: LinkDown) -> None:
+        if down.exc is not None:
+            self._service.failures += 1
+        self._service._set_state("backoff", down.error)
 
 
 def _describe(exc: BaseException) -> str:

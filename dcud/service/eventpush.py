@@ -41,6 +41,7 @@ Delivery
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import re
@@ -54,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
+from dcud.runtime.link import until_stopped
 from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.timefmt import rfc3339
 from dcud.service.outbox import Outbox, OutboxItem
@@ -407,18 +409,16 @@ class EventPushService:
             ctx.beat()
 
     async def _wait_for_items(self, ctx: ServiceContext) -> bool:
-        waiter = asyncio.ensure_future(self._outbox.wait_for_items(self.config.consumer))
-        stopper = asyncio.ensure_future(ctx.stopping.wait())
-        try:
-            await asyncio.wait([waiter, stopper], timeout=ctx.liveness_s / 3, return_when="FIRST_COMPLETED")
-        finally:
-            for task in (waiter, stopper):
-                task.cancel()
+        """Until the outbox has items for us, stopping, or a third of the liveness bound (to beat);
+        OutboxClosed (the daemon is stopping) is raised."""
+        with contextlib.suppress(TimeoutError):
+            await until_stopped(
+                ctx.stopping,
+                self._outbox.wait_for_items(self.config.consumer),
+                timeout_s=ctx.liveness_s / 3,
+                name="wait",
+            )
         ctx.beat()
-        if waiter.done() and not waiter.cancelled():
-            error = waiter.exception()
-            if error is not None:  # OutboxClosed: the daemon is stopping
-                raise error
         return ctx.stopping.is_set()
 
     async def _deliver(self, ctx: ServiceContext, items: list[OutboxItem]) -> tuple[list[int], list[int]]:

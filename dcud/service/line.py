@@ -30,16 +30,17 @@ import heapq
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
 from dcud.config.model import LineConfig
 from dcud.errors import DcudError, LocalProtocolError, PeerTimeout, TransportError
-from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
 from dcud.runtime.events import EventSink
+from dcud.runtime.link import STOPPED, Link, LinkDown, LinkPolicy, run_link, until_stopped
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.runtime.timefmt import rfc3339
 from dcud.transport.serial import Framing, PortCounters, Rs485Settings, SerialPort
@@ -545,15 +546,6 @@ RS485_MODE_NAMES = {0: "rs232", 1: "2-wire", 2: "4-wire"}
 DCD_MODE_NAMES = {0: "dirx-0", 1: "dirx-1", 2: "standard", 3: "inverted"}
 
 
-@dataclass
-class _Owner:
-    """What the line service keeps between its loop iterations."""
-
-    down_reported: bool = False
-    last_logged_error: str = ""
-    backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 60.0))
-
-
 class LineService:
     """Supervised owner of one line: open, watch, reopen with backoff, publish state (module docstring)."""
 
@@ -570,6 +562,7 @@ class LineService:
         self._bus = bus
         self._event = event
         self.line: Line | None = None
+        self._down_reported = False
 
     def _publish(self, line: Line) -> None:
         self._bus.set_state(f"line/{line.name}", line.state_document())
@@ -598,35 +591,11 @@ class LineService:
             "rs485_mode": RS485_MODE_NAMES.get(self.config.rs485_mode, str(self.config.rs485_mode)),
             "dcd_mode": DCD_MODE_NAMES.get(self.config.dcd_mode, str(self.config.dcd_mode)),
         }
-        owner = _Owner(backoff=Backoff(0.5, line_cfg.reopen_max_s))
         ctx.set_ready()  # a missing device is a degraded line, not a failed start
         self._publish(line)
+        policy = LinkPolicy(initial_s=0.5, max_s=line_cfg.reopen_max_s, retry_on=(TransportError,))
         try:
-            while not ctx.stopping.is_set():
-                port = self._port()
-                try:
-                    await port.open()
-                except TransportError as exc:
-                    await self._down(ctx, line, owner, str(exc))
-                    if await ctx.sleep(owner.backoff.next_delay_s()):
-                        return
-                    continue
-                self._note_device(ctx, line, port)
-                line.attach(port)
-                owner.backoff.reset()
-                owner.last_logged_error = ""
-                ctx.log.info("line open", line=line.name, device=line_cfg.device)
-                if owner.down_reported:
-                    owner.down_reported = False
-                    await self._emit("line_up", f"line {line.name} is back", line=line.name)
-                failure = await self._watch(ctx, port)
-                if ctx.stopping.is_set():
-                    return
-                reason = f"{line_cfg.device}: {_describe(failure)}"
-                line.detach("failed", reason)
-                await self._down(ctx, line, owner, reason)
-                if await ctx.sleep(owner.backoff.next_delay_s()):
-                    return
+            await run_link(ctx, _DeviceLink(self, ctx, line), policy)
         finally:
             line.detach("closed")
 
@@ -651,33 +620,62 @@ class LineService:
             notes["framing_note"] = port.framing_error
         line.notes = notes
 
-    async def _watch(self, ctx: ServiceContext, port: SerialPort) -> BaseException | None:
-        """Beat while the port is healthy; return its failure when it closes (None when stopping)."""
-        closed = asyncio.ensure_future(port.wait_closed())
-        stopping = asyncio.ensure_future(ctx.stopping.wait())
-        try:
-            while True:
-                done, _ = await asyncio.wait(
-                    [closed, stopping], timeout=ctx.liveness_s / 3, return_when=asyncio.FIRST_COMPLETED
-                )
-                ctx.beat()
-                if stopping in done:
-                    return None
-                if closed in done:
-                    return closed.result() or port.failure
-        finally:
-            stopping.cancel()
-            closed.cancel()
-
-    async def _down(self, ctx: ServiceContext, line: Line, owner: _Owner, reason: str) -> None:
-        if line.state != "failed":
-            line.detach("failed", reason)
-        if reason != owner.last_logged_error:  # once per state change, not once per retry
-            ctx.log.warning("line down", line=line.name, error=reason)
-            owner.last_logged_error = reason
-        if not owner.down_reported:
-            owner.down_reported = True
+    async def _emit_once(self, down: bool, line: Line, reason: str = "") -> None:
+        """``line_down`` once per outage, ``line_up`` when a reported outage ends."""
+        if down and not self._down_reported:
+            self._down_reported = True
             await self._emit("line_down", f"line {line.name} down: {reason}", line=line.name)
+        elif not down and self._down_reported:
+            self._down_reported = False
+            await self._emit("line_up", f"line {line.name} is back", line=line.name)
+
+
+class _DeviceLink(Link[SerialPort]):
+    """The tty as the link kernel drives it: open, watch until it fails, reopen with backoff."""
+
+    down_message = "line down"
+
+    def __init__(self, service: LineService, ctx: ServiceContext, line: Line) -> None:
+        self._service = service
+        self._ctx = ctx
+        self._line = line
+
+    def log_fields(self) -> dict[str, object]:
+        return {"line": self._line.name}
+
+    def describe(self, exc: BaseException) -> str:
+        return str(exc)
+
+    @contextlib.asynccontextmanager
+    async def _opened(self) -> AsyncIterator[SerialPort]:
+        port = self._service._port()
+        try:
+            await port.open()
+        except BaseException:
+            port.close()  # a cancelled open (stop) leaves no tty open
+            raise
+        yield port  # the line closes it (detach), whether it failed or the service stops
+
+    def connect(self) -> AbstractAsyncContextManager[SerialPort]:
+        return self._opened()
+
+    async def serve(self, port: SerialPort) -> str:
+        """Hand the open port to the line, then wait until it fails (or the service stops)."""
+        ctx, line = self._ctx, self._line
+        self._service._note_device(ctx, line, port)
+        line.attach(port)
+        ctx.log.info("line open", line=line.name, device=line.config.device)
+        await self._service._emit_once(False, line)
+        failure = await until_stopped(ctx.stopping, port.wait_closed(), name="watch")
+        if failure is STOPPED:
+            return "stopping"
+        return f"{line.config.device}: {_describe(failure or port.failure)}"
+
+    async def on_down(self, down: LinkDown) -> None:
+        line = self._line
+        if line.state != "failed":
+            line.detach("failed", down.error)
+        await self._service._emit_once(True, line, down.error)
 
 
 def _describe(failure: BaseException | None) -> str:

@@ -22,7 +22,8 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +36,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from dcud.config.model import MqttConfig
 from dcud.config.mqtt_url import MqttUrl, parse_mqtt_url
-from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
+from dcud.runtime.link import Link, LinkPolicy, run_link
 from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.timefmt import rfc3339
 from dcud.runtime.uplink import UplinkReconnect
@@ -163,37 +164,12 @@ class MqttService:
         )
 
     async def run(self, ctx: ServiceContext) -> None:
-        """Connect, serve, reconnect with jittered backoff; publish offline on a graceful stop."""
-        backoff = Backoff(initial_s=1.0, max_s=self.config.settings.reconnect_max_s)
+        """Connect, serve, reconnect with jittered backoff (the link kernel); offline on a graceful stop."""
         ctx.set_ready()  # ready means "running": a broker outage is a degraded state, not a start failure
-        last_error = ""
-        v5 = self.config.settings.protocol != "3.1.1"
-        while not ctx.stopping.is_set():
-            try:
-                async with self._client(v5) as client:
-                    backoff.reset()
-                    self.connected = True
-                    self.protocol = "5" if v5 else "3.1.1"
-                    ctx.log.info("connected", broker=self.config.url.redacted(), protocol=self.protocol)
-                    last_error = ""
-                    await self._serve(ctx, client, v5)
-                    return
-            except aiomqtt.MqttError as exc:
-                if v5 and self.config.settings.protocol == "auto" and _refuses_protocol(exc):
-                    ctx.log.warning(
-                        "broker does not speak MQTT 5; using 3.1.1", broker=self.config.url.redacted()
-                    )
-                    v5 = False
-                    continue
-                error = str(exc)
-                if error != last_error:  # once per state change, not once per retry
-                    ctx.log.warning("broker unavailable", broker=self.config.url.redacted(), error=error)
-                    last_error = error
-            finally:
-                self.connected = False
-                self.protocol = ""
-            if await ctx.sleep(backoff.next_delay_s()):
-                return
+        policy = LinkPolicy(
+            initial_s=1.0, max_s=self.config.settings.reconnect_max_s, retry_on=(aiomqtt.MqttError,)
+        )
+        await run_link(ctx, _BrokerLink(self, ctx), policy, reconnect=self._reconnect)
 
     async def _serve(self, ctx: ServiceContext, client: aiomqtt.Client, v5: bool) -> None:
         prefix = self.config.topic_prefix
@@ -208,7 +184,6 @@ class MqttService:
         # Whatever an earlier connection (or an earlier run of this service) had in flight is taken again.
         await self._outbox.rewind(CONSUMER)
         pending: set[int] = set()
-        epoch = self._reconnect.epoch if self._reconnect is not None else 0
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -217,11 +192,8 @@ class MqttService:
                     tg.create_task(self._receive(ctx, client), name="dcud[mqtt:commands]"),
                     tg.create_task(self._status_loop(ctx, client), name="dcud[mqtt:status]"),
                 ]
-                if self._reconnect is not None:  # the connectivity watchdog asks for a fresh connection
-                    tasks.append(
-                        tg.create_task(_reconnect_on(self._reconnect, epoch), name="dcud[mqtt:reconnect]")
-                    )
-                # A failing loop cancels this wait; the TaskGroup then raises its error.
+                # A failing loop cancels this wait; the TaskGroup then raises its error. A reconnect
+                # request (the connectivity watchdog) cancels this whole task: see run_link.
                 await ctx.stopping.wait()
                 for task in tasks:
                     task.cancel()
@@ -390,9 +362,77 @@ def _refuses_protocol(exc: aiomqtt.MqttError) -> bool:
     return isinstance(exc, MqttConnectError) and value in _PROTOCOL_REFUSED
 
 
-async def _reconnect_on(reconnect: UplinkReconnect, epoch: int) -> None:
-    reason = await reconnect.wait_newer(epoch)
-    raise aiomqtt.MqttError(f"reconnect requested: {reason}")
+class _BrokerLink(Link[aiomqtt.Client]):
+    """The broker connection as the link kernel drives it (one per run of the service)."""
+
+    down_message = "broker unavailable"
+
+    def __init__(self, service: MqttService, ctx: ServiceContext) -> None:
+        self._service = service
+        self._ctx = ctx
+        self.v5 = service.config.settings.protocol != "3.1.1"
+        """Cleared for good once an ``auto`` broker refused MQTT 5."""
+
+    def log_fields(self) -> dict[str, object]:
+        return {"broker": self._service.config.url.redacted()}
+
+    def describe(self, exc: BaseException) -> str:
+        return str(exc)
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[aiomqtt.Client]:
+        service, ctx = self._service, self._ctx
+        client = await self._connect(service._client(self.v5))
+        service.connected = True
+        service.protocol = "5" if self.v5 else "3.1.1"
+        ctx.log.info("connected", broker=service.config.url.redacted(), protocol=service.protocol)
+        try:
+            yield client
+        finally:
+            service.connected = False
+            service.protocol = ""
+            await client.__aexit__(None, None, None)
+
+    async def _connect(self, client: aiomqtt.Client) -> aiomqtt.Client:
+        service = self._service
+        try:
+            await _enter(client)
+            return client
+        except aiomqtt.MqttError as exc:
+            if not (self.v5 and service.config.settings.protocol == "auto" and _refuses_protocol(exc)):
+                raise
+        self._ctx.log.warning(
+            "broker does not speak MQTT 5; using 3.1.1", broker=service.config.url.redacted()
+        )
+        self.v5 = False
+        client = service._client(False)
+        await _enter(client)
+        return client
+
+    def connect(self) -> AbstractAsyncContextManager[aiomqtt.Client]:
+        return self._session()
+
+    async def serve(self, client: aiomqtt.Client) -> str:
+        await self._service._serve(self._ctx, client, self.v5)
+        return "closed"
+
+
+async def _enter(client: aiomqtt.Client) -> None:
+    """Connect ``client``; a connect that is cancelled (stop) leaves no socket behind."""
+    try:
+        await client.__aenter__()
+    except asyncio.CancelledError:
+        drop_socket(client)
+        raise
+
+
+def drop_socket(client: aiomqtt.Client) -> None:
+    """Close a client's socket under paho: for a broker that never answers DISCONNECT (or a connect
+    abandoned half-way), so that nothing leaks across retries."""
+    with contextlib.suppress(Exception):
+        sock = client._client.socket()
+        if sock is not None:
+            sock.close()
 
 
 async def _raise_when_failed(failure: asyncio.Future[None]) -> None:

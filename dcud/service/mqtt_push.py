@@ -19,7 +19,6 @@ Session
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -28,7 +27,9 @@ from typing import Any, Final
 import aiomqtt
 
 from dcud.config.model import DataPushConfig
+from dcud.runtime.link import child_name
 from dcud.service.datapush import DataPushServiceConfig, PushError, PushTarget, tls_context
+from dcud.service.mqtt import drop_socket
 from dcud.service.outbox import OutboxItem
 
 __all__ = ["CONSUMER", "MqttPusher", "push_topic_prefix", "with_uid"]
@@ -115,11 +116,13 @@ class MqttPusher:
             finally:
                 window.release()
 
+        name = child_name("publish")
         try:
             async with asyncio.TaskGroup() as tg:
                 for item in items:
                     await window.acquire()
-                    tg.create_task(publish(f"{prefix}/{item.subtopic}", with_uid(item.payload, item.uid)))
+                    topic = f"{prefix}/{item.subtopic}"
+                    tg.create_task(publish(topic, with_uid(item.payload, item.uid)), name=name)
         except BaseExceptionGroup as group:
             leaf: BaseException = group
             while isinstance(leaf, BaseExceptionGroup):
@@ -141,8 +144,4 @@ class MqttPusher:
             async with asyncio.timeout(_DISCONNECT_TIMEOUT_S):
                 await client.__aexit__(None, None, None)
         except (aiomqtt.MqttError, TimeoutError, OSError, RuntimeError):
-            # A stalled broker never answers DISCONNECT: drop the socket so nothing leaks across retries.
-            with contextlib.suppress(Exception):
-                sock = client._client.socket()
-                if sock is not None:
-                    sock.close()
+            drop_socket(client)  # a stalled broker never answers DISCONNECT

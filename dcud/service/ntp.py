@@ -62,6 +62,7 @@ from dcud.config.loader import LoadedConfig
 from dcud.config.wme import ParameterSet
 from dcud.runtime.bus import EventBus
 from dcud.runtime.events import EventSink
+from dcud.runtime.link import STOPPED, until_stopped
 from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.threads import in_daemon_thread
 from dcud.runtime.timefmt import rfc3339
@@ -470,14 +471,9 @@ class NtpService:
         while not ctx.stopping.is_set():
             if power_ok(self._bus):
                 # A query may block for its whole timeout; a stop request must not wait for it.
-                poll = asyncio.ensure_future(self.poll_once(ctx))
-                stop = asyncio.ensure_future(ctx.stopping.wait())
-                await asyncio.wait([poll, stop], return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
-                if not poll.done():
-                    poll.cancel()
+                factor = await until_stopped(ctx.stopping, self.poll_once(ctx), name="poll")
+                if factor is STOPPED:
                     return
-                factor = poll.result()
                 backoff = min(backoff * factor, _MAX_RATE_BACKOFF) if factor > 1 else 1.0
             if await ctx.sleep(cfg.interval_s * backoff):
                 return

@@ -53,6 +53,7 @@ from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.timefmt import rfc3339
 from dcud.runtime.uplink import UplinkReconnect
 from dcud.service.power import power_ok
+from dcud.transport.tcp import open_stream
 
 _ICMP_ECHO_REQUEST: Final = 8
 _ICMP_ECHO_REPLY: Final = 0
@@ -124,8 +125,7 @@ async def icmp_probe(host: str, timeout_s: float, seq: int = 1) -> bool:
 async def tcp_probe(host: str, port: int, timeout_s: float) -> bool:
     """A TCP connect; accepted or refused (RST) both prove the host answers."""
     try:
-        async with asyncio.timeout(timeout_s):
-            _reader, writer = await asyncio.open_connection(host, port)
+        _reader, writer = await open_stream(host, port, timeout_s=timeout_s)
     except ConnectionRefusedError:
         return True
     except (OSError, TimeoutError):

@@ -147,6 +147,7 @@ from dcud.codec.dlms.security import (
     verify_hls_gmac,
 )
 from dcud.errors import DcudError
+from dcud.runtime.timefmt import rfc3339
 
 GREEN_BOOK_BLOCK_CIPHER_KEY = "000102030405060708090A0B0C0D0E0F"
 GREEN_BOOK_AUTHENTICATION_KEY = "D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF"
@@ -375,9 +376,8 @@ def parse_time(text: str) -> float:
     return moment.timestamp()
 
 
-def iso(seconds: float) -> str:
-    """Seconds since the epoch as ``YYYY-MM-DDTHH:MM:SSZ``."""
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+iso = rfc3339
+"""Seconds since the epoch as ``YYYY-MM-DDTHH:MM:SSZ`` (the meter's log and notes)."""
 
 
 # ---------------------------------------------------------------------------------------------------

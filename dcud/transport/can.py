@@ -29,11 +29,13 @@ import collections
 import concurrent.futures
 import contextlib
 import enum
+import itertools
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -42,7 +44,7 @@ import serial
 import structlog
 
 from dcud.errors import TransportError
-from dcud.runtime.backoff import Backoff
+from dcud.runtime.link import Link, LinkDown, LinkPolicy, run_link, until_stopped
 
 log = structlog.get_logger("dcud.can")
 
@@ -185,6 +187,8 @@ class CanSettings:
     options: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     reopen_initial_s: float = 0.5
     reopen_max_s: float = 30.0
+    reopen_stable_s: float = 60.0
+    """A bus open at least this long resets the reopen backoff (one that fails at once keeps backing off)."""
     send_timeout_s: float = 0.2
     max_pending_sends: int = 64
     health_interval_s: float = 1.0
@@ -514,32 +518,16 @@ class CanPort:
         return can.Bus(interface=s.interface, channel=s.channel, **kwargs)
 
     async def run(self, stopping: asyncio.Event, beat: Callable[[], None] | None = None) -> None:
-        """Keep the bus open until ``stopping`` is set; failures are reported, never raised."""
-        loop = asyncio.get_running_loop()
-        backoff = Backoff(self.settings.reopen_initial_s, self.settings.reopen_max_s)
-        last_logged = ""
-        while not stopping.is_set():
-            try:
-                bus = await loop.run_in_executor(None, self._open_bus)
-            except (can.CanError, OSError, ValueError, ImportError, serial.SerialException) as exc:
-                reason = f"open failed: {type(exc).__name__}: {exc}"
-                self.stats.failures += 1
-                if reason != last_logged:
-                    log.warning("CAN bus unavailable", bus=self.settings.name, error=reason)
-                    last_logged = reason
-                self._set_state(CanBusState.CLOSED, reason)
-                if await _wait(stopping, backoff.next_delay_s(), beat):
-                    return
-                continue
-            last_logged = ""
-            backoff.reset()
-            reason = await self._serve(bus, loop, stopping, beat)
-            if stopping.is_set():
-                return
-            self.stats.failures += 1
-            log.warning("CAN bus failed; reopening", bus=self.settings.name, error=reason)
-            if await _wait(stopping, backoff.next_delay_s(), beat):
-                return
+        """Keep the bus open until ``stopping`` is set (link kernel); failures are reported, never raised."""
+        s = self.settings
+        policy = LinkPolicy(
+            initial_s=s.reopen_initial_s,
+            max_s=s.reopen_max_s,
+            stable_s=s.reopen_stable_s,
+            retry_on=OPEN_ERRORS,
+        )
+        ctx = _PortContext(f"can.{s.name}", stopping, beat)
+        await run_link(ctx, _BusLink(self, ctx), policy)
 
     async def _serve(
         self,
@@ -569,23 +557,19 @@ class CanPort:
             self.stats.opens += 1
             self._set_state(CanBusState.ACTIVE, "")
             log.info("CAN bus open", bus=self.settings.name, interface=self.settings.interface)
-            failed = asyncio.ensure_future(self._failed.wait())
-            stop = asyncio.ensure_future(stopping.wait())
-            try:
-                while True:
-                    done, _ = await asyncio.wait(
-                        [failed, stop],
-                        timeout=self.settings.health_interval_s,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
+            failed = self._failed
+            for _ in itertools.count():  # until the bus fails or the port stops
+                try:
+                    await until_stopped(stopping, failed.wait(), timeout_s=self.settings.health_interval_s)
+                except TimeoutError:
                     if beat is not None:
                         beat()
-                    if done:
-                        return self._failure
                     self._poll_state(bus)
-            finally:
-                failed.cancel()
-                stop.cancel()
+                    continue
+                if beat is not None:
+                    beat()
+                break
+            return self._failure
         except (can.CanError, OSError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"
         finally:
@@ -651,6 +635,89 @@ class CanPort:
         finally:
             self._pending_sends -= 1
         self.stats.tx_frames += 1
+
+
+OPEN_ERRORS: tuple[type[BaseException], ...] = (
+    can.CanError,
+    OSError,
+    ValueError,
+    ImportError,
+    serial.SerialException,
+)
+"""What opening a bus raises when the device is missing or refuses: the port reopens with backoff."""
+
+
+class _PortContext:
+    """The link kernel's context for a port (which is no service): its stop event and beat."""
+
+    liveness_s = 3.0
+    """The kernel beats at least every second, as the port always has."""
+
+    def __init__(self, name: str, stopping: asyncio.Event, beat: Callable[[], None] | None) -> None:
+        self.name = name
+        self.stopping = stopping
+        self._beat = beat
+        self.log = log
+
+    def beat(self) -> None:
+        if self._beat is not None:
+            self._beat()
+
+    async def sleep(self, delay_s: float) -> bool:
+        return await _wait(self.stopping, delay_s, self._beat)
+
+
+class _BusLink(Link[can.BusABC]):
+    """The bus as the link kernel drives it: opened in a worker thread, served by :meth:`CanPort._serve`."""
+
+    down_message = "CAN bus unavailable"
+    lost_message = "CAN bus failed; reopening"
+
+    def __init__(self, port: CanPort, ctx: _PortContext) -> None:
+        self._port = port
+        self._ctx = ctx
+
+    def log_fields(self) -> dict[str, object]:
+        return {"bus": self._port.settings.name}
+
+    def describe(self, exc: BaseException) -> str:
+        return f"open failed: {type(exc).__name__}: {exc}"
+
+    @contextlib.asynccontextmanager
+    async def _opened(self) -> AsyncIterator[can.BusABC]:
+        loop = asyncio.get_running_loop()
+        opening = loop.run_in_executor(None, self._port._open_bus)
+        try:
+            bus = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # stopping: a bus that still opens is shut down when it does
+            opening.add_done_callback(_shutdown_when_opened)
+            raise
+        try:
+            yield bus
+        finally:  # serve shuts it down in order; this covers a stop before serve ran (idempotent)
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(None, bus.shutdown)
+
+    def connect(self) -> AbstractAsyncContextManager[can.BusABC]:
+        return self._opened()
+
+    async def serve(self, bus: can.BusABC) -> str:
+        ctx, port = self._ctx, self._port
+        reason = await port._serve(bus, asyncio.get_running_loop(), ctx.stopping, ctx._beat)
+        if not ctx.stopping.is_set():
+            port.stats.failures += 1  # counted with the state change to CLOSED, as observers expect
+        return reason
+
+    async def on_down(self, down: LinkDown) -> None:
+        if down.phase == "connect":
+            self._port.stats.failures += 1
+            self._port._set_state(CanBusState.CLOSED, down.error)
+
+
+def _shutdown_when_opened(opening: asyncio.Future[can.BusABC]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        with contextlib.suppress(Exception):
+            opening.result().shutdown()
 
 
 async def _wait(stopping: asyncio.Event, delay_s: float, beat: Callable[[], None] | None) -> bool:
