@@ -100,7 +100,7 @@ async def test_raw_read_failure_is_fatal(pair: tuple[socket.socket, socket.socke
     reader.close()  # the interface went away under the reader
     guard.drain()
     assert guard.dead
-    await asyncio.sleep(0)  # the report goes through the loop (call_soon_threadsafe)
+    await wait_until(lambda: bool(failed), 5)  # the report goes through the loop (call_soon_threadsafe)
     assert len(failed) == 1 and isinstance(failed[0], OSError)
 
 
@@ -141,7 +141,7 @@ async def test_python_can_drain_filters_and_rides_over_garbage() -> None:
     guard = _GuardedBus(bus, port, asyncio.get_running_loop(), False)  # type: ignore[arg-type]
     assert guard.raw_socket is None  # not a SocketCAN socket: python-can reads it
     guard.drain()  # 0x181 delivered, 0x18A filtered, then garbage ends this drain
-    await asyncio.sleep(0)
+    await wait_until(lambda: bool(malformed), 5)
     assert [i for i, _, _ in received] == [0x181] and len(malformed) == 1
     guard.drain()  # the next readiness reads on
     assert [i for i, _, _ in received] == [0x181, 0x701] and not guard.dead
