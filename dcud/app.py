@@ -234,6 +234,7 @@ def _drive_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
         history=shared.put_history,
         commands=shared.commands,
         event=shared.event,
+        clock=shared.runtime.clock,
     )
 
 
