@@ -116,14 +116,14 @@ def test_losses_come_exactly_when_overdue(steps: list[tuple[str, int, float]]) -
 _channels = itertools.count()
 
 
-def _service(clock: ManualClock) -> tuple[CanDriveService, Events, str]:
+def _service(clock: ManualClock, timeout_s: float | None = 0.3) -> tuple[CanDriveService, Events, str]:
     channel = f"hb-watch-{id(clock)}-{next(_channels)}"
     drive = DriveConfig(
         name="axis-1",
         bus="can0",
         protocol="canopen",
         node_id=1,
-        heartbeat_timeout_s=0.3,
+        heartbeat_timeout_s=timeout_s,
         timeout_s=0.2,  # no SDO server on this bus: the set-up probes fail fast (real time)
     )
     events = Events()
@@ -213,5 +213,27 @@ async def test_heartbeats_do_not_wake_the_watch() -> None:
             assert service.heartbeats.next_deadline() == pytest.approx(first + 0.1)
             assert not service._rearm.is_set()
             assert clock.next_deadline_s() == first and clock.sleepers() == 1  # still the first timer
+    finally:
+        peer.shutdown()
+
+
+async def test_a_timeout_learnt_after_the_first_heartbeats_is_watched() -> None:
+    """Regression: the timeout read from the drive (1017) arrives after its heartbeats started; the
+    timer, asleep with nothing to watch, must arm at the next heartbeat and report the loss."""
+    clock = ManualClock()
+    service, events, channel = _service(clock, timeout_s=None)
+    peer: Any = can.Bus(interface="virtual", channel=channel)
+    try:
+        async with supervised(service):
+            drive = service.drives["axis-1"]
+            await wait_until(lambda: service.port is not None and service.port.is_open, 10)
+            _heartbeat(peer)
+            await wait_until(lambda: drive.heartbeat is HeartbeatStatus.OK, 10)
+            assert clock.sleepers() == 0  # no timeout known: nothing to watch
+            service.heartbeats.set_timeout(1, 0.3)  # what the SDO read of 1017 does
+            _heartbeat(peer)
+            await clock.wait_for_sleepers(1)
+            clock.advance(0.31)
+            await wait_until(lambda: bool(_of(events, "drive_heartbeat_lost")), 10)
     finally:
         peer.shutdown()

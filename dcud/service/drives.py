@@ -86,6 +86,8 @@ class CanDriveService:
         self.heartbeats = HeartbeatWatch()
         self._by_node: dict[int, CanopenDrive] = {}
         self._rearm = asyncio.Event()
+        self._armed_s: float | None = None
+        """The deadline the heartbeat timer sleeps on (None: it waits for a node to be watched)."""
         """Set when the watch's next deadline may have come forward (a node started being watched)."""
 
     def _can_settings(self) -> CanSettings:
@@ -158,11 +160,13 @@ class CanDriveService:
 
     def _on_heartbeat(self, drive: CanopenDrive, data: bytes, _now: float) -> None:
         """A heartbeat frame: stamped on the service's clock (the watch's), then the drive's."""
-        before = self.heartbeats.next_deadline()
         drive.on_heartbeat(data, self._clock.monotonic())
-        after = self.heartbeats.next_deadline()
-        if after is not None and (before is None or after < before):
-            self._rearm.set()  # a node started being watched: the sleeping watch must look sooner
+        due = self.heartbeats.next_deadline()
+        # Compared with the deadline the timer sleeps on, not with the watch's state just before this
+        # frame: a node's timeout learnt by SDO after its first heartbeats (set_timeout) makes it
+        # watched without a heartbeat of its own, and the timer must then wake to arm for it.
+        if due is not None and (self._armed_s is None or due < self._armed_s):
+            self._rearm.set()
 
     def _check_heartbeats(self) -> float | None:
         """Hand the watch the time, apply its losses; returns its next deadline."""
@@ -179,6 +183,7 @@ class CanDriveService:
         """
         while True:
             deadline = self._check_heartbeats()
+            self._armed_s = deadline
             self._rearm.clear()
             if deadline is None:
                 await self._rearm.wait()
