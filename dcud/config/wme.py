@@ -42,15 +42,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from dcud.config.wme_catalogue import ENTRIES
-from dcud.config.wme_param import (
-    DatedTime,
-    HexDate,
-    Kind,
-    Param,
-    ParamValue,
-    Support,
-    key_bytes,
-)
+from dcud.config.wme_param import DatedTime, HexDate, Kind, Param, ParamValue, Support, key_bytes
 from dcud.errors import ConfigError, ConfigIssue
 
 __all__ = [

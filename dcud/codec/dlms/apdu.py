@@ -83,10 +83,7 @@ from dcud.codec.dlms.apdu_common import (
     result_text,
 )
 from dcud.codec.dlms.axdr import MAX_DEPTH, MAX_ELEMENTS
-from dcud.codec.dlms.ciphered import (
-    CipheredApdu,
-    GeneralCiphering,
-)
+from dcud.codec.dlms.ciphered import CipheredApdu, GeneralCiphering
 from dcud.codec.dlms.reader import Reader
 from dcud.codec.dlms.selective_access import (
     AccessSelection,
