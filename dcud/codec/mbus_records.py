@@ -4,9 +4,9 @@
 a sequence of variable data records (DIF, DIFE chain, VIF with plain-text unit and VIFE chain, data of
 fixed size or LVAR), scales each value by its VIF (:mod:`dcud.codec.mbus_tables`) and applies the VIFE
 corrections; the primitive decoders (BCD, date types G, F, I, J) are here too. Separate from the telegram
-decoder (:mod:`dcud.codec.mbus_app`, the CI field and its header) because the record walk is the part
-that is shared (variable data with a long, short or no header) and the part every fuzz finding so far
-was in. See :mod:`dcud.codec.mbus_app` for the value conventions (units, dates, invalid values).
+decoder (:mod:`dcud.codec.mbus_app`, the CI field and its header) because the record walk is shared
+by every variable-data CI (long, short or no header) and is where a hostile telegram does its work.
+See :mod:`dcud.codec.mbus_app` for the value conventions (units, dates, invalid values).
 """
 
 from __future__ import annotations

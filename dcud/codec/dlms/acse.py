@@ -1,4 +1,4 @@
-"""The association APDUs of DLMS/COSEM (IEC 62056-5-3, Green Book 9.3.2-9.3.4), sans-I/O, both directions.
+"""The association APDUs of DLMS/COSEM (IEC 62056-5-3, Green Book 9.3), sans-I/O, both directions.
 
 ACSE (BER): :class:`AARQ`, :class:`AARE`, :class:`RLRQ`, :class:`RLRE`, whose user-information carries
 an xDLMS :class:`InitiateRequest` / :class:`InitiateResponse` / :class:`ConfirmedServiceError` (or their

@@ -1,4 +1,4 @@
-"""The ciphered APDUs of DLMS/COSEM (Green Book 9.2.7.2, 9.3.10), sans-I/O: the envelopes, not the crypto.
+"""The ciphered APDUs of DLMS/COSEM (IEC 62056-5-3), sans-I/O: the envelopes, not the crypto.
 
 :class:`CipheredApdu` is a service-specific ciphered APDU (global ``glo-*`` or dedicated ``ded-*`` tag,
 one per plain service tag) and :class:`GeneralCiphering` the general-glo / general-ded-ciphering form

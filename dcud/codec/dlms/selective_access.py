@@ -1,4 +1,4 @@
-"""Selective access of DLMS/COSEM GET and SET (Green Book 9.3.6, Blue Book 4.3.6 for profiles), sans-I/O.
+"""Selective access of DLMS/COSEM GET and SET (IEC 62056-5-3), sans-I/O.
 
 :class:`AccessSelection` is the selector (1 = by range, 2 = by entry) with its parameters, and
 :class:`AttributeWithSelection` an attribute descriptor with an optional one (the items of the

@@ -1,4 +1,4 @@
-"""The xDLMS services of DLMS/COSEM with logical-name referencing (Green Book 9.3.6-9.3.9), sans-I/O.
+"""The xDLMS services of DLMS/COSEM with logical-name referencing (IEC 62056-5-3), sans-I/O.
 
 Requests and responses of GET (normal, next block, with list; normal, with data block, with list), SET
 (normal, with first / next data block, with list) and ACTION (normal, next parameter block, with list,
