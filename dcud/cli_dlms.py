@@ -25,14 +25,9 @@ from dcud.config.loader import LoadedConfig, load_config
 from dcud.config.model import LineConfig, MeterConfig
 from dcud.errors import DcudError
 from dcud.runtime.timefmt import rfc3339_ms
-from dcud.service.dlms_meter import (
-    DlmsMeterSettings,
-    ObjectCache,
-    PlanOptions,
-    ReadoutPlan,
-    dlms_session,
-    open_tcp,
-)
+from dcud.service.dlms_plan import ObjectCache, PlanOptions, ReadoutPlan
+from dcud.service.dlms_session import dlms_session, open_tcp
+from dcud.service.dlms_settings import DlmsMeterSettings
 from dcud.service.dlms_state import DlmsStateLocked, DlmsStateStore, lock_state_dir, unlock_state_dir
 from dcud.service.session_runner import SessionPort
 

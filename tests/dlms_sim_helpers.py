@@ -22,7 +22,7 @@ from dcud.codec.dlms.wrapper import WrapperTransport
 from dcud.config.model import LineConfig
 from dcud.service.line import Line
 from dcud.service.session_runner import run_session
-from dcud.sim.dlms_meter import GREEN_BOOK_AUTHENTICATION_KEY, GREEN_BOOK_BLOCK_CIPHER_KEY, parse_time
+from dcud.sim.dlms_model import GREEN_BOOK_AUTHENTICATION_KEY, GREEN_BOOK_BLOCK_CIPHER_KEY, parse_time
 from dcud.sim.dlms_sim import DlmsSimConfig, DlmsSimHandle, serve
 from dcud.transport.serial import SerialPort
 

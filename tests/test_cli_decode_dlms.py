@@ -23,7 +23,7 @@ from dcud.codec.dlms.axdr import OctetString
 from dcud.codec.dlms.client import Auth, DlmsClientConfig, GetRequest
 from dcud.codec.dlms.obis import AttributeRef
 from dcud.codec.iec62056 import encode_identification, encode_option_select, encode_request
-from dcud.sim.dlms_meter import LoadModel, MeterSpec, parse_time
+from dcud.sim.dlms_model import LoadModel, MeterSpec, parse_time
 from dcud.sim.dlms_sim import config_from_dict
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from dcud.config.dlms import DlmsConfigError, client_system_title, meter_keys, p
 from dcud.config.loader import load_config
 from dcud.config.model import DlmsConfig
 from dcud.errors import ConfigError
-from dcud.service.dlms_meter import DlmsMeterSettings
+from dcud.service.dlms_settings import DlmsMeterSettings
 
 EK = "000102030405060708090A0B0C0D0E0F"
 AK = "D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF"

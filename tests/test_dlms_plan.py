@@ -1,4 +1,4 @@
-"""The readout plan (dcud.service.dlms_meter.ReadoutPlan) without I/O: its phases, what it keeps of a hostile
+"""The readout plan (dcud.service.dlms_plan.ReadoutPlan) without I/O: its phases, what it keeps of a hostile
 profile buffer, and (hypothesis) that any answers at all only ever end it with a typed error."""
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from dcud.codec.dlms.cosem import CLOCK_TIME, CaptureObject, ScalerUnit
 from dcud.codec.dlms.obis import AttributeRef, Obis
 from dcud.config.model import DlmsConfig, MeterConfig
 from dcud.errors import DcudError
-from dcud.service.dlms_meter import DlmsMeterSettings, ObjectCache, ReadoutPlan
+from dcud.service.dlms_plan import ObjectCache, ReadoutPlan
+from dcud.service.dlms_settings import DlmsMeterSettings
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.UTC)
 PROFILE = Obis.parse("1.0.99.1.0.255")

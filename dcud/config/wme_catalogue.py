@@ -12,7 +12,7 @@ text extracted from a PDF. How the rows were read:
   typographic quotes made plain (and the seed's "Yves" read as "Yes"); for a few rows whose
   description cell belongs to another row, the comment cell is used (``note`` says so).
 - ``kind``, ``unit``, ``allowed``, ``minimum``, ``maximum``, ``support``, ``secret`` and ``note`` are dcud's
-  decisions; ``dcud.config.wme.Kind`` documents what each kind accepts and yields.
+  decisions; ``dcud.config.wme_param.Kind`` documents what each kind accepts and yields.
   ``minimum``/``maximum`` are in the file's unit (``seed_unit``), or bound the length for text kinds.
 
 This module is data only; ``dcud.config.wme`` builds the typed ``CATALOGUE`` from it.

@@ -16,7 +16,7 @@ A simulator file (TOML, or JSON with the same keys) describes lines and meters::
     physical_address = 17
     tcp_port = 4059                 # ... and/or the wrapper on 127.0.0.1:tcp_port (0: any free port)
 
-Each meter is a :class:`~dcud.sim.dlms_meter.DlmsMeter` (its keys: :class:`~dcud.sim.dlms_meter.MeterSpec`).
+Each meter is a :class:`~dcud.sim.dlms_meter.DlmsMeter` (its keys: :class:`~dcud.sim.dlms_model.MeterSpec`).
 On a line, every meter hears every byte and answers frames to its own physical address through its
 own :class:`~dcud.codec.dlms.hdlc_server.HdlcServerLink`; the pty is run by the shared
 :class:`~dcud.sim.serial_sim.SimLineRunner` (pacing, reopen after a hang-up). With ``mode_e`` each meter
@@ -63,7 +63,8 @@ from dcud.codec.iec62056 import (
     tx_time_s,
 )
 from dcud.errors import DcudError
-from dcud.sim.dlms_meter import DlmsMeter, MeterSpec
+from dcud.sim.dlms_meter import DlmsMeter
+from dcud.sim.dlms_model import MeterSpec
 from dcud.sim.serial_sim import ControlFile, Outgoing, SimConfigError, SimLineRunner
 
 UNPACED_BAUD = 1_000_000_000

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from dcud.codec.dlms.apdu import AccessSelection
 from dcud.codec.dlms.axdr import (
     Array,
     Boolean,
@@ -41,6 +40,7 @@ from dcud.codec.dlms.axdr import (
     structure_of,
 )
 from dcud.codec.dlms.obis import AttributeRef, Obis, ObisError
+from dcud.codec.dlms.selective_access import AccessSelection
 from dcud.errors import RemoteProtocolError
 
 CLASS_DATA = 1
