@@ -19,8 +19,6 @@ DATA_MODULES = frozenset({"dcud/config/wme_catalogue.py"})
 BEING_SPLIT = frozenset(
     {
         "dcud/service/bridge.py",  # being split on branch h14-bridge
-        "dcud/service/drives.py",  # being split on branch h14-drives
-        "dcud/sim/drive.py",  # being split on branch h14-drives
         "dcud/service/outbox.py",  # being split on branch h14-outbox
     }
 )
