@@ -4,7 +4,11 @@ Each meter is read every ``interval_s`` (its own, else ``datapush_periodic``; ``
 WM-E file means per meter, with :data:`FALLBACK_INTERVAL_S` for meters that set none). Slots are aligned
 to the wall clock, so 15-minute readings land on :00, :15, :30, :45 (UTC epoch multiples). Meters on
 one line are read one after the other, each under its own lease (so a transparent session or a CLI
-read can cut in between two meters); different lines run in parallel.
+read can cut in between two meters); different lines run in parallel, and so do up to
+``TCP_CONCURRENCY`` DLMS meters over TCP. *When* is decided by the sans-I/O
+:class:`~dcud.service.poll_schedule.PollSchedule`; this service is its glue (it reads, reports the
+outcome, publishes, and waits on its injected clock until the schedule's next deadline). Every readout,
+scheduled or ``cmd/read``, goes through :meth:`PollingService._readout`, the one dispatch by protocol.
 
 A reading goes to the outbox (kind ``reading``, subtopic ``meter/<name>/reading``) and is never re-sent
 as new: a meter that stops answering produces no readings, is marked ``failing`` on
