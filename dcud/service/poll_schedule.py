@@ -69,7 +69,7 @@ def first_slot_s(now_s: float, interval_s: int) -> float:
     return (math.floor(now_s / interval_s) + 1) * interval_s
 
 
-@dataclass
+@dataclass(slots=True)
 class MeterSlots:
     """One meter's place in the schedule: owned by :class:`PollSchedule`, read by everyone else."""
 
@@ -109,7 +109,7 @@ class Held:
     """``deferred``, ``busy`` or ``line_down``."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Group:
     name: str
     concurrency: int
