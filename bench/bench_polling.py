@@ -32,10 +32,11 @@ from typing import Any
 
 from dcud.config.model import LineConfig, MeterConfig
 from dcud.runtime.bus import EventBus
+from dcud.runtime.clock import SystemClock
 from dcud.runtime.supervisor import Supervisor, SupervisorOptions
-from dcud.service import polling as polling_module
 from dcud.service.line import LineRegistry, LineService, LineServiceConfig
 from dcud.service.outbox import Outbox, OutboxLimits, OverflowPolicy
+from dcud.service.poll_schedule import first_slot_s
 from dcud.service.polling import PollingConfig, PollingService
 
 INTERVAL_S = 3600
@@ -69,6 +70,16 @@ def iec_protocol_s(payload: dict[str, Any]) -> float:
     return at_300 * 10 / 300 + len(raw) * 10 / payload["baud"] + 3 * tr_min
 
 
+class ShiftedClock(SystemClock):
+    """The real clock with its wall time moved by ``offset_s`` (monotonic time and sleeps unchanged)."""
+
+    def __init__(self, offset_s: float) -> None:
+        self.offset_s = offset_s
+
+    def time(self) -> float:
+        return time.time() + self.offset_s
+
+
 class RecordingOutbox:
     """The real outbox, plus a copy of every reading for the measurement."""
 
@@ -86,9 +97,10 @@ class RecordingOutbox:
 
 
 async def measure(workdir: Path, mbus_meters: int, iec_meters: int, iec_baud: int) -> dict[str, Any]:
-    # The only departure from ``dcud run``: the first slot starts in 2 s instead of on the next full
+    # The only departure from ``dcud run``: the polling service's clock is set 2 s before the next full
     # hour, so the benchmark need not wait for the wall clock.
-    polling_module.first_slot_s = lambda now_s, _interval_s: float(int(now_s + FIRST_SLOT_IN_S))
+    now = time.time()
+    clock = ShiftedClock(first_slot_s(now, INTERVAL_S) - now - FIRST_SLOT_IN_S)
     lines = (
         LineConfig(name="mbus-1", device=str(workdir / "mbus.tty"), kind="mbus"),
         LineConfig(name="rs485-1", device=str(workdir / "iec.tty"), kind="rs485"),
@@ -121,6 +133,7 @@ async def measure(workdir: Path, mbus_meters: int, iec_meters: int, iec_baud: in
         registry,
         bus,
         recorder,
+        clock=clock,
     )
     services = [LineService(LineServiceConfig(line), registry, bus) for line in lines]
     sup = Supervisor([*services, polling], options=SupervisorOptions(grace_s=5, liveness_s=30))
@@ -128,7 +141,7 @@ async def measure(workdir: Path, mbus_meters: int, iec_meters: int, iec_baud: in
     try:
         await asyncio.wait_for(sup.all_ready.wait(), 20)
         slot = min(h.next_due_s for h in polling.meters.values())
-        budget_s = (slot - time.time()) + 30 + mbus_meters * 1.0 + iec_meters * 5.0
+        budget_s = (slot - clock.time()) + 30 + mbus_meters * 1.0 + iec_meters * 5.0
         deadline = time.monotonic() + budget_s
         while True:
             first = [r for r in recorder.readings if r.get("slot") == _rfc3339(slot)]

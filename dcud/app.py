@@ -150,6 +150,7 @@ def _polling_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]
         outbox=shared.outbox,
         commands=shared.commands,
         event=shared.event,
+        clock=shared.runtime.clock,
     )
 
 

@@ -3,21 +3,27 @@
 Shared by the polling service, the ``cmd/read`` MQTT command and ``dcud read``: the protocol session
 (:class:`~dcud.codec.iec_session.IecReadout` or :class:`~dcud.codec.mbus_session.MbusReadout`) is
 built from the meter's and the line's configuration and driven by
-:func:`~dcud.service.session_runner.run_session`.
+:func:`~dcud.service.session_runner.run_session`. :class:`LineReadouts` is the daemon's side: the
+line's lease around it and the IEC sign-on retries; the polling service dispatches IEC 62056-21 and
+M-Bus meters to it and DLMS/COSEM meters to :class:`~dcud.service.dlms_meter.DlmsReadouts`.
 """
 
 from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dcud.codec.iec62056 import HdlcModeRequiredError
 from dcud.codec.iec_session import IecReadout, IecReadoutResult
 from dcud.codec.mbus_session import MbusReadout, MbusReadoutResult
 from dcud.config.model import LineConfig, MeterConfig
-from dcud.errors import LocalProtocolError
+from dcud.errors import DcudError, LocalProtocolError, NegativeResponse, PeerTimeout, ProtocolError
+from dcud.runtime.clock import SYSTEM_CLOCK, Clock
 from dcud.runtime.timefmt import rfc3339, rfc3339_ms
+from dcud.service.line import LeaseKind, LineClosedError, LineRegistry
 from dcud.service.session_runner import SessionPort, run_session
 
 IEC_RETRY_PAUSE_S = 1.5
@@ -123,9 +129,14 @@ async def read_meter(
     meter: MeterConfig,
     line: LineConfig,
     defaults: ReadDefaults | None = None,
+    *,
+    wall: Callable[[], float] = time.time,
 ) -> MeterReading:
-    """One readout on an already leased ``port``; raises the session's typed error on failure."""
-    started = time.time()
+    """One readout on an already leased ``port``; raises the session's typed error on failure.
+
+    ``wall`` stamps the reading (its ``ts``, its duration): the service's clock.
+    """
+    started = wall()
     session = build_session(meter, line, defaults or ReadDefaults())
     result = await run_session(session, port)
     if isinstance(result, IecReadoutResult):
@@ -142,9 +153,73 @@ async def read_meter(
         values=values,
         details=details,
         started_s=started,
-        finished_s=time.time(),
+        finished_s=wall(),
         retries=retries,
     )
+
+
+METER_ERRORS: tuple[type[DcudError], ...] = (
+    PeerTimeout,
+    ProtocolError,
+    NegativeResponse,
+    HdlcModeRequiredError,
+)
+"""What a meter that does not answer, or answers badly, raises (its failure; not the line's)."""
+
+
+class LineReadouts:
+    """IEC 62056-21 and M-Bus readouts as the daemon runs them: a lease on the meter's line around
+    :func:`read_meter`, and for a scheduled IEC readout the meter's ``retries`` (full sign-ons, a pause
+    of :data:`IEC_RETRY_PAUSE_S` on the service's clock before each, within the same lease). M-Bus
+    repeats at link level inside its session; a ``cli`` readout (``cmd/read``) is one attempt.
+    """
+
+    def __init__(
+        self,
+        lines: Sequence[LineConfig],
+        registry: LineRegistry,
+        defaults: ReadDefaults,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._line_cfgs = {line.name: line for line in lines}
+        self._registry = registry
+        self._defaults = defaults
+        self._clock = clock
+
+    @staticmethod
+    def attempts(meter: MeterConfig, kind: LeaseKind) -> int:
+        """Readouts tried for one slot: 1 + ``retries`` for a scheduled IEC readout, else 1."""
+        return 1 + meter.retries if kind == "poll" and meter.protocol == "iec62056-21" else 1
+
+    async def read(
+        self,
+        meter: MeterConfig,
+        kind: LeaseKind,
+        owner: str,
+        *,
+        lease_timeout_s: float,
+        on_retry: Callable[[], None] | None = None,
+    ) -> MeterReading:
+        """One readout under a ``kind`` lease; raises what the line (``LeaseTimeout``,
+        ``TransportError``) or, after the last attempt, the meter raised."""
+        line_cfg = self._line_cfgs.get(meter.line)
+        line = self._registry.get(meter.line)
+        if line is None or line_cfg is None:
+            raise LineClosedError(f"line {meter.line} is not available")
+        attempts = self.attempts(meter, kind)
+        async with line.lease(owner, kind, timeout_s=lease_timeout_s) as port:
+            for attempt in range(attempts):
+                if attempt:
+                    if on_retry is not None:
+                        on_retry()
+                    await self._clock.sleep(IEC_RETRY_PAUSE_S)
+                try:
+                    return await read_meter(port, meter, line_cfg, self._defaults, wall=self._clock.time)
+                except METER_ERRORS:
+                    if attempt == attempts - 1:
+                        raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 def reading_payload(

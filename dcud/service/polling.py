@@ -4,7 +4,11 @@ Each meter is read every ``interval_s`` (its own, else ``datapush_periodic``; ``
 WM-E file means per meter, with :data:`FALLBACK_INTERVAL_S` for meters that set none). Slots are aligned
 to the wall clock, so 15-minute readings land on :00, :15, :30, :45 (UTC epoch multiples). Meters on
 one line are read one after the other, each under its own lease (so a transparent session or a CLI
-read can cut in between two meters); different lines run in parallel.
+read can cut in between two meters); different lines run in parallel, and so do up to
+``TCP_CONCURRENCY`` DLMS meters over TCP. *When* is decided by the sans-I/O
+:class:`~dcud.service.poll_schedule.PollSchedule`; this service is its glue (it reads, reports the
+outcome, publishes, and waits on its injected clock until the schedule's next deadline). Every readout,
+scheduled or ``cmd/read``, goes through :meth:`PollingService._readout`, the one dispatch by protocol.
 
 A reading goes to the outbox (kind ``reading``, subtopic ``meter/<name>/reading``) and is never re-sent
 as new: a meter that stops answering produces no readings, is marked ``failing`` on
@@ -25,8 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,24 +36,19 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import msgspec
 
-from dcud.codec.iec62056 import HdlcModeRequiredError
 from dcud.codec.mbus_session import MbusScan, MbusScanResult
 from dcud.config.model import LineConfig, MeterConfig, Name
-from dcud.errors import DcudError, NegativeResponse, PeerTimeout, ProtocolError, TransportError
+from dcud.errors import DcudError, PeerTimeout, TransportError
 from dcud.runtime.bus import EventBus
+from dcud.runtime.clock import SYSTEM_CLOCK, Clock
 from dcud.runtime.durable import write_durably
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.runtime.timefmt import rfc3339
 from dcud.service.commands import CommandContext, CommandError, CommandRouter, Request
-from dcud.service.line import LeaseTimeout, LineClosedError, LineRegistry
-from dcud.service.meter_read import (
-    IEC_RETRY_PAUSE_S,
-    MeterReading,
-    ReadDefaults,
-    read_meter,
-    reading_payload,
-)
+from dcud.service.line import LeaseKind, LeaseTimeout, LineClosedError, LineRegistry
+from dcud.service.meter_read import METER_ERRORS, LineReadouts, MeterReading, ReadDefaults, reading_payload
 from dcud.service.outbox import OutboxError
+from dcud.service.poll_schedule import MeterSlots, Outcome, PollSchedule, Read, first_slot_s
 from dcud.service.session_runner import run_session
 
 if TYPE_CHECKING:
@@ -60,6 +57,8 @@ if TYPE_CHECKING:
     from dcud.service.dlms_meter import DlmsReadouts
     from dcud.service.outbox import Outbox
 
+TCP_GROUP = "tcp:"
+"""The schedule group of the meters without a line (DLMS over TCP); no line name has a colon."""
 FALLBACK_INTERVAL_S = 900
 """Interval of a meter without ``interval_s`` when ``datapush_periodic`` is 0 ("table")."""
 SEQ_RESERVE = 100
@@ -127,12 +126,13 @@ class PollingConfig:
 
 @dataclass
 class MeterHealth:
-    """Per-meter schedule and health, published as ``<p>/meter/<name>/state``."""
+    """Per-meter health, and its place in the schedule, published as ``<p>/meter/<name>/state``."""
 
     config: MeterConfig
     interval_s: int
     order: int
-    next_due_s: float = 0.0
+    slots: MeterSlots = field(default_factory=MeterSlots)
+    """The schedule's entry (next slot, missed slots); the schedule alone changes it."""
     last_success_s: float | None = None
     last_attempt_s: float | None = None
     last_error: dict[str, Any] | None = None
@@ -145,12 +145,21 @@ class MeterHealth:
     failed: int = 0
     retries: int = 0
     deferred: int = 0
-    missed: int = 0
     lost: int = 0
     """Readings the outbox refused (full under the reject_new policy)."""
     last_values: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     """Protocol state merged into the document (DLMS: clock drift, profile cursor)."""
+
+    @property
+    def next_due_s(self) -> float:
+        """Wall-clock time of the next slot (the one being read while a readout runs)."""
+        return self.slots.next_due_s
+
+    @property
+    def missed(self) -> int:
+        """Slots passed over because the meter could only be read later."""
+        return self.slots.missed
 
     def quality(self, now_s: float) -> str:
         """ok, stale or failing."""
@@ -185,15 +194,11 @@ class MeterHealth:
                 "retries": self.retries,
                 "deferred": self.deferred,
                 "missed": self.missed,
+                "realigned": self.slots.realigned,
                 "lost": self.lost,
             },
             **self.extra,
         }
-
-
-def first_slot_s(now_s: float, interval_s: int) -> float:
-    """The first wall-clock aligned slot strictly after ``now_s``."""
-    return (math.floor(now_s / interval_s) + 1) * interval_s
 
 
 class SeqStore:
@@ -230,11 +235,14 @@ class SeqStore:
             write_durably(self.path, json.dumps(self._reserved, separators=(",", ":")).encode())
 
 
-_METER_ERRORS = (PeerTimeout, ProtocolError, NegativeResponse, HdlcModeRequiredError)
-
-
 class PollingService:
-    """Supervised service ``polling`` (see the module docstring)."""
+    """Supervised service ``polling`` (see the module docstring).
+
+    The glue around :class:`~dcud.service.poll_schedule.PollSchedule`: one worker per line (and as
+    many for the TCP meters as may run at once) asks the schedule for the next readout, runs it
+    through :meth:`_readout`, reports the outcome, and otherwise sleeps on the injected clock until
+    the schedule's next deadline.
+    """
 
     name = "polling"
 
@@ -247,6 +255,7 @@ class PollingService:
         *,
         commands: CommandRouter | None = None,
         event: EventFn | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
         self._lines = lines
@@ -254,9 +263,11 @@ class PollingService:
         self._outbox = outbox
         self._commands = commands
         self._event = event
+        self._clock = clock
         self._defaults = ReadDefaults(iec_max_baud=config.iec_max_baud)
         self._seq = SeqStore(Path(config.state_dir) / "reading-seq.json" if config.state_dir else None)
         self.meters: dict[str, MeterHealth] = {}
+        self.schedule = PollSchedule()
         self._scans: dict[str, asyncio.Task[None]] = {}
         self._ctx: ServiceContext | None = None
         # Outbox commits (an fsync each) run beside the line workers, so the next meter's readout
@@ -264,10 +275,13 @@ class PollingService:
         self._commits: asyncio.Queue[tuple[MeterHealth, str, bytes]] = asyncio.Queue(COMMIT_QUEUE_ITEMS)
         self._workers: list[asyncio.Task[None]] = []
         self.commit_waits = 0
+        self._serial = LineReadouts(config.lines, lines, self._defaults, clock=clock)
         self._dlms: DlmsReadouts | None = None
+        self._tcp_concurrency = 1
         if any(meter.protocol == "dlms" for meter in config.meters):
-            from dcud.service.dlms_meter import DlmsReadouts
+            from dcud.service.dlms_meter import TCP_CONCURRENCY, DlmsReadouts
 
+            self._tcp_concurrency = TCP_CONCURRENCY
             self._dlms = DlmsReadouts(
                 config.meters,
                 config.lines,
@@ -278,30 +292,39 @@ class PollingService:
                 device_id=config.device_id,
                 next_seq=self._seq.next,
                 dcu_synced=self._clock_synced,
+                wall=clock.time,
             )
 
     # -- life cycle ----------------------------------------------------------------------------
 
     async def run(self, ctx: ServiceContext) -> None:
-        """Start one worker per line, serve commands, stop when asked."""
+        """Schedule the meters, start the workers, serve commands, stop when asked."""
         self._ctx = ctx
-        now = time.time()
-        by_line: dict[str, list[MeterHealth]] = {}
+        wall = self._clock.time()
+        schedule = self.schedule = PollSchedule()
+        self.meters = {}
         for order, meter in enumerate(self.config.meters):
             if not meter.enabled:
                 continue
+            group = meter.line or TCP_GROUP  # a DLMS meter over TCP has no line
+            if group not in schedule.groups:
+                if meter.line:
+                    schedule.add_group(group)
+                else:
+                    schedule.add_group(group, concurrency=self._tcp_concurrency, shared_line=False)
             interval = self.config.interval_for(meter)
-            health = MeterHealth(meter, interval, order, next_due_s=first_slot_s(now, interval))
+            slots = schedule.add(meter.name, group, interval, order, wall)
+            health = MeterHealth(meter, interval, order, slots=slots)
             self.meters[meter.name] = health
-            by_line.setdefault(meter.line or f"tcp:{meter.name}", []).append(health)  # TCP: no line
             self._publish(health)
         if self._commands is not None:
             self._commands.register("read", ReadRequest, self._cmd_read)
             self._commands.register("scan", ScanRequest, self._cmd_scan)
         try:
             self._workers = [
-                ctx.spawn(f"line-{line_name}", self._line_worker(ctx, line_name, meters))
-                for line_name, meters in by_line.items()
+                ctx.spawn(f"line-{group}" if group != TCP_GROUP else f"tcp-{i}", self._worker(ctx, group))
+                for group, concurrency in schedule.groups.items()
+                for i in range(concurrency)
             ]
             ctx.spawn("commit", self._committer(ctx))
             ctx.set_ready()
@@ -331,11 +354,11 @@ class PollingService:
             except OutboxError as exc:
                 # Full under reject_new: the outbox counts it and raises outbox_full; the reading is lost.
                 health.lost += 1
-                health.last_error = _error_doc(exc)
+                health.last_error = self._error_doc(exc)
                 self._publish(health)
 
     def _publish(self, health: MeterHealth) -> None:
-        self._bus.set_state(f"meter/{health.config.name}", health.document(time.time()))
+        self._bus.set_state(f"meter/{health.config.name}", health.document(self._clock.time()))
 
     async def _emit(self, event_type: str, text: str, **fields: object) -> None:
         if self._event is not None:
@@ -348,133 +371,80 @@ class PollingService:
         synced = clock.get("synced")
         return synced if isinstance(synced, bool) else None
 
-    # -- the per-line worker -------------------------------------------------------------------
+    def _error_doc(self, exc: BaseException) -> dict[str, Any]:
+        return {"ts": rfc3339(self._clock.time()), "type": type(exc).__name__, "message": str(exc)}
 
-    async def _line_worker(self, ctx: ServiceContext, line_name: str, meters: list[MeterHealth]) -> None:
+    # -- the glue around the schedule ----------------------------------------------------------
+
+    async def _worker(self, ctx: ServiceContext, group: str) -> None:
+        """Take the group's next readout from the schedule and run it, or sleep until its deadline."""
+        schedule, clock = self.schedule, self._clock
         while not ctx.stopping.is_set():
-            now = time.time()
-            due = sorted((m for m in meters if m.next_due_s <= now), key=lambda m: (m.next_due_s, m.order))
-            if not due:
-                wait_s = min(m.next_due_s for m in meters) - now
-                if await ctx.sleep(min(wait_s, ctx.liveness_s / 3)):
+            read = schedule.take(group, clock.monotonic(), clock.time())
+            if read is None:
+                delay_s = schedule.next_deadline(group, clock.monotonic(), clock.time()) - clock.monotonic()
+                ctx.beat()
+                if await clock.wait(ctx.stopping, delay_s):
                     return
                 continue
-            for health in due:
-                if ctx.stopping.is_set():
-                    return
-                outcome = await self._poll(ctx, line_name, health)
-                ctx.beat()
-                if outcome in ("deferred", "busy", "line_down"):
-                    # The line is not ours right now: every meter still due shares that fate.
-                    for other in due:
-                        if other is not health and other.next_due_s <= time.time():
-                            self._hold(other, outcome)
-                    break
-
-    @staticmethod
-    def _advance(health: MeterHealth, slot_s: float) -> None:
-        """After the readout (or failed attempt) of ``slot_s``: the next slot is due."""
-        health.next_due_s = slot_s + health.interval_s
-
-    @staticmethod
-    def _catch_up(health: MeterHealth) -> None:
-        """A meter whose slot passed entirely (busy or unavailable line) is read late, for the latest
-        slot that has started; the slots in between count as missed. Late meters are never skipped, so
-        an overloaded line reads every meter once per pass instead of starving the ones at its end."""
-        interval = health.interval_s
-        now = time.time()
-        if now >= health.next_due_s + interval:
-            current = math.floor(now / interval) * interval
-            health.missed += round((current - health.next_due_s) / interval)
-            health.next_due_s = current
+            await self._poll(read)
+            ctx.beat()
 
     def _hold(self, health: MeterHealth, status: str) -> None:
         """A due meter waits for its line (it stays due)."""
         health.status = status
         if status == "deferred":
             health.deferred += 1
-        self._catch_up(health)
         self._publish(health)
 
-    async def _poll(self, ctx: ServiceContext, line_name: str, health: MeterHealth) -> str:
-        """Read one meter for its current slot; returns ok, failed, deferred, busy or line_down."""
+    async def _poll(self, read: Read) -> Outcome:
+        """Read one meter for the slot the schedule handed out; report the outcome to the schedule."""
+        health = self.meters[read.meter]
         meter = health.config
-        self._catch_up(health)
-        slot = health.next_due_s
-        if self._dlms is not None and meter.protocol == "dlms":
-            return await self._poll_dlms(ctx, health, slot)
-        line_cfg = self.config.line(line_name)
-        line = self._lines.get(line_name)
-        if line is None or line_cfg is None:
-            self._hold(health, "line_down")
-            await ctx.sleep(self.config.lease_timeout_s)
-            return "line_down"
-        attempts = 1 + (meter.retries if meter.protocol != "mbus" else 0)
-        last_exc: DcudError | None = None
+        health.last_attempt_s = self._clock.time()
         reading: MeterReading | None = None
-        health.last_attempt_s = time.time()
+        error: DcudError | None = None
+        outcome: Outcome
         try:
-            async with line.lease(
-                f"poll:{meter.name}", "poll", timeout_s=self.config.lease_timeout_s
-            ) as port:
-                for attempt in range(attempts):
-                    if attempt:
-                        health.retries += 1
-                        await asyncio.sleep(IEC_RETRY_PAUSE_S)
-                    try:
-                        reading = await read_meter(port, meter, line_cfg, self._defaults)
-                        break
-                    except _METER_ERRORS as exc:
-                        last_exc = exc
+            reading = await self._readout(health, "poll", f"poll:{meter.name}", "schedule")
+            outcome = "ok"
         except LeaseTimeout as exc:
-            status = "line_down" if exc.holder is None else ("deferred" if exc.deferred else "busy")
-            self._hold(health, status)
-            return status
-        except (TransportError, LineClosedError) as exc:
-            health.last_error = _error_doc(exc)
-            self._hold(health, "line_down")
-            await ctx.sleep(1.0)  # the line service is reopening the device; do not spin
-            return "line_down"
-        health.reads += 1
-        self._advance(health, slot)
+            outcome = "line_down" if exc.holder is None else ("deferred" if exc.deferred else "busy")
+        except TransportError as exc:  # the line failed under the readout, or is not there
+            health.last_error = self._error_doc(exc)
+            outcome = "line_error"
+        except METER_ERRORS as exc:
+            error = exc
+            outcome = "failed"
+        # The schedule first, so that the state published below shows the next slot.
+        held = self.schedule.done(read, outcome, self._clock.monotonic(), self._clock.time())
         if reading is not None:
-            await self._success(health, reading, slot, "schedule")
-            return "ok"
-        assert last_exc is not None
-        await self._failure(health, last_exc)
-        return "failed"
-
-    async def _poll_dlms(self, ctx: ServiceContext, health: MeterHealth, slot: float) -> str:
-        """A DLMS readout (dcud.service.dlms_meter): its own lease (HDLC) or TCP connection."""
-        assert self._dlms is not None
-        meter = health.config
-        health.last_attempt_s = time.time()
-        try:
-            reading = await self._dlms.read(
-                meter,
-                "poll",
-                f"poll:{meter.name}",
-                lease_timeout_s=self.config.lease_timeout_s,
-                trigger="schedule",
-            )
-        except LeaseTimeout as exc:
-            status = "line_down" if exc.holder is None else ("deferred" if exc.deferred else "busy")
-            self._hold(health, status)
-            return status
-        except (TransportError, LineClosedError) as exc:
-            health.last_error = _error_doc(exc)
-            self._hold(health, "line_down")
-            await ctx.sleep(1.0)
-            return "line_down"
-        except _METER_ERRORS as exc:
             health.reads += 1
-            self._advance(health, slot)
-            await self._failure(health, exc)
-            return "failed"
-        health.reads += 1
-        self._advance(health, slot)
-        await self._success(health, reading, slot, "schedule")
-        return "ok"
+            await self._success(health, reading, read.slot_s, "schedule")
+        elif error is not None:
+            health.reads += 1
+            await self._failure(health, error)
+        for item in held:
+            self._hold(self.meters[item.meter], item.status)
+        return outcome
+
+    async def _readout(self, health: MeterHealth, kind: LeaseKind, owner: str, trigger: str) -> MeterReading:
+        """The one place a readout is dispatched by protocol, for scheduled polls and ``cmd/read``.
+
+        DLMS/COSEM goes to :class:`~dcud.service.dlms_meter.DlmsReadouts` (its line lease or TCP
+        connection, its retries, and its extra outputs: profile rows and events committed with their
+        cursors, ``publish=False`` when only those came, ``state`` merged into the meter's document);
+        IEC 62056-21 and M-Bus to :class:`~dcud.service.meter_read.LineReadouts`.
+        """
+        meter = health.config
+        timeout_s = self.config.lease_timeout_s
+        if meter.protocol == "dlms" and self._dlms is not None:
+            return await self._dlms.read(meter, kind, owner, lease_timeout_s=timeout_s, trigger=trigger)
+
+        def count_retry() -> None:
+            health.retries += 1
+
+        return await self._serial.read(meter, kind, owner, lease_timeout_s=timeout_s, on_retry=count_retry)
 
     async def _success(
         self, health: MeterHealth, reading: MeterReading, slot: float | None, trigger: str
@@ -515,7 +485,7 @@ class PollingService:
         health.failed += 1
         health.status = "failed"
         health.consecutive_failures += 1
-        health.last_error = _error_doc(exc)
+        health.last_error = self._error_doc(exc)
         if not health.silent and health.consecutive_failures >= self.config.silent_after_cycles:
             health.silent = True
             kind = "meter_silent" if isinstance(exc, PeerTimeout) else "meter_error"
@@ -531,29 +501,14 @@ class PollingService:
         health = self.meters.get(name)
         if health is None:
             raise CommandError(f'no enabled meter named "{name}"')
-        meter = health.config
-        if self._dlms is not None and meter.protocol == "dlms":
-            try:
-                reading = await self._dlms.read(
-                    meter, "cli", owner, lease_timeout_s=self.config.lease_timeout_s, trigger="command"
-                )
-            except _METER_ERRORS as exc:
-                health.last_error = _error_doc(exc)
-                self._publish(health)
-                raise
-            health.reads += 1
-            return await self._success(health, reading, None, "command")
-        line_cfg = self.config.line(meter.line)
-        line = self._lines.get(meter.line)
-        if line is None or line_cfg is None:
-            raise CommandError(f"line {meter.line} is not available")
-        async with line.lease(owner, "cli", timeout_s=self.config.lease_timeout_s) as port:
-            try:
-                reading = await read_meter(port, meter, line_cfg, self._defaults)
-            except _METER_ERRORS as exc:
-                health.last_error = _error_doc(exc)
-                self._publish(health)
-                raise
+        try:
+            reading = await self._readout(health, "cli", owner, "command")
+        except LineClosedError as exc:
+            raise CommandError(str(exc)) from exc
+        except METER_ERRORS as exc:
+            health.last_error = self._error_doc(exc)
+            self._publish(health)
+            raise
         health.reads += 1
         return await self._success(health, reading, None, "command")
 
@@ -583,7 +538,7 @@ class PollingService:
             "line": line_cfg.name,
             "mode": mode,
             "state": "running",
-            "started": rfc3339(time.time()),
+            "started": rfc3339(self._clock.time()),
         }
         self._bus.set_state(topic, dict(state))
         line = self._lines.get(line_cfg.name)
@@ -598,7 +553,7 @@ class PollingService:
             last_publish = [0.0]
 
             def progress(s: Any) -> None:
-                now = time.monotonic()
+                now = self._clock.monotonic()
                 if now - last_publish[0] >= 1.0:
                     last_publish[0] = now
                     self._bus.set_state(topic, {**state, "probing": s.progress, "probes": s.probes})
@@ -609,7 +564,7 @@ class PollingService:
             state["state"] = "done"
         except (DcudError, OSError) as exc:
             state.update({"state": "failed", "error": str(exc)})
-        state["finished"] = rfc3339(time.time())
+        state["finished"] = rfc3339(self._clock.time())
         self._bus.set_state(topic, state)
 
 
@@ -637,10 +592,6 @@ def scan_document(result: MbusScanResult) -> dict[str, Any]:
     }
 
 
-def _error_doc(exc: BaseException) -> dict[str, Any]:
-    return {"ts": rfc3339(time.time()), "type": type(exc).__name__, "message": str(exc)}
-
-
 def build_polling_services(
     config: LoadedConfig,
     *,
@@ -649,6 +600,7 @@ def build_polling_services(
     outbox: Outbox,
     commands: CommandRouter,
     event: EventSink,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> Sequence[Service]:
     """The polling service when any meter is configured (``SERVICE_BUILDERS`` entry)."""
     toml = config.toml
@@ -670,7 +622,7 @@ def build_polling_services(
         config_dir=str(config.path.parent),
         device_id=config.device_id,
     )
-    return [PollingService(slice_, lines, bus, outbox, commands=commands, event=event)]
+    return [PollingService(slice_, lines, bus, outbox, commands=commands, event=event, clock=clock)]
 
 
 __all__ = [
