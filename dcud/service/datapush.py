@@ -57,6 +57,7 @@ from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.runtime.timefmt import rfc3339
 from dcud.service.outbox import Outbox, OutboxItem
+from dcud.service.tls_banks import TlsBankError, file_client_context
 
 if TYPE_CHECKING:
     from dcud.config.loader import LoadedConfig
@@ -433,14 +434,17 @@ class DataPushServiceConfig:
 
 
 def tls_context(options: DataPushConfig) -> ssl.SSLContext:
-    """Client TLS context for ``ftps://``/``mqtts://`` from dcud.toml ``[datapush]``."""
-    context = ssl.create_default_context(cafile=options.ca_file or None)
-    if options.cert_file:
-        context.load_cert_chain(options.cert_file, options.key_file or None)
-    if not options.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+    """Client TLS context for ``ftps://``/``mqtts://`` from dcud.toml ``[datapush]`` (the one factory,
+    :func:`dcud.service.tls_banks.file_client_context`); an unusable file is a failed attempt."""
+    try:
+        return file_client_context(
+            ca_file=options.ca_file,
+            cert_file=options.cert_file,
+            key_file=options.key_file,
+            verify=options.tls_verify,
+        )
+    except TlsBankError as exc:
+        raise PushError(f"TLS: {exc}") from exc
 
 
 def rfc3339_or_none(epoch_s: float | None) -> str | None:

@@ -43,6 +43,7 @@ from dcud.runtime.timefmt import rfc3339
 from dcud.runtime.uplink import UplinkReconnect
 from dcud.service.commands import MAX_REQUEST_BYTES, CommandRouter, CommandStats
 from dcud.service.outbox import Outbox
+from dcud.service.tls_banks import file_client_context
 
 CONSUMER = "mqtt"
 OFFLINE = json.dumps({"state": "offline"}).encode()
@@ -129,9 +130,9 @@ class MqttService:
         settings = cfg.settings
         tls_context: ssl.SSLContext | None = None
         if cfg.url.tls:
-            tls_context = ssl.create_default_context(cafile=settings.ca_file or None)
-            if settings.cert_file:
-                tls_context.load_cert_chain(settings.cert_file, settings.key_file or None)
+            tls_context = file_client_context(
+                ca_file=settings.ca_file, cert_file=settings.cert_file, key_file=settings.key_file
+            )
         properties: Properties | None = None
         if v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]

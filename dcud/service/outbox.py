@@ -329,7 +329,8 @@ class Outbox:
         """Up to ``limit`` committed items for ``consumer`` in seq order; [] when there is nothing.
 
         Given-back items come first, then items after everything handed out so far. Items of kinds not in
-        ``kinds`` are settled for this consumer as the take steps over them.
+        ``kinds`` are settled for this consumer as the take steps over them. A take cancelled while it
+        waits for the writer hands nothing out: whatever it would have returned is given back.
         """
         self._check_consumer(consumer)
         if not 1 <= limit <= MAX_TAKE:
@@ -410,6 +411,11 @@ class Outbox:
                 fut.set_exception(exc)
             else:
                 fut.set_result(value)
+        for fut, consumer, seqs in done.taken:
+            if fut is not None and fut.cancelled() and self._state == "open":
+                # The taker was cancelled before its items arrived: nobody holds them, so they go back
+                # (taken again first, in order) instead of waiting in flight for the next rewind.
+                self._q.put(NackRequest(None, consumer, seqs))
         if done.put_rows:
             self._credit.release(done.put_rows)
         if done.snapshot is not None:

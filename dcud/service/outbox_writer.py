@@ -174,6 +174,8 @@ class BatchDone:
     reports: list[OverflowReport] = field(default_factory=list)
     wake: set[str] = field(default_factory=set)
     exhausted: set[str] = field(default_factory=set)
+    taken: list[tuple[asyncio.Future[Any] | None, str, list[int]]] = field(default_factory=list)
+    """Per non-empty take: its future, consumer and seqs (a cancelled taker's items go back)."""
     broken: OutboxError | None = None
 
 
@@ -350,6 +352,8 @@ class OutboxWriter:
                 done.results.append((take.fut, None, self._map_error(exc)))
                 continue
             done.results.append((take.fut, items, None))
+            if items:
+                done.taken.append((take.fut, take.consumer, [item.seq for item in items]))
             if exhausted:
                 done.exhausted.add(take.consumer)
 
