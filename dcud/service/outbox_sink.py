@@ -151,8 +151,8 @@ class Continuous:
     overlapping = True
     resting = False
 
-    def __init__(self, initial_s: float = 1.0, max_s: float = 60.0) -> None:
-        self.backoff = Backoff(initial_s=initial_s, max_s=max_s)
+    def __init__(self, initial_s: float = 1.0, max_s: float = 60.0, *, jitter: float = 0.5) -> None:
+        self.backoff = Backoff(initial_s=initial_s, max_s=max_s, jitter=jitter)
         self.wake_at = -math.inf
         self.failures = 0
         """Failed attempts since the last success."""
