@@ -46,7 +46,6 @@ import asyncio
 import ipaddress
 import json
 import re
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -59,6 +58,7 @@ from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.timefmt import rfc3339
 from dcud.service.outbox import Outbox, OutboxItem
 from dcud.service.outbox_sink import Continuous, OutboxSink, PartialDelivery, SinkPolicy
+from dcud.transport.udp import SAFE_PAYLOAD_BYTES, send_datagram
 
 if TYPE_CHECKING:
     from dcud.config.loader import LoadedConfig
@@ -85,7 +85,7 @@ __all__ = [
 ]
 
 DEFAULT_PORT: Final = 9003
-MAX_PAYLOAD_BYTES: Final = 1200  # fits one datagram on any path MTU >= 1280 (IPv6 minimum)
+MAX_PAYLOAD_BYTES: Final = SAFE_PAYLOAD_BYTES  # fits one datagram on any path MTU >= 1280 (IPv6 minimum)
 DEDUPE_WINDOW_S: Final = 60.0
 CONSUMER: Final = "udp-event"
 NO_SMS_MODEM: Final = "no SMS modem on this DCU"
@@ -229,18 +229,6 @@ GATE: Final = EventPushGate()
 """The process-wide gate; the event push service sets its ``ignore_s`` from ``eventpush_sms_ignore``."""
 
 
-async def _send_datagram(addr: str, payload: bytes) -> None:
-    host, port = parse_push_address(addr)
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP)
-    if not infos:
-        raise OSError(f"cannot resolve {host!r}")
-    family, type_, proto, _canon, sockaddr = infos[0]
-    with socket.socket(family, type_, proto) as sock:
-        sock.setblocking(False)
-        sock.sendto(payload, sockaddr)
-
-
 async def push_datagram(addr: str, text: str, gate: EventPushGate = GATE) -> Verdict:
     """Send ``text`` to ``addr`` unless the gate says otherwise; raises ``OSError``/``ValueError``."""
     parse_push_address(addr)  # refuse a phone number or a bad address before claiming anything
@@ -249,7 +237,8 @@ async def push_datagram(addr: str, text: str, gate: EventPushGate = GATE) -> Ver
         return verdict
     assert claim is not None
     try:
-        await _send_datagram(addr, text.encode("utf-8", errors="replace")[:MAX_PAYLOAD_BYTES])
+        host, port = parse_push_address(addr)
+        await send_datagram(host, port, text.encode("utf-8", errors="replace")[:MAX_PAYLOAD_BYTES])
     except BaseException:
         gate.release(claim)
         raise
