@@ -303,7 +303,7 @@ class OutboxSink:
         self._logged = ""
         self._outstanding: dict[int, None] = {}  # seqs handed out and not yet acked or given back
         self._room = asyncio.Event()
-        self._deliveries: set[asyncio.Task[None]] = set()
+        self._helpers: set[asyncio.Task[None]] = set()  # overlapping deliveries, the stop watcher
 
     @property
     def consumer(self) -> str:
@@ -338,28 +338,34 @@ class OutboxSink:
         await self._outbox.rewind(self.consumer)
         ctx.set_ready()
         self._changed()
+        overlapping = self.window_items > self.policy.batch_items
         try:
             async with asyncio.TaskGroup() as tg:
+                if overlapping:  # a stop wakes a wait for room (cheaper than racing every wait)
+                    self._track(tg.create_task(self._wake_on_stop(ctx), name=child_name("stop")))
                 while await self._due(ctx):
                     limit = min(self.batch_items, self.window_items - len(self._outstanding))
                     if limit <= 0:  # the window is full: wait for a delivery to settle
                         self._room.clear()
-                        await self._wait(ctx, self._room)
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(ctx.liveness_s / 3):
+                                await self._room.wait()
+                        ctx.beat()
                         continue
                     attempt = await self._next_attempt(ctx, limit)
                     if attempt is None:
                         continue
                     number, started, items = attempt
-                    if self.window_items > self.policy.batch_items:
-                        task = tg.create_task(
-                            self._attempt(ctx, sink, close, number, started, items, limit),
-                            name=child_name("deliver"),
+                    if overlapping:
+                        self._track(
+                            tg.create_task(
+                                self._attempt(ctx, sink, close, number, started, items, limit),
+                                name=child_name("deliver"),
+                            )
                         )
-                        self._deliveries.add(task)
-                        task.add_done_callback(self._deliveries.discard)
                     else:
                         await self._attempt(ctx, sink, close, number, started, items, limit)
-                for task in list(self._deliveries):
+                for task in list(self._helpers):
                     task.cancel()  # stopping: whatever is still in flight goes back
         except BaseExceptionGroup as group:
             raise first_error(group) from group
@@ -385,11 +391,13 @@ class OutboxSink:
             return True
         return False
 
-    async def _wait(self, ctx: ServiceContext, event: asyncio.Event) -> None:
-        """Until ``event``, a stop or a third of the liveness bound (then beat)."""
-        with contextlib.suppress(TimeoutError):
-            await until_stopped(ctx.stopping, event.wait(), timeout_s=ctx.liveness_s / 3, name="wait")
-        ctx.beat()
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._helpers.add(task)
+        task.add_done_callback(self._helpers.discard)
+
+    async def _wake_on_stop(self, ctx: ServiceContext) -> None:
+        await ctx.stopping.wait()
+        self._room.set()
 
     async def _wait_for_items(self, ctx: ServiceContext) -> None:
         """Until the outbox may have items for us, a stop or a third of the liveness bound (then beat);
