@@ -28,10 +28,13 @@ from typing import Any
 
 import canopen
 
+from dcud.codec.heartbeat import HeartbeatWatch
 from dcud.config.model import CanConfig, DriveConfig
 from dcud.runtime.bus import EventBus
-from dcud.service.drives import CanDrivesConfig, CanDriveService, CanopenDrive, DriveRegistry
-from dcud.sim.drive import build_object_dictionary
+from dcud.service.drive_canopen import CanopenDrive
+from dcud.service.drive_commands import DriveRegistry
+from dcud.service.drives import CanDrivesConfig, CanDriveService
+from dcud.sim.drive_can import build_object_dictionary
 from dcud.transport.can import CanSettings
 
 TPDOS = int(os.environ.get("BENCH_TPDOS", "200000"))
@@ -101,6 +104,7 @@ async def tpdo_own() -> float:
         events=asyncio.Queue(10),
         counters={},
         route=service.route,
+        heartbeats=service.heartbeats,
     )
     service.drives["axis-1"] = drive
     from dcud.codec import canopen as co
@@ -154,6 +158,7 @@ async def sdo_own(channel: str) -> tuple[float, float]:
         events=asyncio.Queue(10),
         counters={},
         route=lambda *_: None,
+        heartbeats=HeartbeatWatch(),
     )
     drive_holder["d"] = drive
     stop = asyncio.Event()

@@ -139,7 +139,7 @@ def _line_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
 
 
 def _polling_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
-    if not config.toml.line:  # nothing to poll: keep the codecs out of a small DCU's memory
+    if not config.toml.line and not config.toml.meter:  # nothing to poll (DLMS/TCP meters need no line)
         return []
     from dcud.service.polling import build_polling_services
 
@@ -234,6 +234,7 @@ def _drive_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
         history=shared.put_history,
         commands=shared.commands,
         event=shared.event,
+        clock=shared.runtime.clock,
     )
 
 

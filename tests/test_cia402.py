@@ -38,7 +38,7 @@ from dcud.codec.cia402 import (
     sdo_abort_text,
 )
 from dcud.errors import LocalProtocolError, NegativeResponse, ProtocolError, RemoteProtocolError
-from dcud.sim.drive import build_object_dictionary
+from dcud.sim.drive_can import build_object_dictionary
 
 # -- statusword -------------------------------------------------------------------------------------
 

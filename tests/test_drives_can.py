@@ -25,7 +25,8 @@ from meter_helpers import Events, FakeOutbox, SocatPair, supervised, wait_until
 from dcud.config.model import CanConfig, DriveConfig, TpdoConfig
 from dcud.runtime.bus import EventBus
 from dcud.service.commands import CommandRouter
-from dcud.service.drives import CanDrivesConfig, CanDriveService, register_drive_commands
+from dcud.service.drive_commands import register_drive_commands
+from dcud.service.drives import CanDrivesConfig, CanDriveService
 from dcud.sim.peers import Mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
@@ -539,7 +540,7 @@ async def test_error_frames_error_passive_and_bus_off_reopen() -> None:
 
 
 async def test_state_published_on_change_and_at_a_bounded_rate() -> None:
-    from dcud.service.drives import DriveBase
+    from dcud.service.drive_base import DriveBase
 
     bus = EventBus()
     published: list[dict[str, Any]] = []

@@ -21,16 +21,17 @@ from hypothesis import strategies as st
 from meter_helpers import Events, FakeOutbox, SocatPair, supervised, wait_until
 
 from dcud.codec import modbus_rtu as mb
+from dcud.codec.actions import Action, Done, Drain, Failed, Flush, Send
 from dcud.codec.cia402 import DriveState
 from dcud.config.model import DriveConfig, LineConfig, MeterConfig, ModbusRegisters
 from dcud.errors import DcudError, NegativeResponse, PeerTimeout, RemoteProtocolError
 from dcud.runtime.bus import EventBus
 from dcud.service.commands import CommandRouter
+from dcud.service.drive_commands import register_drive_commands
 from dcud.service.drive_modbus import ModbusDrivesConfig, ModbusDriveService, plan_blocks, register_fields
-from dcud.service.drives import register_drive_commands
 from dcud.service.line import LineRegistry, LineService, LineServiceConfig
 from dcud.service.meter_read import read_meter
-from dcud.sim.drive import MODBUS_REGISTERS, ModbusDriveModel, SharedLineModel
+from dcud.sim.drive_modbus import MODBUS_REGISTERS, ModbusDriveModel, SharedLineModel
 from dcud.sim.serial_sim import IecSimLine, SimLineRunner, SimLineSpec, SimMeterSpec
 
 # -- codec ------------------------------------------------------------------------------------------
@@ -76,9 +77,9 @@ def test_exceptions_and_bad_answers() -> None:
             make()
 
 
-def run(transaction: mb.ModbusTransaction, chunks: list[bytes]) -> mb.Action:
+def run(transaction: mb.ModbusTransaction, chunks: list[bytes]) -> Action:
     actions = transaction.start(0.0)
-    assert [type(a).__name__ for a in actions] == ["Flush", "Send", "Drain"]
+    assert actions == [Flush(), Send(transaction.frame), Drain()]
     now = 0.001
     for chunk in chunks:
         out = transaction.receive_data(chunk, now)
@@ -99,23 +100,104 @@ def test_transaction_split_at_every_byte_boundary() -> None:
         for second in range(cut, len(answer) + 1):
             chunks = [c for c in (answer[:cut], answer[cut:second], answer[second:]) if c]
             result = run(mb.ModbusTransaction(request, baud=9600), chunks)
-            assert isinstance(result, mb.Done), (cut, second, result)
+            assert isinstance(result, Done), (cut, second, result)
             assert result.result == (0x0237, 0x0000, 0x0064, 0xFFFF)
 
 
 def test_transaction_timeouts() -> None:
     request = mb.read_registers(1, 0, 1)
     silent = run(mb.ModbusTransaction(request, baud=9600, response_timeout_s=0.2), [])
-    assert isinstance(silent, mb.Failed) and isinstance(silent.error, PeerTimeout)
+    assert isinstance(silent, Failed) and isinstance(silent.error, PeerTimeout)
     partial = run(mb.ModbusTransaction(request, baud=9600), [b"\x01\x03\x02"])
-    assert isinstance(partial, mb.Failed) and isinstance(partial.error, RemoteProtocolError)
+    assert isinstance(partial, Failed) and isinstance(partial.error, RemoteProtocolError)
     longer = run(mb.ModbusTransaction(request, baud=9600), [bytes.fromhex("0103020237F8F2AA")])
-    assert isinstance(longer, mb.Failed) and isinstance(longer.error, RemoteProtocolError)
+    assert isinstance(longer, Failed) and isinstance(longer.error, RemoteProtocolError)
     exc = run(mb.ModbusTransaction(request, baud=9600), [mb.with_crc(b"\x01\x83\x04")])
-    assert isinstance(exc, mb.Failed) and isinstance(exc.error, mb.ModbusException)
+    assert isinstance(exc, Failed) and isinstance(exc.error, mb.ModbusException)
     # A broadcast is done once sent.
     actions = mb.ModbusTransaction(mb.write_register(0, 1, 6), baud=9600).start(0.0)
-    assert type(actions[-1]).__name__ == "Done"
+    assert actions[-1] == Done((6,))
+
+
+def test_transaction_keeps_the_silence_after_the_answer() -> None:
+    """The session ends 4 character times after a good answer (the slave's 3.5), never before."""
+    request = mb.read_registers(1, 0, 1)
+    session = mb.ModbusTransaction(request, baud=9600)
+    session.start(0.0)
+    answer = bytes.fromhex("0103020237F8F2")
+    assert session.receive_data(answer, 0.1) == []
+    assert session.next_deadline() == pytest.approx(0.1 + 4 * 11 / 9600)
+    assert session.receive_data(b"\x00", 0.101) == []  # noise after the answer: not part of it
+    assert session.handle_timer(0.1 + 4 * 11 / 9600) == [Done((0x0237,))]
+    assert session.next_deadline() is None
+    # A failure ends it at once.
+    failing = mb.ModbusTransaction(request, baud=9600)
+    failing.start(0.0)
+    (failed,) = failing.receive_data(mb.with_crc(b"\x01\x83\x02"), 0.1)
+    assert isinstance(failed, Failed) and isinstance(failed.error, mb.ModbusException)
+
+
+class _LookalikeSend:
+    """Named like the shared action, but not it: the runner dispatches by type, not by class name."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class _OneShot:
+    def __init__(self, actions: list[object]) -> None:
+        self.actions = actions
+
+    def start(self, now: float) -> list[object]:
+        return self.actions
+
+    def receive_data(self, data: bytes, now: float) -> list[object]:
+        return []
+
+    def handle_timer(self, now: float) -> list[object]:
+        return []
+
+    def next_deadline(self) -> float | None:
+        return None
+
+
+class _RecordingPort:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.flushed = 0
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    async def drain(self) -> None:
+        return None
+
+    async def read(self, max_bytes: int = 4096, timeout_s: float = 0.0) -> bytes:
+        return b""
+
+    async def set_baud(self, baud: int) -> None:
+        return None
+
+    async def set_framing(self, framing: str) -> None:
+        return None
+
+    def flush_input(self) -> None:
+        self.flushed += 1
+
+
+async def test_session_runner_dispatches_by_type() -> None:
+    from dcud.errors import LocalProtocolError
+    from dcud.service.session_runner import run_session
+
+    _LookalikeSend.__name__ = "Send"
+    port = _RecordingPort()
+    with pytest.raises(LocalProtocolError, match="unknown session action"):
+        await run_session(_OneShot([_LookalikeSend(b"x")]), port)
+    assert port.written == []
+    result = await run_session(_OneShot([Flush(), Send(b"ab"), Drain(), Done((1, 2))]), port)
+    assert result == (1, 2) and port.written == [b"ab"] and port.flushed == 1
+    with pytest.raises(PeerTimeout):
+        await run_session(_OneShot([Failed(PeerTimeout("silent"))]), port)
 
 
 @settings(max_examples=400, deadline=None)
@@ -125,10 +207,10 @@ def test_random_answers_give_typed_outcomes(chunks: list[bytes], which: int) -> 
         which
     ]
     result = run(mb.ModbusTransaction(request, baud=19200), chunks)
-    if isinstance(result, mb.Failed):
+    if isinstance(result, Failed):
         assert isinstance(result.error, DcudError)
     else:
-        assert isinstance(result, mb.Done)
+        assert isinstance(result, Done)
 
 
 def test_register_blocks() -> None:

@@ -177,6 +177,9 @@ def check(data: bytes) -> ntp.NtpSample:
         (answer(receive_s=time.time() + 1, transmit_s=time.time()), "before its receive"),
         (answer(receive_s=time.time() - 9, transmit_s=time.time() - 3), "round-trip delay"),
     ],
+    ids=lambda value: (
+        value if isinstance(value, str) else "answer"
+    ),  # stable ids: pytest-xdist workers compare them
 )
 def test_insane_answers_are_rejected(data: bytes, reason: str) -> None:
     with pytest.raises(ntp.NtpRejected, match=reason) as info:
@@ -193,6 +196,7 @@ def test_insane_answers_are_rejected(data: bytes, reason: str) -> None:
         answer()[:47],
         b"",
     ],
+    ids=["zero origin", "one byte off", "time of day", "short", "empty"],
 )
 def test_datagrams_that_do_not_echo_our_transmit_timestamp_are_not_answers(data: bytes) -> None:
     with pytest.raises(ntp.NtpNotOurAnswer):

@@ -3,8 +3,10 @@
 A master knows what it asked, so the length of the answer is known from its first bytes (exception:
 5 bytes; read: 5 + byte count; write: 8); frames are cut by length, not by the 3.5-character silence,
 which a USB adapter or a pty does not preserve. :class:`ModbusTransaction` is one request and its answer
-as a session for :func:`dcud.service.session_runner.run_session` (actions ``Flush``, ``Send``,
-``Drain``, ``Done``, ``Failed``), so it runs on a leased line like the meter protocols.
+as a session for :func:`dcud.service.session_runner.run_session`, speaking the shared actions of
+:mod:`dcud.codec.actions` (``Flush``, ``Send``, ``Drain``, ``Done``, ``Failed``), so it runs on a
+leased line like the meter protocols. It also keeps the 3.5 characters of silence the slave needs
+between the answer and the next request (a deadline, not a sleep in the caller).
 
 Errors: :class:`ModbusException` (a ``NegativeResponse``: the slave answered with an exception code),
 ``RemoteProtocolError`` (bad CRC, wrong unit or function, wrong length), ``PeerTimeout`` (no or an
@@ -18,6 +20,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dcud.codec.actions import Action, Done, Drain, Failed, Flush, Send
 from dcud.codec.crc import crc16_reflected_8005
 from dcud.errors import DcudError, LocalProtocolError, NegativeResponse, PeerTimeout, RemoteProtocolError
 
@@ -202,41 +205,7 @@ def join_words(high_first: bool, words: Sequence[int]) -> int:
     return (high << 16) | low
 
 
-# -- the transaction session (actions named like the other sessions', see session_runner) -----------
-
-
-@dataclass(frozen=True)
-class Send:
-    """Write ``data`` to the line."""
-
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Drain:
-    """Wait until the request left the UART."""
-
-
-@dataclass(frozen=True)
-class Flush:
-    """Drop stale input before the request."""
-
-
-@dataclass(frozen=True)
-class Done:
-    """The transaction succeeded: the registers read or written."""
-
-    result: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Failed:
-    """The transaction failed: ModbusException, RemoteProtocolError or PeerTimeout."""
-
-    error: DcudError
-
-
-Action = Send | Drain | Flush | Done | Failed
+# -- the transaction session (the shared actions of dcud.codec.actions, run by session_runner) ------
 
 
 class ModbusTransaction:
@@ -244,6 +213,8 @@ class ModbusTransaction:
 
     ``response_timeout_s`` runs from the end of the request on the wire to the first byte of the answer;
     ``inter_char_timeout_s`` bounds the gaps inside the answer (generous: adapters deliver in chunks).
+    After a good answer the session ends only once ``silence_chars`` character times have passed (the
+    3.5 characters that make the next request a new frame for the slave); a failure ends it at once.
     """
 
     def __init__(
@@ -253,14 +224,18 @@ class ModbusTransaction:
         baud: int,
         response_timeout_s: float = 0.5,
         inter_char_timeout_s: float = 0.05,
+        silence_chars: int = 4,
     ) -> None:
         self.request = request
         self.frame = request.encode()
         self.baud = baud
         self.response_timeout_s = response_timeout_s
         self.inter_char_timeout_s = inter_char_timeout_s
+        self.silence_chars = silence_chars
         self._buffer = bytearray()
         self._deadline: float | None = None
+        self._result: tuple[int, ...] | None = None
+        """The decoded answer while the session waits out the silence after it."""
         self._done = False
 
     def start(self, now: float) -> list[Action]:
@@ -272,30 +247,34 @@ class ModbusTransaction:
         return [Flush(), Send(self.frame), Drain()]
 
     def next_deadline(self) -> float | None:
-        """When the answer (or its next byte) is due."""
+        """When the answer (or its next byte) is due, or when the silence after it is over."""
         return None if self._done else self._deadline
 
     def receive_data(self, data: bytes, now: float) -> list[Action]:
-        """Collect the answer; decode it once its length is reached."""
-        if self._done:
-            return []
+        """Collect the answer; decode it once its length is reached, then wait out the silence."""
+        if self._done or self._result is not None:
+            return []  # the answer is complete: more bytes are noise, dropped by the next Flush
         self._buffer += data
         needed = response_length(self.request, bytes(self._buffer[:3]))
         if len(self._buffer) > MAX_FRAME_BYTES or (needed is not None and len(self._buffer) > needed):
             return self._fail(RemoteProtocolError("Modbus answer longer than expected", bytes(self._buffer)))
         if needed is not None and len(self._buffer) == needed:
-            self._done = True
             try:
-                return [Done(decode_response(self.request, bytes(self._buffer)))]
+                self._result = decode_response(self.request, bytes(self._buffer))
             except (NegativeResponse, RemoteProtocolError) as exc:
-                return [Failed(exc)]
+                return self._fail(exc)
+            self._deadline = now + frame_time_s(self.silence_chars, self.baud)
+            return []
         self._deadline = now + self.inter_char_timeout_s + frame_time_s(1, self.baud)
         return []
 
     def handle_timer(self, now: float) -> list[Action]:
-        """Nothing (more) came in time."""
+        """The silence after the answer is over (done), or nothing (more) came in time (failed)."""
         if self._done:
             return []
+        if self._result is not None:
+            self._done = True
+            return [Done(self._result)]
         if self._buffer:
             return self._fail(RemoteProtocolError("incomplete Modbus answer", bytes(self._buffer)))
         return self._fail(

@@ -12,7 +12,7 @@ statusword (``status``), controlword (``control``), position and velocity (one o
 in one request when the registers lie close together. ``function`` selects holding (03) or input (04)
 registers for the reads; the controlword is always a holding register (06).
 
-State, events, history and commands are those of :class:`~dcud.service.drives.DriveBase`; with no
+State, events, history and commands are those of :class:`~dcud.service.drive_base.DriveBase`; with no
 heartbeat on Modbus, three failed polls in a row raise ``drive_offline`` and the next answer
 ``drive_online``. A poll that waits for the line (a transparent session holds it) is *deferred*, not
 failed.
@@ -35,14 +35,8 @@ from dcud.runtime.events import EventSink
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.runtime.timefmt import rfc3339_ms
 from dcud.service.commands import CommandError
-from dcud.service.drives import (
-    EVENT_QUEUE_SIZE,
-    DriveBase,
-    DriveRegistry,
-    DriveStateError,
-    HistorySink,
-    parse_int,
-)
+from dcud.service.drive_base import EVENT_QUEUE_SIZE, DriveBase, DriveEvents, HistorySink
+from dcud.service.drive_commands import DriveRegistry, DriveStateError, parse_int
 from dcud.service.line import LeasedPort, LeaseTimeout, LineRegistry
 from dcud.service.session_runner import run_session
 
@@ -104,7 +98,7 @@ class ModbusDrive(DriveBase):
         *,
         lines: LineRegistry,
         bus: EventBus,
-        events: asyncio.Queue[tuple[str, str, dict[str, Any]]],
+        events: DriveEvents,
         counters: dict[str, int],
     ) -> None:
         super().__init__(config, bus, events, counters)
@@ -135,11 +129,9 @@ class ModbusDrive(DriveBase):
             yield port
 
     async def transact(self, port: LeasedPort, request: mb.Request) -> tuple[int, ...]:
-        """One request and its answer on a leased port."""
+        """One request and its answer on a leased port (the session keeps the silence after it)."""
         session = mb.ModbusTransaction(request, baud=port.baud, response_timeout_s=self.response_timeout_s)
         result: tuple[int, ...] = await run_session(session, port)
-        # The slave needs 3.5 characters of silence before our next request counts as a new frame.
-        await asyncio.sleep(mb.frame_time_s(4, port.baud))
         return result
 
     async def _read_block(self, port: LeasedPort, address: int, count: int) -> tuple[int, ...]:
@@ -334,7 +326,7 @@ class ModbusDriveService:
         self._registry = registry
         self.counters: dict[str, int] = {}
         self.drives: dict[str, ModbusDrive] = {}
-        self._events: asyncio.Queue[tuple[str, str, dict[str, Any]]] = asyncio.Queue(EVENT_QUEUE_SIZE)
+        self._events: DriveEvents = asyncio.Queue(EVENT_QUEUE_SIZE)
 
     async def _event_loop(self) -> None:
         while True:

@@ -68,7 +68,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -210,6 +210,7 @@ class Outbox:
         self._broken: OutboxError | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._writer: OutboxWriter | None = None
         self._snapshot = OutboxStats(
             depth=0,
             items=0,
@@ -258,6 +259,7 @@ class Outbox:
             loop=self._loop,
             on_batch_done=self._on_batch_done,
         )
+        self._writer = writer
         self._thread = writer.start(fut)
         try:
             await fut
@@ -302,8 +304,16 @@ class Outbox:
         items = await self.put_many(((kind, subtopic, payload),))
         return items[0]
 
-    async def put_many(self, items: Sequence[tuple[str, str, bytes]]) -> list[OutboxItem]:
-        """Store several items in one transaction with consecutive seqs; all or none are stored."""
+    async def put_many(
+        self, items: Sequence[tuple[str, str, bytes]], *, marks: Mapping[str, str] | None = None
+    ) -> list[OutboxItem]:
+        """Store several items in one transaction with consecutive seqs; all or none are stored.
+
+        ``marks`` (key -> text) are stored in the same transaction and read back with :meth:`mark`: a
+        producer records how far it got (the DLMS load-profile cursor) atomically with the items, so a
+        crash can neither lose those items nor make the producer send them again.
+        """
+        marked = tuple((str(key), str(value)) for key, value in (marks or {}).items())
         rows: list[tuple[str, str, bytes, int]] = []
         for kind, subtopic, payload in items:
             if not isinstance(kind, str) or not kind:
@@ -322,8 +332,12 @@ class Outbox:
         except OutboxError:
             self._credit.release(len(rows))
             raise
-        result: list[OutboxItem] = await self._submit(PutRequest(None, rows))
+        result: list[OutboxItem] = await self._submit(PutRequest(None, rows, marked))
         return result
+
+    def mark(self, key: str) -> str | None:
+        """The last committed value of a producer mark (see :meth:`put_many`), or None."""
+        return None if self._writer is None else self._writer.marks.get(key)
 
     async def take(self, consumer: str, limit: int, kinds: frozenset[str] | None = None) -> list[OutboxItem]:
         """Up to ``limit`` committed items for ``consumer`` in seq order; [] when there is nothing.

@@ -62,6 +62,7 @@ _JOURNAL_SIZE_LIMIT_BYTES: Final = 8 * 1024 * 1024
 _BUSY_TIMEOUT_S: Final = 2.0
 _IN_CHUNK: Final = 500
 
+_MARK_PREFIX: Final = "mark:"  # producer marks live in the meta table under this prefix
 _SQLITE_BUSY: Final = 5
 _SQLITE_LOCKED: Final = 6
 _SQLITE_CORRUPT: Final = 11
@@ -85,6 +86,7 @@ class PutRequest(Request):
     """Store ``rows`` in one transaction."""
 
     rows: list[tuple[str, str, bytes, int]]  # kind, subtopic, payload, size_bytes
+    marks: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -232,6 +234,10 @@ class OutboxWriter:
         self._is_over = False
         self._loop_gone = False
         self._writer_broken: OutboxError | None = None
+        self.marks: dict[str, str] = {}
+        """Producer marks as committed (see ``Outbox.put_many``). Read from the event loop: plain dict
+        reads and one-key writes are atomic under the GIL."""
+        self._pending_marks: dict[str, str] = {}  # those of the open transaction
 
     def start(self, open_fut: asyncio.Future[None]) -> threading.Thread:
         """Start the thread; ``open_fut`` resolves (in the loop) once the database is open, or fails."""
@@ -332,8 +338,11 @@ class OutboxWriter:
                     conn.execute("COMMIT")
                     self._in_tx = False
                     self._commits += 1
+                self.marks.update(self._pending_marks)
+                self._pending_marks.clear()
             except sqlite3.Error as exc:
                 err = self._map_error(exc)
+                self._pending_marks.clear()
                 self._rollback()
                 self._store = store = saved
                 self._new_items = self._hit_overflow = False
@@ -378,7 +387,15 @@ class OutboxWriter:
     def _apply(self, req: Request, done: BatchDone) -> Result:
         if isinstance(req, PutRequest):
             try:
-                return (req.fut, self._insert(req.rows), None)
+                items = self._insert(req.rows)
+                if req.marks:
+                    assert self._conn is not None
+                    self._conn.executemany(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                        [(_MARK_PREFIX + key, value) for key, value in req.marks],
+                    )
+                    self._pending_marks.update(req.marks)
+                return (req.fut, items, None)
             except OutboxFull as exc:
                 return (req.fut, None, exc)
         if isinstance(req, AckRequest):
@@ -762,6 +779,11 @@ class OutboxWriter:
         last = max(row[0] if row else 0, max_item or 0, *cursors.values(), 0)
         count, size = conn.execute("SELECT count(*), coalesce(sum(size_bytes), 0) FROM items").fetchone()
         self._uid_prefix = f"{self.device_id}-{meta['epoch']}-"
+        self.marks = {
+            str(key)[len(_MARK_PREFIX) :]: str(value)
+            for key, value in meta.items()
+            if str(key).startswith(_MARK_PREFIX)
+        }
         self._store = store = _Store(
             next_seq=last + 1,
             head_seq=last + 1,

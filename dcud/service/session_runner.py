@@ -2,8 +2,8 @@
 
 A session is any object with ``start(now)``, ``receive_data(data, now)``, ``handle_timer(now)`` (each
 returning a list of actions) and ``next_deadline()``; ``now`` is the event loop's monotonic clock. The
-actions are recognised by their class names, so the M-Bus and IEC 62056-21 sessions (and any later one)
-share this driver:
+actions are the shared types of :mod:`dcud.codec.actions`, matched by type, so the IEC 62056-21, M-Bus,
+DLMS/COSEM and Modbus RTU sessions (and any later one) share this driver:
 
 ============== =====================================================
 ``Send``       ``port.write(action.data)``
@@ -22,6 +22,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from dcud.codec.actions import Done, Drain, Failed, Flush, Send, SetBaud, SetFraming
 from dcud.errors import LocalProtocolError
 
 READ_CHUNK_BYTES = 4096
@@ -83,27 +84,25 @@ _NOT_DONE = object()
 async def _perform(actions: Sequence[object], port: SessionPort) -> Any:
     """Carry out ``actions``; returns the Done result, or ``_NOT_DONE``."""
     for action in actions:
-        kind = type(action).__name__
-        item: Any = action
-        if kind == "Send":
-            port.write(item.data)
-        elif kind == "Drain":
-            await port.drain()
-        elif kind == "SetBaud":
-            await port.set_baud(item.baud)
-        elif kind == "SetFraming":
-            await port.set_framing(item.framing)
-        elif kind == "Flush":
-            port.flush_input()
-        elif kind == "Done":
-            return item.result
-        elif kind == "Failed":
-            error = item.error
-            if isinstance(error, BaseException):
-                raise error
-            raise LocalProtocolError(f"session failed with a non-exception {error!r}")
-        else:
-            raise LocalProtocolError(f"unknown session action {action!r}")
+        match action:
+            case Send(data=data):
+                port.write(data)
+            case Drain():
+                await port.drain()
+            case SetBaud(baud=baud):
+                await port.set_baud(baud)
+            case SetFraming(framing=framing):
+                await port.set_framing(framing)
+            case Flush():
+                port.flush_input()
+            case Done(result=result):
+                return result
+            case Failed(error=error):
+                if isinstance(error, BaseException):
+                    raise error
+                raise LocalProtocolError(f"session failed with a non-exception {error!r}")
+            case _:
+                raise LocalProtocolError(f"unknown session action {action!r}")
     return _NOT_DONE
 
 

@@ -4,10 +4,13 @@
 DCU, ``virtual`` inside one process, ``slcan``/``serial`` over a tty or a pty pair across processes):
 
 - the bus is opened in a worker thread (some interfaces sleep or talk to an adapter while opening);
-- frames arrive through python-can's :class:`can.Notifier`: socketcan is read by the asyncio loop
-  itself (``add_reader``, non-blocking, every waiting frame per wake-up); every other interface by the
-  Notifier's reader thread, whose frames reach the loop in batches (a bounded queue, one wake-up per
-  ``batch_s``); either way the ``on_frame`` callback runs in the loop and nothing blocks it;
+- frames arrive through python-can's :class:`can.Notifier`: socketcan and udp_multicast are read by the
+  asyncio loop itself (``add_reader``, non-blocking, every waiting frame per wake-up; socketcan straight
+  from its socket, 16-byte ``struct can_frame`` in, no ``can.Message`` per frame); every other interface
+  by the Notifier's reader thread, whose frames reach the loop in batches (a bounded queue, one wake-up
+  per ``batch_s``); either way the ``on_frame`` callback runs in the loop and nothing blocks it;
+- on socketcan the kernel drops what nobody here reads (:meth:`CanPort.set_receive_ids`: the routed
+  COB-IDs, plus every heartbeat and EMCY so that unconfigured nodes still show);
 - frames go out through one dedicated sender thread per open bus, at most ``max_pending_sends`` queued
   (beyond that :meth:`CanPort.send` fails at once with :class:`~dcud.errors.TransportError`, counted);
 - health: SocketCAN error frames (error warning, error passive, bus-off, restarted) and, for the
@@ -27,10 +30,11 @@ import concurrent.futures
 import contextlib
 import enum
 import itertools
+import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -66,6 +70,19 @@ descriptor. Their frames reach the loop in batches (:class:`_Batcher`)."""
 
 MAX_DRAIN_FRAMES = 256
 """Frames read per readiness of a descriptor-driven bus before the loop gets to do something else."""
+
+CAN_EFF_FLAG = 0x80000000
+CAN_RTR_FLAG = 0x40000000
+CAN_ERR_FLAG = 0x20000000
+CAN_ERR_MASK = 0x1FFFFFFF
+CAN_MTU = 16
+"""``sizeof(struct can_frame)``: a classic frame as a SocketCAN raw socket delivers it."""
+CANFD_MTU = 72
+CAN_FRAME = struct.Struct("=IB3x8s")
+"""``struct can_frame`` (linux/can.h): ``can_id`` with the EFF/RTR/ERR flags, ``len``, 3 bytes, data."""
+ALWAYS_RECEIVED: tuple[tuple[int, int], ...] = ((0x700, 0x780), (0x080, 0x780))
+"""``(can_id, can_mask)`` the kernel filter always lets through: every heartbeat/boot-up (0x700-0x77F)
+and every EMCY (0x081-0x0FF, with SYNC 0x080), so a node nobody configured is still seen."""
 
 MALFORMED_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
@@ -126,31 +143,27 @@ class _Batcher:
             frames = list(self._frames)
             self._frames.clear()
             self._armed = False
+        now = time.monotonic()
         for msg in frames:
-            self._port._on_message(msg)
+            self._port._on_message(msg, now)
 
 
 class _DrainingNotifier(can.Notifier):
     """python-can's Notifier for descriptor-driven buses, reading every waiting frame per wake-up.
 
     The stock Notifier reads one frame per readiness of the descriptor, i.e. one loop iteration per
-    frame; this one reads all that wait (bounded), so a burst of TPDOs after a SYNC costs one
-    iteration. (Resting the descriptor for a few ms between reads was measured too: it cost more CPU
-    than it saved, see docs/drives.md.)
+    frame; this one reads all that wait (bounded, :meth:`_GuardedBus.drain`), so a burst of TPDOs after
+    a SYNC costs one iteration. (Resting the descriptor for a few ms between reads was measured too: it
+    cost more CPU than it saved, see docs/drives.md.) ``listener`` is only what the Notifier keeps: the
+    frames go from the drain to the port directly.
     """
 
-    def __init__(self, guard: _GuardedBus, listener: Callable[[can.Message], None]) -> None:
-        self._read = guard.read_waiting
-        self._deliver = listener
+    def __init__(self, guard: _GuardedBus, listener: Callable[..., None]) -> None:
+        self._drain = guard.drain
         super().__init__(cast(can.BusABC, guard), [listener], timeout=0.2, loop=asyncio.get_running_loop())
 
     def _on_message_available(self, bus: can.BusABC) -> None:
-        read, deliver = self._read, self._deliver
-        for _ in range(MAX_DRAIN_FRAMES):
-            msg = read()
-            if msg is None:
-                return
-            deliver(msg)  # the one listener, called directly (it never returns a coroutine)
+        self._drain()
 
 
 class CanBusState(enum.StrEnum):
@@ -214,7 +227,13 @@ class _GuardedBus:
     """
 
     def __init__(
-        self, bus: can.BusABC, port: CanPort, loop: asyncio.AbstractEventLoop, threaded: bool
+        self,
+        bus: can.BusABC,
+        port: CanPort,
+        loop: asyncio.AbstractEventLoop,
+        threaded: bool,
+        *,
+        raw_socket: socket.socket | None = None,
     ) -> None:
         self.bus = bus
         self.channel_info = bus.channel_info
@@ -222,6 +241,9 @@ class _GuardedBus:
         self._loop = loop
         self._threaded = threaded
         self.dead = False
+        self.raw_socket = raw_socket if raw_socket is not None else (None if threaded else _raw_socket(bus))
+        """SocketCAN's socket, read directly (:meth:`drain`); None: python-can's read."""
+        port._apply_receive_filter(bus)
 
     def fileno(self) -> int:
         """The descriptor for ``add_reader``, or -1 to make the Notifier use its reader thread."""
@@ -237,39 +259,71 @@ class _GuardedBus:
             return None
         return self._guarded(self.bus.recv, timeout)
 
-    def read_waiting(self) -> can.Message | None:
-        """The loop reader's read (the descriptor is readable): one waiting frame, or None as :meth:`recv`.
+    def drain(self) -> None:
+        """The loop reader (the descriptor is readable): every waiting frame to the port, then return.
 
-        The interface's own read (``_recv_internal``, python-can's extension point) and the bus filters,
-        without ``BusABC.recv``'s per-call timing loop and debug log: at hundreds of frames a second
-        that wrapper is a measurable part of the daemon's CPU (bench/bench_drives.py).
+        SocketCAN: ``recv`` of each ``struct can_frame`` straight from the socket (non-blocking), no
+        ``can.Message``. Other loop-read interfaces: the interface's own read (``_recv_internal``,
+        python-can's extension point) and the bus filters, without ``BusABC.recv``'s per-call timing
+        loop and debug log. Either way one clock reading per wake-up, not per frame: at hundreds of
+        frames a second these are a measurable part of the daemon's CPU (bench/bench_drives.py). A
+        malformed frame or a dead device ends the drain as :meth:`recv` would (counted, or reported).
         """
         if self.dead:
-            return None
-        return self._guarded(self._read_internal, 0.0)
+            return
+        if self.raw_socket is not None:
+            self._drain_raw(self.raw_socket)
+            return
+        bus, port = self.bus, self._port
+        read = bus._recv_internal
+        now = time.monotonic()
+        for _ in range(MAX_DRAIN_FRAMES):
+            try:
+                msg, filtered = read(0.0)
+            except Exception as exc:  # sorted out as recv() does: malformed (counted) or fatal
+                self._read_failed(exc)
+                return
+            if msg is None:
+                return
+            if filtered or bus._filters is None or bus._matches_filters(msg):
+                port._on_message(msg, now)
 
-    def _read_internal(self, timeout: float | None) -> can.Message | None:
-        bus = self.bus
-        msg, filtered = bus._recv_internal(timeout)
-        if msg is None or filtered or bus._matches_filters(msg):
-            return msg
-        return None  # dropped by the filters: like BusABC.recv(0), the next readiness reads on
+    def _drain_raw(self, sock: socket.socket) -> None:
+        on_raw = self._port._on_raw_frame
+        now = time.monotonic()
+        for _ in range(MAX_DRAIN_FRAMES):
+            try:
+                frame = sock.recv(CANFD_MTU, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # the interface went down: the port reopens the bus
+                self._fatal(exc)
+                return
+            if not frame:  # no CAN socket reads empty: the descriptor is no longer what it was
+                self._fatal(OSError("empty read from the CAN socket"))
+                return
+            on_raw(frame, now)
 
     def _guarded(
         self, read: Callable[[float | None], can.Message | None], timeout: float | None
     ) -> can.Message | None:
         try:
             return read(timeout)
-        except can.CanOperationError as exc:
+        except Exception as exc:
+            self._read_failed(exc)
+        return None
+
+    def _read_failed(self, exc: Exception) -> None:
+        """A read raised: garbled input is counted and skipped, anything else means the device is gone."""
+        if isinstance(exc, can.CanOperationError):
             if isinstance(exc.__cause__, OSError | serial.SerialException) or _is_os_error(exc):
                 self._fatal(exc)
             else:
                 self._malformed(exc)
-        except MALFORMED_ERRORS as exc:
+        elif isinstance(exc, MALFORMED_ERRORS):
             self._malformed(exc)
-        except Exception as exc:  # a driver failure we do not know: treat the device as gone
+        else:  # a driver failure we do not know: treat the device as gone
             self._fatal(exc)
-        return None
 
     def _malformed(self, exc: BaseException) -> None:
         if isinstance(exc, UnicodeDecodeError) or isinstance(exc.__cause__, UnicodeDecodeError):
@@ -288,6 +342,26 @@ class _GuardedBus:
 
 def _is_os_error(exc: can.CanOperationError) -> bool:
     return getattr(exc, "error_code", None) is not None
+
+
+def _raw_socket(bus: can.BusABC) -> socket.socket | None:
+    """A SocketCAN bus's raw ``AF_CAN`` socket, to be read directly; None for every other bus."""
+    sock = getattr(bus, "socket", None)
+    family = getattr(socket, "AF_CAN", None)
+    if isinstance(sock, socket.socket) and family is not None and sock.family == family:
+        return sock
+    return None
+
+
+def receive_filters(cob_ids: Collection[int]) -> list[dict[str, int | bool]]:
+    """python-can ``can_filters`` for 11-bit ``cob_ids`` plus :data:`ALWAYS_RECEIVED`."""
+    filters: list[dict[str, int | bool]] = [
+        {"can_id": can_id, "can_mask": mask, "extended": False} for can_id, mask in ALWAYS_RECEIVED
+    ]
+    for cob_id in sorted(set(cob_ids)):
+        if not any(cob_id & mask == can_id for can_id, mask in ALWAYS_RECEIVED):
+            filters.append({"can_id": cob_id, "can_mask": 0x7FF, "extended": False})
+    return filters
 
 
 class CanPort:
@@ -314,6 +388,7 @@ class CanPort:
         self._threaded = False
         self._failure = ""
         self._last_malformed_log_s = 0.0
+        self._receive_ids: frozenset[int] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -358,23 +433,64 @@ class CanPort:
 
     # -- receive path (event loop) ---------------------------------------------------------------
 
-    def _on_message(self, msg: can.Message) -> None:
+    def set_receive_ids(self, cob_ids: Collection[int] | None) -> None:
+        """Receive only these 11-bit identifiers (and :data:`ALWAYS_RECEIVED`); None: everything.
+
+        Applied in the kernel where the interface filters there (socketcan: a frame dropped there costs
+        no wake-up), at once and at every reopen; on other interfaces python-can would filter after
+        decoding each frame, which costs more than it saves, so they keep receiving everything.
+        """
+        ids = frozenset(cob_ids) if cob_ids is not None else None
+        if ids == self._receive_ids:
+            return
+        self._receive_ids = ids
+        bus = self._bus
+        if bus is not None:
+            self._apply_receive_filter(bus)
+
+    def _apply_receive_filter(self, bus: can.BusABC) -> None:
+        if self.settings.interface != "socketcan" or _raw_socket(bus) is None:
+            return
+        ids = self._receive_ids
+        try:
+            bus.set_filters(receive_filters(ids) if ids is not None else None)  # type: ignore[arg-type]
+        except (can.CanError, OSError, ValueError) as exc:  # not fatal: it only costs CPU
+            log.warning("CAN receive filter not set", bus=self.settings.name, error=str(exc))
+
+    def _on_message(self, msg: can.Message, now: float) -> None:
         if msg.is_error_frame:
             self.stats.error_frames += 1
-            self._on_error_frame(msg)
+            self._on_error_frame(msg.arbitration_id, bytes(msg.data))
             return
         if msg.is_remote_frame or msg.is_extended_id or msg.is_fd:
             self.stats.ignored += 1
             return
         self.stats.rx_frames += 1
         try:
-            self.on_frame(msg.arbitration_id, bytes(msg.data), time.monotonic())
+            self.on_frame(msg.arbitration_id, bytes(msg.data), now)
         except Exception:  # the consumer's bug must not stop the bus; it is logged with its traceback
             log.exception("CAN frame handler failed", bus=self.settings.name, can_id=msg.arbitration_id)
 
-    def _on_error_frame(self, msg: can.Message) -> None:
-        error_class = msg.arbitration_id
-        data = bytes(msg.data)
+    def _on_raw_frame(self, frame: bytes, now: float) -> None:
+        """One ``struct can_frame`` from a SocketCAN socket (a CAN FD frame, 72 bytes, is ignored)."""
+        if len(frame) != CAN_MTU:
+            self.stats.ignored += 1
+            return
+        can_id, size, data = CAN_FRAME.unpack(frame)
+        if can_id & (CAN_EFF_FLAG | CAN_RTR_FLAG | CAN_ERR_FLAG):
+            if can_id & CAN_ERR_FLAG:
+                self.stats.error_frames += 1
+                self._on_error_frame(can_id & CAN_ERR_MASK, data[:size])
+            else:
+                self.stats.ignored += 1
+            return
+        self.stats.rx_frames += 1
+        try:
+            self.on_frame(can_id, data[:size], now)
+        except Exception:  # the consumer's bug must not stop the bus; it is logged with its traceback
+            log.exception("CAN frame handler failed", bus=self.settings.name, can_id=can_id)
+
+    def _on_error_frame(self, error_class: int, data: bytes) -> None:
         if error_class & CAN_ERR_BUSOFF:
             self._set_state(CanBusState.BUS_OFF, "bus-off")
             self._fail("bus-off")

@@ -459,7 +459,7 @@ class CommandHarness:
     def __init__(self) -> None:
         from dcud.service.commands import CommandRouter, Request
         from dcud.service.device_commands import RebootRequest, RestartRequest
-        from dcud.service.drives import DriveReadRequest, DriveRequest, DriveWriteRequest
+        from dcud.service.drive_commands import DriveReadRequest, DriveRequest, DriveWriteRequest
         from dcud.service.polling import ReadRequest, ScanRequest
         from dcud.service.remote_config import ParamGetRequest, ParamSetRequest, parameter_updates
 
