@@ -19,7 +19,6 @@ DATA_MODULES = frozenset({"dcud/config/wme_catalogue.py"})
 BEING_SPLIT = frozenset(
     {
         "dcud/service/bridge.py",  # being split on branch h14-bridge
-        "dcud/service/outbox.py",  # being split on branch h14-outbox
     }
 )
 """Over the limit today, being split elsewhere: the lead removes each entry when its branch is merged."""

@@ -149,6 +149,19 @@ async def test_rewind_gives_back_everything_in_flight(tmp_path: Path) -> None:
         assert seqs(await outbox.take("mqtt", 10)) == [1, 3, 4, 5]
 
 
+async def test_a_take_cancelled_before_its_answer_gives_its_items_back(tmp_path: Path) -> None:
+    async with make(tmp_path) as outbox:
+        await put_n(outbox, 4)
+        taker = asyncio.create_task(outbox.take("mqtt", 3))
+        await asyncio.sleep(0)  # the request is with the writer; its answer cannot arrive before we yield
+        taker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await taker
+        await outbox.ack("mqtt", [])  # one round trip: the writer answered the take, the give-back is queued
+        assert seqs(await outbox.take("mqtt", 10)) == [1, 2, 3, 4]  # no rewind needed, in order
+        assert outbox.stats().in_flight["mqtt"] == 4
+
+
 async def test_kinds_filter_settles_other_kinds_for_that_consumer(tmp_path: Path) -> None:
     events = frozenset({"event"})
     async with make(tmp_path, ("mqtt", "udp")) as outbox:

@@ -80,6 +80,7 @@ __all__ = [
     "Stopped",
     "child_name",
     "describe_error",
+    "first_error",
     "run_link",
     "until_stopped",
 ]
@@ -178,6 +179,15 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return str(exc) or "timeout"
     return str(exc) or type(exc).__name__
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error inside (possibly nested) exception groups: what a TaskGroup of helpers
+    failed with, raised on as it is so that callers classify it (``retry_on``) like a direct error."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 class ErrorLog:

@@ -37,11 +37,9 @@ that line's IEC 62056-21 meter the source meter ``iec-1``, read on the push peri
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import math
 import ssl
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +55,8 @@ from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.runtime.timefmt import rfc3339
 from dcud.service.outbox import Outbox, OutboxItem
+from dcud.service.outbox_sink import AttemptRecord, ClockTimer, OutboxSink, SinkPolicy, Timer
+from dcud.service.tls_banks import TlsBankError, file_client_context
 
 if TYPE_CHECKING:
     from dcud.config.loader import LoadedConfig
@@ -94,7 +94,6 @@ SOURCE_METER_NAME: Final = "iec-1"
 """Name of the source meter of the WM-E modem case (no [[meter]] in dcud.toml)."""
 _DEFAULT_PORTS: Final = {"ftp": 21, "ftps": 21, "mqtt": 1883, "mqtts": 8883}
 _DAY_S: Final = 86_400
-_ATTEMPT_LOG: Final = 256
 
 
 class PushError(DcudError):
@@ -320,6 +319,15 @@ class PushMachine:
             self.rests += 1
             self.phase, self.wake_at = Phase.RESTING, now + self.policy.rest_s
 
+    waits_for_items = False
+    """A due cycle runs on an empty outbox too (an attempt with nothing to push)."""
+    overlapping = False
+
+    @property
+    def resting(self) -> bool:
+        """The retries are spent: the push rests for ``datapush_interval``."""
+        return self.phase is Phase.RESTING
+
     def _expect_attempt(self) -> None:
         if self.phase is not Phase.ATTEMPTING:
             raise RuntimeError(f"attempt outcome reported in phase {self.phase}")
@@ -328,28 +336,12 @@ class PushMachine:
 # ----------------------------------------------------------------------------------------- service
 
 
-class PushClock(Protocol):
-    """Where the push service gets "now" and how it waits (injectable for tests)."""
-
-    def now(self) -> float:
-        """Unix seconds."""
-        ...
-
-    async def sleep(self, ctx: ServiceContext, delay_s: float) -> bool:
-        """Wait ``delay_s`` (beating); True when the service is asked to stop meanwhile."""
-        ...
+PushClock = Timer
+"""Where the push service gets "now" and how it waits (injectable for tests): the engine's Timer."""
 
 
-class WallClock:
+class WallClock(ClockTimer):
     """The real clock: ``time.time()`` and the supervisor's beating sleep."""
-
-    def now(self) -> float:
-        """Unix seconds."""
-        return time.time()
-
-    async def sleep(self, ctx: ServiceContext, delay_s: float) -> bool:
-        """Sleep through the service context (wakes at once on stop)."""
-        return await ctx.sleep(delay_s)
 
 
 class Uploader(Protocol):
@@ -433,14 +425,17 @@ class DataPushServiceConfig:
 
 
 def tls_context(options: DataPushConfig) -> ssl.SSLContext:
-    """Client TLS context for ``ftps://``/``mqtts://`` from dcud.toml ``[datapush]``."""
-    context = ssl.create_default_context(cafile=options.ca_file or None)
-    if options.cert_file:
-        context.load_cert_chain(options.cert_file, options.key_file or None)
-    if not options.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+    """Client TLS context for ``ftps://``/``mqtts://`` from dcud.toml ``[datapush]`` (the one factory,
+    :func:`dcud.service.tls_banks.file_client_context`); an unusable file is a failed attempt."""
+    try:
+        return file_client_context(
+            ca_file=options.ca_file,
+            cert_file=options.cert_file,
+            key_file=options.key_file,
+            verify=options.tls_verify,
+        )
+    except TlsBankError as exc:
+        raise PushError(f"TLS: {exc}") from exc
 
 
 def rfc3339_or_none(epoch_s: float | None) -> str | None:
@@ -448,20 +443,9 @@ def rfc3339_or_none(epoch_s: float | None) -> str | None:
     return None if epoch_s is None else rfc3339(epoch_s)
 
 
-@dataclass(frozen=True)
-class AttemptRecord:
-    """One attempt as the service saw it (kept for the state document and tests)."""
-
-    started_s: float
-    number: int
-    """Attempt number within its round (1 = first try)."""
-    outcome: str
-    """``ok``, ``empty`` (nothing to push) or the error text."""
-    items: int
-
-
 class DataPushService:
-    """Supervised service ``datapush``: runs the :class:`PushMachine` against one :class:`Uploader`."""
+    """Supervised service ``datapush``: the outbox consumer engine on the :class:`PushMachine` schedule,
+    delivering through one :class:`Uploader` (all or nothing per attempt)."""
 
     name = "datapush"
 
@@ -475,123 +459,95 @@ class DataPushService:
     ) -> None:
         self.config = config
         self._bus = bus
-        self._outbox = outbox
         self._uploader = uploader
         self._clock: PushClock = clock or WallClock()
-        self._batch = config.options.batch_items
         self.schedule = PushSchedule(config.periods_s, config.time.zone())
         self.machine: PushMachine | None = None
-        self.attempt_log: deque[AttemptRecord] = deque(maxlen=_ATTEMPT_LOG)
-        self.pushed_items = 0
-        self.last_success_s: float | None = None
-        self.last_error: dict[str, Any] | None = None
         self.last_details: dict[str, Any] = {}
-        self._failing = False
+        self.engine = OutboxSink(
+            outbox,
+            SinkPolicy(
+                uploader.consumer,
+                batch_items=config.options.batch_items,
+                kinds=READING_KINDS,
+                timeout_s=config.policy.timeout_s,
+                adaptive_batch=True,
+                retry_on=(PushError, OSError, TimeoutError),
+                failed_message="data push failed",
+                recovered_message="data push recovered",
+            ),
+            PushMachine(config.policy, self.schedule.next_cycle_s, self._clock.now()),
+            timer=self._clock,
+            hold=self._on_battery,
+            on_change=self._publish,
+            log_fields={"target": config.target.redacted()},
+        )
 
     @property
     def consumer(self) -> str:
         """The outbox consumer this service delivers for."""
         return self._uploader.consumer
 
-    async def run(self, ctx: ServiceContext) -> None:
-        """Wait for due attempts and make them, until stopped."""
-        from dcud.service.power import power_ok
+    @property
+    def pushed_items(self) -> int:
+        """Items delivered (acked) since this service object was made."""
+        return self.engine.delivered_items
 
-        consumer = self.consumer
-        await self._outbox.rewind(consumer)  # items a previous run of this service had in flight
+    @property
+    def attempt_log(self) -> deque[AttemptRecord]:
+        """The latest attempts (bounded)."""
+        return self.engine.attempt_log
+
+    @property
+    def last_success_s(self) -> float | None:
+        """When the last attempt with readings succeeded."""
+        return self.engine.last_success_s
+
+    @property
+    def last_error(self) -> dict[str, Any] | None:
+        """``{"ts", "message", "attempt"}`` of the last failed attempt."""
+        return self.engine.last_error
+
+    async def run(self, ctx: ServiceContext) -> None:
+        """Wait for due attempts and make them, until stopped (the engine's loop)."""
         machine = PushMachine(self.config.policy, self.schedule.next_cycle_s, self._clock.now())
         self.machine = machine
-        ctx.set_ready()
+        self.engine.schedule = machine
         ctx.log.info(
             "data push ready",
             target=self.config.target.redacted(),
             periods_s=list(self.config.periods_s),
             next_cycle=rfc3339_or_none(machine.wake_at),
         )
-        self._publish()
-        try:
-            while not ctx.stopping.is_set():
-                now = self._clock.now()
-                if not machine.poll(now):
-                    delay = min(max(0.0, machine.wake_at - now), ctx.liveness_s / 3)
-                    if await self._clock.sleep(ctx, delay):
-                        break
-                    continue
-                if not power_ok(self._bus):  # no pushes on hold-up energy; the data waits in the outbox
-                    if await self._clock.sleep(ctx, 1.0):
-                        break
-                    continue
-                await self._attempt(ctx, machine)
-                self._publish()
-                ctx.beat()
-        finally:
-            await self._uploader.close()
-            self._publish()
+        await self.engine.run(ctx, self, close=self._uploader.close)
 
-    async def _attempt(self, ctx: ServiceContext, machine: PushMachine) -> None:
-        started = self._clock.now()
-        number = machine.begin(started)
-        self._publish()
-        batch = self._batch
-        # The take is local and outside the timeout: a take cancelled half-way would leave items in
-        # flight that nobody gives back.
-        items = await self._outbox.take(self.consumer, batch, kinds=READING_KINDS)
-        details: dict[str, Any] = {}
-        try:
-            if items:
-                async with asyncio.timeout(self.config.policy.timeout_s):
-                    details = await self._uploader.deliver(items, started)
-        except (PushError, OSError, TimeoutError) as exc:
-            error = _describe(exc, self.config.policy.timeout_s)
-            if items:
-                await self._outbox.nack(self.consumer, [item.seq for item in items])
-            await self._uploader.close()
-            if isinstance(exc, TimeoutError):
-                self._batch = max(1, batch // 2)
-            now = self._clock.now()
-            machine.failed(now, error)
-            self.last_error = {"ts": rfc3339(now), "message": error, "attempt": number}
-            self.attempt_log.append(AttemptRecord(started, number, error, len(items)))
-            if not self._failing or machine.phase is Phase.RESTING:
-                level = ctx.log.warning if machine.phase is Phase.RETRY_WAIT else ctx.log.error
-                level(
-                    "data push failed",
-                    target=self.config.target.redacted(),
-                    error=error,
-                    phase=str(machine.phase),
-                    next_attempt=rfc3339_or_none(machine.wake_at),
-                )
-            self._failing = True
-            return
-        if items:
-            await self._outbox.ack(self.consumer, [item.seq for item in items])
-            self.pushed_items += len(items)
-            self.last_details = details
-        more = len(items) == batch
-        if not more:
-            await self._uploader.close()  # the cycle is complete: no idle session between cycles
-        self._batch = min(self.config.options.batch_items, batch * 2)
-        now = self._clock.now()
-        machine.succeeded(now, more)
-        self.last_success_s = now if items else self.last_success_s
-        self.attempt_log.append(AttemptRecord(started, number, "ok" if items else "empty", len(items)))
-        if self._failing:
-            ctx.log.info("data push recovered", target=self.config.target.redacted())
-            self._failing = False
+    async def deliver(self, items: Sequence[OutboxItem]) -> list[int]:
+        """The engine's :class:`~dcud.service.outbox_sink.Sink`: one attempt through the uploader,
+        stamped with the attempt's start (FTP file names); all or nothing."""
+        started = self.engine.attempt_started_s
+        self.last_details = await self._uploader.deliver(
+            items, self._clock.now() if started is None else started
+        )
+        return [item.seq for item in items]
+
+    def _on_battery(self) -> bool:
+        from dcud.service.power import power_ok
+
+        return not power_ok(self._bus)  # no pushes on hold-up energy; the data waits in the outbox
 
     def state_document(self) -> dict[str, Any]:
         """The retained ``push/<target>`` document."""
         machine = self.machine
-        stats = self._outbox.stats()
+        engine = self.engine
         doc: dict[str, Any] = {
             "target": self.config.target.redacted(),
             "consumer": self.consumer,
-            "backlog": stats.backlog.get(self.consumer, 0),
-            "in_flight": stats.in_flight.get(self.consumer, 0),
-            "pushed_items": self.pushed_items,
-            "last_success": rfc3339_or_none(self.last_success_s),
-            "last_error": self.last_error,
-            "batch_items": self._batch,
+            "backlog": engine.backlog(),
+            "in_flight": engine.in_flight(),
+            "pushed_items": engine.delivered_items,
+            "last_success": rfc3339_or_none(engine.last_success_s),
+            "last_error": engine.last_error,
+            "batch_items": engine.batch_items,
         }
         if machine is not None:
             doc.update(
@@ -620,13 +576,6 @@ class DataPushService:
 
     def _publish(self) -> None:
         self._bus.set_state(self.config.state_name, self.state_document())
-
-
-def _describe(exc: BaseException, timeout_s: float) -> str:
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return f"attempt timed out after {timeout_s:g} s"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if isinstance(exc, OSError) else text
 
 
 # ----------------------------------------------------------------------------------------- builders

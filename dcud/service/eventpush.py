@@ -32,33 +32,33 @@ Repeats (``eventpush_sms_ignore``, seconds)
     within :data:`DEDUPE_WINDOW_S`: the power service pushes its events directly (before they could go
     through the outbox) and the event push service then finds them already sent.
 Delivery
-    The service is outbox consumer ``udp-event`` (events only): it takes events in order and acks each
-    one once its datagram was handed to the kernel (or suppressed, filtered, or found already sent). A
-    send that fails locally (no route, DNS failure) gives the events back and is retried with backoff.
-    UDP itself is fire-and-forget; the events are also on MQTT ``<p>/event``.
+    The service is outbox consumer ``udp-event`` (events only) on the outbox consumer engine
+    (:mod:`dcud.service.outbox_sink`): it takes events in order and acks each one once its datagram was
+    handed to the kernel (or suppressed, filtered, or found already sent). A send that fails locally (no
+    route, DNS failure) gives that event and the rest of the batch back, and the engine retries after a
+    backoff (1 s doubling to 60 s). UDP itself is fire-and-forget; the events are also on MQTT
+    ``<p>/event``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import re
-import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
 
-from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
-from dcud.runtime.link import until_stopped
 from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.timefmt import rfc3339
 from dcud.service.outbox import Outbox, OutboxItem
+from dcud.service.outbox_sink import Continuous, OutboxSink, PartialDelivery, SinkPolicy
+from dcud.transport.udp import SAFE_PAYLOAD_BYTES, send_datagram
 
 if TYPE_CHECKING:
     from dcud.config.loader import LoadedConfig
@@ -85,7 +85,7 @@ __all__ = [
 ]
 
 DEFAULT_PORT: Final = 9003
-MAX_PAYLOAD_BYTES: Final = 1200  # fits one datagram on any path MTU >= 1280 (IPv6 minimum)
+MAX_PAYLOAD_BYTES: Final = SAFE_PAYLOAD_BYTES  # fits one datagram on any path MTU >= 1280 (IPv6 minimum)
 DEDUPE_WINDOW_S: Final = 60.0
 CONSUMER: Final = "udp-event"
 NO_SMS_MODEM: Final = "no SMS modem on this DCU"
@@ -106,6 +106,7 @@ _PHONE_RE = re.compile(r"^\+?[0-9]{3,15}$")
 _TRAILING_TIME_RE = re.compile(r"\s+\d{4}-\d{2}-\d{2}T[0-9:.]+(?:Z|[+-]\d{2}:?\d{2})$")
 _MAX_GATE_ENTRIES: Final = 512
 _TAKE_LIMIT: Final = 64
+EVENT_KINDS: Final = frozenset({"event"})
 _SEND_TIMEOUT_S: Final = 5.0
 
 
@@ -228,18 +229,6 @@ GATE: Final = EventPushGate()
 """The process-wide gate; the event push service sets its ``ignore_s`` from ``eventpush_sms_ignore``."""
 
 
-async def _send_datagram(addr: str, payload: bytes) -> None:
-    host, port = parse_push_address(addr)
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP)
-    if not infos:
-        raise OSError(f"cannot resolve {host!r}")
-    family, type_, proto, _canon, sockaddr = infos[0]
-    with socket.socket(family, type_, proto) as sock:
-        sock.setblocking(False)
-        sock.sendto(payload, sockaddr)
-
-
 async def push_datagram(addr: str, text: str, gate: EventPushGate = GATE) -> Verdict:
     """Send ``text`` to ``addr`` unless the gate says otherwise; raises ``OSError``/``ValueError``."""
     parse_push_address(addr)  # refuse a phone number or a bad address before claiming anything
@@ -248,7 +237,8 @@ async def push_datagram(addr: str, text: str, gate: EventPushGate = GATE) -> Ver
         return verdict
     assert claim is not None
     try:
-        await _send_datagram(addr, text.encode("utf-8", errors="replace")[:MAX_PAYLOAD_BYTES])
+        host, port = parse_push_address(addr)
+        await send_datagram(host, port, text.encode("utf-8", errors="replace")[:MAX_PAYLOAD_BYTES])
     except BaseException:
         gate.release(claim)
         raise
@@ -332,7 +322,9 @@ class EventPushConfig:
 
 
 class EventPushService:
-    """Supervised service ``eventpush``: events from the outbox to ``eventpush_addr`` (module doc)."""
+    """Supervised service ``eventpush``: events from the outbox to ``eventpush_addr`` (module doc), on the
+    outbox consumer engine (:class:`~dcud.service.outbox_sink.Continuous` schedule: a failed send is
+    retried after a backoff of 1 s doubling to 60 s)."""
 
     name = "eventpush"
 
@@ -345,23 +337,43 @@ class EventPushService:
     ) -> None:
         self.config = config
         self._bus = bus
-        self._outbox = outbox
         self._gate = gate
         self.counters: dict[str, int] = dict.fromkeys(
             ("sent", "suppressed", "duplicate", "filtered", "failed"), 0
         )
         self.last_success: str | None = None
-        self.last_error: dict[str, Any] | None = None
+        self._no_modem: dict[str, Any] | None = None
+        self.engine = OutboxSink(
+            outbox,
+            SinkPolicy(
+                config.consumer,
+                batch_items=_TAKE_LIMIT,
+                kinds=EVENT_KINDS,
+                retry_on=(OSError, ValueError),
+                failed_message="event push failed",
+            ),
+            Continuous(initial_s=1.0, max_s=60.0),
+            describe=str,
+            on_change=self._publish,
+            log_fields={"addr": config.addr},
+        )
+
+    @property
+    def last_error(self) -> dict[str, Any] | None:
+        """``{"ts", "message"}`` of the last failed send (or of "no SMS modem")."""
+        error = self.engine.last_error
+        if error is None:
+            return self._no_modem
+        return {"ts": error["ts"], "message": error["message"]}
 
     def _publish(self) -> None:
-        stats = self._outbox.stats()
         self._bus.set_state(
             "push/event",
             {
                 "target": self.config.addr,
                 "notify_mask": self.config.notify_mask,
                 "ignore_s": self.config.ignore_s,
-                "backlog": stats.backlog.get(self.config.consumer, 0) if self.config.sends else 0,
+                "backlog": self.engine.backlog() if self.config.sends else 0,
                 "last_success": self.last_success,
                 "last_error": self.last_error,
                 "counters": dict(self.counters),
@@ -373,59 +385,24 @@ class EventPushService:
         cfg = self.config
         if not cfg.sends:
             ctx.log.warning(NO_SMS_MODEM, eventpush_addr=cfg.addr)
-            self.last_error = {"ts": _utc_now(), "message": NO_SMS_MODEM}
+            self._no_modem = {"ts": _utc_now(), "message": NO_SMS_MODEM}
             self._publish()
             ctx.set_ready()
             await ctx.heartbeat_forever()
             return
         self._gate.ignore_s = cfg.ignore_s
         try:
-            await self._serve(ctx)
+            await self.engine.run(ctx, self)
         finally:
             self._gate.ignore_s = 0.0  # the window belongs to this configuration
 
-    async def _serve(self, ctx: ServiceContext) -> None:
-        cfg = self.config
-        await self._outbox.rewind(cfg.consumer)
-        ctx.set_ready()
-        self._publish()
-        backoff = Backoff(initial_s=1.0, max_s=60.0)
-        while not ctx.stopping.is_set():
-            items = await self._outbox.take(cfg.consumer, _TAKE_LIMIT, kinds=frozenset({"event"}))
-            if not items:
-                if await self._wait_for_items(ctx):
-                    return
-                continue
-            done, failed = await self._deliver(ctx, items)
-            if done:
-                await self._outbox.ack(cfg.consumer, done)
-            self._publish()
-            if failed:
-                await self._outbox.nack(cfg.consumer, failed)
-                if await ctx.sleep(backoff.next_delay_s()):
-                    return
-            else:
-                backoff.reset()
-            ctx.beat()
-
-    async def _wait_for_items(self, ctx: ServiceContext) -> bool:
-        """Until the outbox has items for us, stopping, or a third of the liveness bound (to beat);
-        OutboxClosed (the daemon is stopping) is raised."""
-        with contextlib.suppress(TimeoutError):
-            await until_stopped(
-                ctx.stopping,
-                self._outbox.wait_for_items(self.config.consumer),
-                timeout_s=ctx.liveness_s / 3,
-                name="wait",
-            )
-        ctx.beat()
-        return ctx.stopping.is_set()
-
-    async def _deliver(self, ctx: ServiceContext, items: list[OutboxItem]) -> tuple[list[int], list[int]]:
-        """Handle items in order; returns (settled seqs, seqs to give back after a send failure)."""
+    async def deliver(self, items: Sequence[OutboxItem]) -> list[int]:
+        """The engine's :class:`~dcud.service.outbox_sink.Sink`: one datagram per selected event, in
+        order; filtered, suppressed and already-sent events count as delivered. A send that fails
+        raises :class:`~dcud.service.outbox_sink.PartialDelivery` with what went out before it."""
         cfg = self.config
         done: list[int] = []
-        for index, item in enumerate(items):
+        for item in items:
             try:
                 event = json.loads(item.payload)
             except ValueError:
@@ -442,17 +419,14 @@ class EventPushService:
                     verdict = await push_datagram(cfg.addr, text, self._gate)
             except (OSError, ValueError) as exc:  # TimeoutError is an OSError
                 self.counters["failed"] += 1
-                if self.last_error is None or self.last_error.get("message") != str(exc):
-                    ctx.log.warning("event push failed", addr=cfg.addr, error=repr(exc))
-                self.last_error = {"ts": _utc_now(), "message": str(exc)}
-                return done, [i.seq for i in items[index:]]
+                raise PartialDelivery(done, exc) from exc
             if verdict is Verdict.SEND:
                 self.counters["sent"] += 1
                 self.last_success = _utc_now()
             else:
                 self.counters[str(verdict)] += 1
             done.append(item.seq)
-        return done, []
+        return done
 
 
 def _utc_now() -> str:

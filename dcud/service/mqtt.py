@@ -3,7 +3,11 @@
 One connection to the monitoring broker. Readings and events are taken from the outbox in order with a
 bounded in-flight window and acked only on PUBACK, so a broker that is down for hours costs outbox
 space and nothing else: when it is back the backlog drains in order, at least once (receivers dedupe on
-the item ``uid``). Retained states are coalesced per subtopic, so a flapping state never queues up.
+the item ``uid``). The outbox consumer engine (:mod:`dcud.service.outbox_sink`) does the taking, acking
+and giving back, in batches of ``[mqtt] inflight`` items, two handed out at once: the second batch's
+publishes wait in the connection's QoS 1 window (:mod:`dcud.service.mqtt_window`) and go out one by one
+as PUBACKs of the first come in, so the window stays full while a completed batch is acked. Retained
+states are coalesced per subtopic, so a flapping state never queues up.
 
 Commands (``<p>/cmd/<verb>``) come in through a bounded ingress (docs/remote-config.md, "MQTT
 commands"): MQTT 5 where the broker speaks it (``[mqtt] protocol = "auto"``), with the CONNECT
@@ -22,7 +26,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -37,16 +41,20 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from dcud.config.model import MqttConfig
 from dcud.config.mqtt_url import MqttUrl, parse_mqtt_url
 from dcud.runtime.bus import EventBus
-from dcud.runtime.link import Link, LinkPolicy, run_link
+from dcud.runtime.link import Link, LinkPolicy, first_error, run_link
 from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.timefmt import rfc3339
 from dcud.runtime.uplink import UplinkReconnect
 from dcud.service.commands import MAX_REQUEST_BYTES, CommandRouter, CommandStats
-from dcud.service.outbox import Outbox
+from dcud.service.mqtt_window import QosWindow
+from dcud.service.outbox import Outbox, OutboxItem
+from dcud.service.outbox_sink import Continuous, OutboxSink, SinkPolicy
+from dcud.service.tls_banks import file_client_context
 
 CONSUMER = "mqtt"
 OFFLINE = json.dumps({"state": "offline"}).encode()
 _DISCONNECT_PUBLISH_TIMEOUT_S = 2.0
+_BATCHES_IN_FLIGHT = 2
 _MAX_COMMANDS = 8
 _PACKET_OVERHEAD_BYTES = 1024
 """Maximum Packet Size = max_request_bytes + this: fixed header, topic and properties of a command."""
@@ -111,11 +119,24 @@ class MqttService:
         self._commands = commands
         self._status = status
         self._reconnect = reconnect
+        inflight = config.settings.inflight
+        # Batches of one window, two handed out at once: the next batch's publishes wait in the QoS window
+        # and go out one by one as the PUBACKs of the current one come in, so the window stays full
+        # while a completed batch is acked in the outbox (one commit per window of items).
+        self._outbox_sink = OutboxSink(
+            outbox,
+            SinkPolicy(CONSUMER, batch_items=inflight, window_items=_BATCHES_IN_FLIGHT * inflight),
+            Continuous(),
+        )
         self.connected = False
-        self.published_count = 0
         self.protocol = ""
         """The MQTT version of the connection ("5" or "3.1.1"), "" while not connected."""
         self._retained_logged: set[str] = set()
+
+    @property
+    def published_count(self) -> int:
+        """Readings and events PUBACKed by the broker and acked in the outbox."""
+        return self._outbox_sink.delivered_items
 
     @property
     def stats(self) -> CommandStats:
@@ -129,9 +150,9 @@ class MqttService:
         settings = cfg.settings
         tls_context: ssl.SSLContext | None = None
         if cfg.url.tls:
-            tls_context = ssl.create_default_context(cafile=settings.ca_file or None)
-            if settings.cert_file:
-                tls_context.load_cert_chain(settings.cert_file, settings.key_file or None)
+            tls_context = file_client_context(
+                ca_file=settings.ca_file, cert_file=settings.cert_file, key_file=settings.key_file
+            )
         properties: Properties | None = None
         if v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -181,14 +202,14 @@ class MqttService:
         else:
             await client.subscribe(f"{prefix}/cmd/#", qos=1)
         await self._publish_status(client)
-        # Whatever an earlier connection (or an earlier run of this service) had in flight is taken again.
-        await self._outbox.rewind(CONSUMER)
-        pending: set[int] = set()
+        # The engine gives back whatever an earlier connection had in flight first, and whatever this
+        # one has in flight (published, no PUBACK) when it ends, in order, for the next connection.
+        sink = _BrokerSink(prefix, QosWindow(client, self.config.settings.inflight))
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self._states(ctx, client), name="dcud[mqtt:states]"),
-                    tg.create_task(self._deliver(ctx, client, pending), name="dcud[mqtt:outbox]"),
+                    tg.create_task(self._outbox_sink.run(ctx, sink), name="dcud[mqtt:outbox]"),
                     tg.create_task(self._receive(ctx, client), name="dcud[mqtt:commands]"),
                     tg.create_task(self._status_loop(ctx, client), name="dcud[mqtt:status]"),
                 ]
@@ -198,11 +219,7 @@ class MqttService:
                 for task in tasks:
                     task.cancel()
         except BaseExceptionGroup as group:
-            raise _first_leaf(group) from group
-        finally:
-            # Items handed out but never PUBACKed go back to the outbox, in order, for the next connection.
-            if pending:
-                await self._outbox.nack(CONSUMER, sorted(pending))
+            raise first_error(group) from group
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             await client.publish(
                 f"{prefix}/status", OFFLINE, qos=1, retain=True, timeout=_DISCONNECT_PUBLISH_TIMEOUT_S
@@ -232,54 +249,6 @@ class MqttService:
                     ctx.beat()
         finally:
             watcher.close()
-
-    async def _deliver(self, ctx: ServiceContext, client: aiomqtt.Client, pending: set[int]) -> None:
-        """Publish outbox items in seq order with at most ``inflight`` awaiting PUBACK; ack in batches."""
-        window = self.config.settings.inflight
-        room = asyncio.Condition()
-        acked: list[int] = []
-        ack_ready = asyncio.Event()
-        failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        async def publish_one(seq: int, topic: str, payload: bytes) -> None:
-            try:
-                await client.publish(topic, payload, qos=1, retain=False)
-            except aiomqtt.MqttError as exc:
-                if not failure.done():
-                    failure.set_exception(exc)
-                return
-            acked.append(seq)
-            ack_ready.set()
-
-        async def flush_acks() -> None:
-            # One outbox ack (one fsync) per batch of PUBACKs that arrived meanwhile, not one per item.
-            while True:
-                await ack_ready.wait()
-                ack_ready.clear()
-                batch = acked[:]
-                del acked[:]
-                if batch:
-                    await self._outbox.ack(CONSUMER, batch)
-                    pending.difference_update(batch)
-                    self.published_count += len(batch)
-                    ctx.beat()
-                    async with room:
-                        room.notify_all()
-
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(flush_acks(), name="dcud[mqtt:acks]")
-            tg.create_task(_raise_when_failed(failure), name="dcud[mqtt:failure]")
-            while True:
-                async with room:
-                    await room.wait_for(lambda: len(pending) < window)
-                items = await self._outbox.take(CONSUMER, window - len(pending))
-                if not items:
-                    await self._outbox.wait_for_items(CONSUMER)
-                    continue
-                for item in items:
-                    pending.add(item.seq)
-                    topic = f"{self.config.topic_prefix}/{item.subtopic}"
-                    tg.create_task(publish_one(item.seq, topic, item.payload), name="dcud[mqtt:publish]")
 
     async def _receive(self, ctx: ServiceContext, client: aiomqtt.Client) -> None:
         """Serve ``<p>/cmd/<verb>`` requests concurrently (a meter read takes seconds), at most
@@ -435,16 +404,18 @@ def drop_socket(client: aiomqtt.Client) -> None:
             sock.close()
 
 
-async def _raise_when_failed(failure: asyncio.Future[None]) -> None:
-    await failure
+class _BrokerSink:
+    """The outbox engine's sink on one broker connection: every item to ``<p>/<subtopic>``, QoS 1."""
 
+    def __init__(self, topic_prefix: str, window: QosWindow) -> None:
+        self._prefix = topic_prefix
+        self._window = window
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first real error inside (possibly nested) exception groups."""
-    first: BaseException = group
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    return first
+    async def deliver(self, items: Sequence[OutboxItem]) -> list[int]:
+        """Publish the batch through the connection's window; all PUBACKed, or the error ends the session."""
+        prefix = self._prefix
+        await self._window.publish((f"{prefix}/{item.subtopic}", item.payload) for item in items)
+        return [item.seq for item in items]
 
 
 def status_document(

@@ -11,7 +11,8 @@ Topic and payload
     member, ``"uid"``: delivery is at-least-once and receivers dedupe on it.
 Session
     A push cycle connects (clean session), publishes its batch with up to ``[datapush] mqtt_inflight``
-    messages awaiting PUBACK, and stays connected while a catch-up continues; it disconnects when the
+    messages awaiting PUBACK (the windowed publisher the MQTT uplink uses too,
+    :mod:`dcud.service.mqtt_window`), and stays connected while a catch-up continues; it disconnects when the
     cycle's backlog is delivered. A batch is acked in the outbox only when every message of it has its
     PUBACK; a failure gives the whole batch back, in order.
 """
@@ -27,9 +28,9 @@ from typing import Any, Final
 import aiomqtt
 
 from dcud.config.model import DataPushConfig
-from dcud.runtime.link import child_name
 from dcud.service.datapush import DataPushServiceConfig, PushError, PushTarget, tls_context
 from dcud.service.mqtt import drop_socket
+from dcud.service.mqtt_window import QosWindow
 from dcud.service.outbox import OutboxItem
 
 __all__ = ["CONSUMER", "MqttPusher", "push_topic_prefix", "with_uid"]
@@ -105,33 +106,19 @@ class MqttPusher:
         return client
 
     async def deliver(self, items: Sequence[OutboxItem], now_s: float) -> dict[str, Any]:
-        """Publish every item with QoS 1; return when all are PUBACKed, else raise."""
+        """Publish every item with QoS 1 (at most ``mqtt_inflight`` awaiting PUBACK, one
+        :class:`~dcud.service.mqtt_window.QosWindow`); return when all are PUBACKed, else raise."""
         client = await self._session()
-        window = asyncio.Semaphore(self.options.mqtt_inflight)
         prefix = self.topic_prefix
-
-        async def publish(topic: str, payload: bytes) -> None:
-            try:
-                await client.publish(topic, payload, qos=1, retain=False)
-            finally:
-                window.release()
-
-        name = child_name("publish")
+        window = QosWindow(client, self.options.mqtt_inflight)
         try:
-            async with asyncio.TaskGroup() as tg:
-                for item in items:
-                    await window.acquire()
-                    topic = f"{prefix}/{item.subtopic}"
-                    tg.create_task(publish(topic, with_uid(item.payload, item.uid)), name=name)
-        except BaseExceptionGroup as group:
-            leaf: BaseException = group
-            while isinstance(leaf, BaseExceptionGroup):
-                leaf = leaf.exceptions[0]
-            if isinstance(leaf, aiomqtt.MqttError):
-                raise PushError(f"MQTT: {leaf}") from None
-            if isinstance(leaf, TimeoutError):
-                raise TimeoutError("MQTT: no PUBACK in time") from None
-            raise leaf from group
+            await window.publish(
+                (f"{prefix}/{item.subtopic}", with_uid(item.payload, item.uid)) for item in items
+            )
+        except aiomqtt.MqttError as exc:
+            raise PushError(f"MQTT: {exc}") from None
+        except TimeoutError:
+            raise TimeoutError("MQTT: no PUBACK in time") from None
         self.published += len(items)
         return {"topic_prefix": prefix, "messages": len(items)}
 

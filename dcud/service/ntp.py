@@ -67,6 +67,7 @@ from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.threads import in_daemon_thread
 from dcud.runtime.timefmt import rfc3339
 from dcud.service.power import power_ok
+from dcud.transport.udp import connected_socket
 
 DEFAULT_NTP_PORT: Final = 123
 NTP_EPOCH_OFFSET_S: Final = 2208988800
@@ -242,12 +243,10 @@ def query_server(
     """
     transmit = new_transmit_timestamp() if transmit is None else transmit
     request = build_request(transmit)
-    family, _type, _proto, _name, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
     deadline = time.monotonic() + timeout_s
     refused = 0
     last_refusal = ""
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)  # the kernel now drops datagrams from any other address or port
+    with connected_socket(host, port) as sock:  # the kernel drops datagrams from any other address
         sent = time.time()
         sock.send(request)
         while refused < MAX_REFUSED_PER_QUERY:

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ from dcud.runtime.bus import EventBus
 from dcud.runtime.durable import write_durably
 from dcud.runtime.supervisor import ServiceContext
 from dcud.service import snmp_mib
+from dcud.transport.udp import loopback_sink
 
 log = structlog.get_logger("dcud.snmp")
 
@@ -316,12 +316,7 @@ class TrapSender:
         """
         from pysnmp.entity import config as snmp_config
 
-        ipv6 = ":" in self.config.manager_ip
-        family = socket.AF_INET6 if ipv6 else socket.AF_INET
-        loopback = "::1" if ipv6 else "127.0.0.1"
-        with socket.socket(family, socket.SOCK_DGRAM) as sink:
-            sink.bind((loopback, 0))
-            port = sink.getsockname()[1]
+        with loopback_sink(ipv6=":" in self.config.manager_ip) as (loopback, port):
             snmp_config.add_target_address(
                 self.engine,
                 "dcud-warmup",

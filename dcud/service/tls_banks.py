@@ -13,6 +13,8 @@ file + rename), so a reader never sees half a file. API, kept small on purpose:
 
 - :func:`load_bank` -> the path of an existing, plausible bank (or :class:`TlsBankError`);
 - :func:`server_context` / :func:`client_context` -> an :class:`ssl.SSLContext` (TLS 1.2 minimum);
+- :func:`file_client_context` -> the same client context from file paths of dcud.toml (``ca_file``,
+  ``cert_file``, ``key_file``: the MQTT uplink, the FTPS and MQTTS data push);
 - :func:`self_signed_bank` -> a device certificate made on first use, for TLS without a configured bank.
 
 ``verify`` is ``"none"`` (no peer certificate asked for / checked), ``"optional"`` (a server asks for a
@@ -36,6 +38,7 @@ __all__ = [
     "Verify",
     "bank_path",
     "client_context",
+    "file_client_context",
     "fingerprint_sha256",
     "load_bank",
     "self_signed_bank",
@@ -128,6 +131,7 @@ def client_context(
     *,
     ca_bank: Path | None = None,
     cert_bank: Path | None = None,
+    key_file: Path | None = None,
     verify: Verify = "mandatory",
     use_crl: bool = False,
     check_hostname: bool = True,
@@ -135,14 +139,15 @@ def client_context(
 ) -> ssl.SSLContext:
     """TLS client context: the server verified against ``ca_bank`` (unless ``verify="none"``).
 
-    ``cert_bank`` adds our client certificate. ``check_hostname`` applies when verifying. Without a
-    ``ca_bank``, ``system_ca`` verifies against the system's trust store (no CRL) instead of refusing.
+    ``cert_bank`` adds our client certificate (its key in the same file, or in ``key_file``).
+    ``check_hostname`` applies when verifying. Without a ``ca_bank``, ``system_ca`` verifies against the
+    system's trust store (no CRL) instead of refusing.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert_bank is not None:
         try:
-            ctx.load_cert_chain(certfile=str(cert_bank))
+            ctx.load_cert_chain(certfile=str(cert_bank), keyfile=None if key_file is None else str(key_file))
         except (ssl.SSLError, OSError) as exc:
             raise TlsBankError(
                 f"certificate bank {cert_bank}: no usable certificate and key ({exc})"
@@ -158,6 +163,23 @@ def client_context(
         _verify_settings(ctx, ca_bank, verify, use_crl, server=False)
     ctx.check_hostname = check_hostname
     return ctx
+
+
+def file_client_context(
+    *, ca_file: str = "", cert_file: str = "", key_file: str = "", verify: bool = True
+) -> ssl.SSLContext:
+    """:func:`client_context` from dcud.toml paths: ``ca_file`` empty means the system trust store.
+
+    ``verify=False`` accepts any server certificate (lab only: ``[datapush] tls_verify = false``).
+    Raises :class:`TlsBankError` naming the file that is missing or unusable.
+    """
+    return client_context(
+        ca_bank=Path(ca_file) if ca_file else None,
+        cert_bank=Path(cert_file) if cert_file else None,
+        key_file=Path(key_file) if cert_file and key_file else None,
+        verify="mandatory" if verify else "none",
+        system_ca=True,
+    )
 
 
 def self_signed_bank(state_dir: Path | str, common_name: str, *, days: int = 3650) -> Path:
