@@ -555,6 +555,13 @@ def ratio_line(size: int, tallies: dict[str, Tally]) -> dict[str, object]:
             )
         ],
         "relay_p50_us": group["relay"]["p50_us"] if "relay" in group else None,
+        # Issue 17: dcud's CPU per round trip over the bare relay's (target 1.15).
+        "cpu_ratio_relay": round(
+            value(dcud, "cpu_us_per_round_trip") / value(group["relay"], "cpu_us_per_round_trip"), 3
+        )
+        if "relay" in group
+        else None,
+        "target_cpu_ratio_relay": 1.15,
         "load_avg_1m": os.getloadavg()[0],
     }
 
