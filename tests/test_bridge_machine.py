@@ -221,6 +221,24 @@ def test_a_device_without_a_wire_speeds_the_model_up_to_its_cap() -> None:
     assert rig.m.cps == nominal
 
 
+def test_one_empty_answer_takes_the_model_to_its_cap_and_a_partial_one_by_four() -> None:
+    """A driver that says "empty" while the model says full has no wire at this rate (a pty): the model
+    goes to its cap at once, so a fast echo never fills it again; "half empty" only speeds it up x4."""
+    rig = leased(baud=9600, framing="8N1")  # queue limit 240 bytes
+    nominal = rig.m.cps
+    rig.from_client(b"x" * 240)
+    rig.driver_backlog = 100  # the UART sent more than the model thinks, but is not empty
+    rig.from_client(b"y" * 10)
+    assert rig.asks == 1 and rig.m.cps == nominal * 4 and len(rig.line) == 250
+    rig.driver_backlog = 0
+    rig.from_client(b"z" * 200)
+    assert rig.asks == 2 and rig.m.cps == nominal * MODEL_SPEEDUP_MAX and len(rig.line) == 450
+    for _ in range(1000):  # 200 bytes every 10 us (20 MB/s): the model is never full again
+        rig.now += 10e-6
+        rig.from_client(b"v" * 200)
+    assert rig.asks == 2 and rig.drains == 0 and len(rig.line) == 450 + 200_000
+
+
 def test_without_a_driver_count_the_pump_drains_when_the_model_is_full() -> None:
     rig = leased(baud=9600, framing="8N1", counts=False)
     rig.from_client(b"x" * 240)

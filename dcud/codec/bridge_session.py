@@ -61,7 +61,14 @@ import collections
 from dataclasses import dataclass
 
 from dcud.codec.iec62056 import encode_break, tx_time_s
-from dcud.codec.iec_sniffer import Forward, IecSniffer, SnifferState, SnifferTimings, SwitchLine
+from dcud.codec.iec_sniffer import (
+    CLIENT_SHORTCUT,
+    Forward,
+    IecSniffer,
+    SnifferState,
+    SnifferTimings,
+    SwitchLine,
+)
 from dcud.codec.rfc2217 import (
     FLOWCONTROL_RESUME,
     FLOWCONTROL_SUSPEND,
@@ -120,9 +127,12 @@ INBOUND_LOW_BYTES = 16 * 1024
 LINE_QUEUE_S = 0.25
 """Wire time the session lets the UART hold before it waits for a drain."""
 LINE_QUEUE_MIN_BYTES = 64
-MODEL_SPEEDUP_MAX = 1024
+MODEL_SPEEDUP_MAX = 1 << 16
 """How far the line model's drain rate may rise above the nominal rate when the driver keeps reporting
-an empty queue (a pty or a network serial server has no wire at the configured rate)."""
+an empty queue (a pty or a network serial server has no wire at the configured rate). 65536 x nominal is
+755 MB/s at 115200 Bd, so a device without a wire never fills the model: 1024 x (11.8 MB/s) was less
+than a 1 KiB echo over a pty moves, and the model, full every fourth chunk, sent it to the careful path
+and the driver (an ioctl) for nothing."""
 WAITER_POLL_S = 1.0
 """How often an idle session holding the line looks for waiting readouts."""
 EOF_LINGER_S = 1.5
@@ -264,6 +274,8 @@ class BridgeMachine:
             programming_idle_s=limits.iec_inactivity_s, hdlc_idle_s=limits.iec_inactivity_s
         )
         self.sniffer = IecSniffer(baud, framing, timings) if limits.iec_aware else None
+        self._scan = CLIENT_SHORTCUT if self.sniffer is not None else None
+        """The sniffer's per-chunk test on the fast path (None: no sniffer)."""
         self._plain = self.telnet is None and not limits.traced
         """Chunks may bypass the machine's slow paths (no Telnet to decode, no trace to write)."""
         # -- the hot path's state (read by the I/O layer before it writes) --
@@ -339,15 +351,22 @@ class BridgeMachine:
         if spilled:
             self.spilled = spilled
             self.fast = False
-        sniffer = self.sniffer
-        if sniffer is not None and not sniffer.client_passes(data):
+        scan = self._scan
+        if scan is not None and scan(data) is not None:
+            # A "/?" or a "/" at the end: the sniffer looks closer (it never switches from rest).
+            sniffer = self.sniffer
+            assert sniffer is not None
             sniffer.from_client(data, now)
-            if sniffer.state is not _IDLE:
-                self.fast = False
-                self.meter_fast = False
+            if not sniffer.resting:
+                self.fast = False  # every next chunk goes through the sniffer until it rests
+                self.meter_fast = self._plain and sniffer.state is _IDLE
 
     def meter_wrote(self, size: int, now: float) -> None:
-        """The I/O layer sent a meter chunk of ``size`` bytes to the client on the fast path."""
+        """The I/O layer sent a meter chunk of ``size`` bytes to the client on the fast path.
+
+        These are the only books of that path (``last_activity = now``, ``bytes_m2c += size``), and
+        the I/O layer may keep them itself: a call costs there as much as the rest of the path.
+        """
         self.last_activity = now
         self.bytes_m2c += size
 
@@ -460,9 +479,11 @@ class BridgeMachine:
         if truth is not None:
             self._truth = None
             if truth * 2 < queued and self.cps < self.cps_max:
-                # The device drains faster than its nominal rate (a pty, a serial server on the
-                # network): let the model follow, so the driver is not asked on every write.
-                self.cps = min(self.cps * 4, self.cps_max)
+                # The device drains faster than its nominal rate (a serial server on the network):
+                # let the model follow, so the driver is not asked on every write. An empty queue
+                # while the model says full is a device without a wire at this rate (a pty): the
+                # model goes to its cap at once (x4 steps took five full queues to get there).
+                self.cps = self.cps_max if not truth else min(self.cps * 4, self.cps_max)
             queued = truth
             self.spilled = 0
         self.backlog_bytes = queued
@@ -789,12 +810,11 @@ class BridgeMachine:
 
     def _refresh(self) -> None:
         sniffer = self.sniffer
-        idle = sniffer is None or sniffer.state is _IDLE
-        self.meter_fast = self._plain and idle
+        self.meter_fast = self._plain and (sniffer is None or sniffer.state is _IDLE)
         self.fast = (
             self.leased
             and self._plain
-            and idle
+            and (sniffer is None or sniffer.resting)
             and not self.ops
             and not self._busy
             and not self.spilled
