@@ -519,8 +519,12 @@ def compare_trees() -> dict[str, Path]:
     return trees
 
 
+def _starter_of(tree: Path) -> Callable[[Path, str, int], subprocess.Popen[bytes]]:
+    return lambda w, t, p: start_dcud(w, t, p, tree)
+
+
 for _name, _tree in compare_trees().items():
-    STARTERS[_name] = lambda w, t, p, tree=_tree: start_dcud(w, t, p, tree)
+    STARTERS[_name] = _starter_of(_tree)
 
 
 def ratio_line(size: int, tallies: dict[str, Tally]) -> dict[str, object]:
