@@ -176,7 +176,9 @@ def echo_device() -> Iterator[str]:
 # -- the bridges -------------------------------------------------------------------------------------
 
 
-def start_dcud(workdir: Path, tty_path: str, port: int) -> subprocess.Popen[bytes]:
+def start_dcud(workdir: Path, tty_path: str, port: int, tree: Path = REPO) -> subprocess.Popen[bytes]:
+    """The daemon from source tree ``tree`` (this repository, or a BENCH_COMPARE tree)."""
+    workdir = workdir if tree == REPO else workdir / f"dcud-{tree.name}"
     site = workdir / "dcud-site"
     site.mkdir(parents=True, exist_ok=True)
     (site / "wme.conf").write_text(
@@ -194,7 +196,7 @@ def start_dcud(workdir: Path, tty_path: str, port: int) -> subprocess.Popen[byte
         [sys.executable, "-m", "dcud", "run", "-c", str(site / "dcud.toml")],
         stdout=log,
         stderr=subprocess.STDOUT,
-        cwd=REPO,
+        cwd=tree,  # ``python -m dcud`` runs the tree it is started in
     )
 
 
@@ -506,6 +508,25 @@ STARTERS: dict[str, Callable[[Path, str, int], subprocess.Popen[bytes]]] = {
 }
 
 
+def compare_trees() -> dict[str, Path]:
+    """``BENCH_COMPARE="before=/tmp/a,partA=/tmp/b"``: other dcud source trees (``git archive`` of a
+    commit) measured in the same blocks as ``dcud``, so that versions are compared side by side in one
+    run (same machine noise); reported as ``dcud@<name>`` and left out of the ratios."""
+    trees: dict[str, Path] = {}
+    for item in filter(None, os.environ.get("BENCH_COMPARE", "").split(",")):
+        name, _, path = item.partition("=")
+        trees[f"dcud@{name}"] = Path(path).resolve()
+    return trees
+
+
+def _starter_of(tree: Path) -> Callable[[Path, str, int], subprocess.Popen[bytes]]:
+    return lambda w, t, p: start_dcud(w, t, p, tree)
+
+
+for _name, _tree in compare_trees().items():
+    STARTERS[_name] = _starter_of(_tree)
+
+
 def ratio_line(size: int, tallies: dict[str, Tally]) -> dict[str, object]:
     """dcud over the better of ser2net and socat, for one frame size (pooled trials, and per trial)."""
     group = {name: tally.summary() for name, tally in tallies.items()}
@@ -555,6 +576,42 @@ def ratio_line(size: int, tallies: dict[str, Tally]) -> dict[str, object]:
             )
         ],
         "relay_p50_us": group["relay"]["p50_us"] if "relay" in group else None,
+        # Issue 17: dcud's CPU per round trip over the bare relay's (target 1.15).
+        "cpu_ratio_relay": round(
+            value(dcud, "cpu_us_per_round_trip") / value(group["relay"], "cpu_us_per_round_trip"), 3
+        )
+        if "relay" in group
+        else None,
+        "target_cpu_ratio_relay": 1.15,
+        "load_avg_1m": os.getloadavg()[0],
+    }
+
+
+def side_by_side(size: int, tallies: dict[str, Tally]) -> dict[str, object]:
+    """Every dcud version's CPU per round trip over the relay's, and its p50 over the better of ser2net
+    and socat, from the same blocks (``BENCH_COMPARE``)."""
+    group = {name: tally.summary() for name, tally in tallies.items()}
+    relay_cpu = float(str(group["relay"]["cpu_us_per_round_trip"]))
+    best_p50 = min(float(str(group[n]["p50_us"])) for n in ("ser2net", "socat"))
+    best_p99 = min(float(str(group[n]["p99_us"])) for n in ("ser2net", "socat"))
+    return {
+        "bench": "bridge_side_by_side",
+        "frame_bytes": size,
+        "cpu_ratio_relay": {
+            name: round(float(str(r["cpu_us_per_round_trip"])) / relay_cpu, 3)
+            for name, r in group.items()
+            if name.startswith("dcud")
+        },
+        "p50_ratio": {
+            name: round(float(str(r["p50_us"])) / best_p50, 3)
+            for name, r in group.items()
+            if name.startswith("dcud")
+        },
+        "p99_ratio": {
+            name: round(float(str(r["p99_us"])) / best_p99, 3)
+            for name, r in group.items()
+            if name.startswith("dcud")
+        },
         "load_avg_1m": os.getloadavg()[0],
     }
 
@@ -590,6 +647,8 @@ def main() -> None:
             line = {"bench": "bridge_latency", "bridge": name, "frame_bytes": size, **tally.summary()}
             print(json.dumps({**line, "trial_p50_us": tally.trial_p50_us}))
         print(json.dumps(ratio_line(size, tallies[size])), flush=True)
+        if compare_trees():
+            print(json.dumps(side_by_side(size, tallies[size])), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-bridge-idle-") as tmp:
         run_idle(Path(tmp))
 

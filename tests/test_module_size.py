@@ -16,11 +16,7 @@ MAX_LINES = 1000
 DATA_MODULES = frozenset({"dcud/config/wme_catalogue.py"})
 """Exempt for good: data, not code."""
 
-BEING_SPLIT = frozenset(
-    {
-        "dcud/service/bridge.py",  # being split on branch h14-bridge
-    }
-)
+BEING_SPLIT: frozenset[str] = frozenset()
 """Over the limit today, being split elsewhere: the lead removes each entry when its branch is merged."""
 
 

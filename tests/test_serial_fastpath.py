@@ -169,3 +169,34 @@ async def test_receiver_set_on_a_closed_port_gets_the_rest_then_the_end(
     got: list[bytes] = []
     port.set_receiver(got.append)
     assert got == [b"left", b""]
+
+
+async def test_write_direct_is_write_in_every_case_it_does_not_shortcut(
+    port_peer: tuple[SerialPort, PtyPeer],
+) -> None:
+    """The lease holder's hot-path write: same order, same counts, same errors as write()."""
+    port, peer = port_peer
+    assert port.write_direct(b"abc") == 0 and peer.drain() == b"abc"
+    chunks = [bytes([i]) * 4096 for i in range(64)]  # far more than a pty holds: the rest is queued
+    left = [port.write_direct(chunk) for chunk in chunks]
+    assert left[-1] > 0
+    assert port.write_direct(b"tail") == left[-1] + 4  # behind the queue, never ahead of it
+    await wait_until(lambda: len(peer.drain()) >= 3 + 64 * 4096 + 4, 20, step_s=0.005)
+    assert peer.drain() == b"abc" + b"".join(chunks) + b"tail"
+    assert port.counters.bytes_tx == 3 + 64 * 4096 + 4
+    port.close()
+    with pytest.raises(TransportError):
+        port.write_direct(b"late")
+
+
+async def test_write_direct_feeds_the_echo_filter() -> None:
+    peer = PtyPeer()
+    port = SerialPort(peer.path, 9600, "8N1", echo_filter=True)
+    await port.open()
+    try:
+        assert port.write_direct(b"ping") == 0
+        assert bytes(port._echo) == b"ping"  # the echo the converter will send back is expected
+    finally:
+        port.close()
+        await asyncio.sleep(0.01)
+        peer.close()

@@ -62,6 +62,7 @@ from dcud.codec.iec62056 import (
 from dcud.errors import DcudError
 
 __all__ = [
+    "CLIENT_SHORTCUT",
     "Forward",
     "IecSniffer",
     "SnifferAction",
@@ -78,6 +79,9 @@ _PREFIX_RE = re.compile(rb"/(?:\?[0-9A-Za-z ]{0,32}(?:!\r?)?)?")
 """What a request split across chunks can end with: its start, up to (not including) the final LF."""
 _SHORTCUT_STOP_RE = re.compile(rb"/(?:\?|\Z)")
 """A ``/?`` anywhere or a ``/`` at the end: the chunk may start a request (a regex: ``in`` is 2x slower)."""
+CLIENT_SHORTCUT = _SHORTCUT_STOP_RE.search
+"""``CLIENT_SHORTCUT(data) is None`` while :attr:`IecSniffer.resting`: ``data`` changes nothing (the
+bridge's per-chunk test, one C call: see :meth:`IecSniffer.client_passes`)."""
 _MAX_REQUEST_BYTES = 37
 """``/?`` + 32 address characters + ``!CRLF``."""
 _END_RE = re.compile(rb"[\x03\x04]")
@@ -300,6 +304,12 @@ class IecSniffer:
             self._back_to_initial(out, f"meter timeout in {self.state}")
         self._to_idle()
         return out
+
+    @property
+    def resting(self) -> bool:
+        """Idle with nothing held over from the last client chunk: client bytes in which
+        :data:`CLIENT_SHORTCUT` finds nothing pass unchanged and leave the state as it is."""
+        return self.state is _IDLE and not self._tail
 
     def client_passes(self, data: bytes) -> bool:
         """True when ``data`` from the client changes nothing here and goes to the meter as it is.

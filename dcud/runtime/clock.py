@@ -11,7 +11,8 @@ What stays on the real clock, deliberately:
   real seconds, so a stalled service must show in real time whatever clock it sleeps on;
 - I/O bounds (``asyncio.timeout`` around a connect, a read from a peer): a real peer answers in real
   time;
-- the bridge's line model (docs/bridge.md): it ages on ``time.monotonic`` on the hot path on purpose.
+- the bridge session (docs/bridge.md): its sans-I/O machine takes ``now`` from ``time.monotonic`` (the
+  line model ages on it on the hot path on purpose); its tests pass ``now`` themselves.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ written. The password is never sent to an unverified server: with ``ei_tls_verif
 only, an installer's choice in dcud.toml) only ``ei_client_auth_mode=N`` connects, and ``E`` keeps the
 client off (state ``refused``, logged once) instead of sending the password to whoever answers.
 
-The bridged session is the transparent port's (:class:`~dcud.service.bridge.BridgeSession`): IEC
+The bridged session is the transparent port's (:class:`~dcud.service.bridge_session.BridgeSession`): IEC
 62056-21 aware, traced, audited (``bridge_session`` with ``port = "ei"``). Because the connection is
 permanent, it takes the line's lease only while the head-end talks and hands it back after
 ``lease_idle_s`` of silence, so scheduled readouts run between the head-end's requests.
@@ -56,16 +56,10 @@ from dcud.runtime.events import EventSink
 from dcud.runtime.link import Link, LinkDown, LinkPolicy, run_link, until_stopped
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.runtime.timefmt import rfc3339_ms
-from dcud.service.bridge import (
-    BridgeSession,
-    HexTrace,
-    SessionPolicy,
-    TlsSettings,
-    _param,
-    audit,
-    tls_settings,
-    trace_path,
-)
+from dcud.service.bridge_config import SessionPolicy, TlsSettings, tls_settings, trace_path
+from dcud.service.bridge_config import param as _param
+from dcud.service.bridge_session import BridgeSession
+from dcud.service.bridge_trace import HexTrace, audit
 from dcud.service.line import LineRegistry
 from dcud.service.tls_banks import TlsBankError, Verify, client_context, load_bank
 from dcud.transport.tcp import open_connection

@@ -42,6 +42,7 @@ READ_CHUNK_BYTES = 4096
 Receiver = Callable[[bytes], None]
 """Takes received chunks synchronously (see :meth:`SerialPort.set_receiver`); ``b""`` means closed."""
 
+_os_write = os.write
 _RETRY_ERRNOS = frozenset((errno.EAGAIN, errno.EALREADY, errno.EWOULDBLOCK, errno.EINPROGRESS, errno.EINTR))
 
 # struct serial_rs485 (include/uapi/linux/serial.h): flags, delay_rts_before_send, delay_rts_after_send,
@@ -219,6 +220,7 @@ class SerialPort:
         self.failure: BaseException | None = None
         self._serial: Any = None
         self._transport: Any = None
+        self._fd = -1
         self._buffer = bytearray()
         self._echo = bytearray()
         self._data_event = asyncio.Event()
@@ -269,6 +271,7 @@ class SerialPort:
         self._echo.clear()
         self._receiver = None
         self.failure = None
+        self._fd = ser.fd
         self._transport = _Transport(loop, _Protocol(self), ser)
         self._transport.port = self
         # Write limits of 0: the protocol hears "paused" as soon as a byte waits in user space and
@@ -496,6 +499,23 @@ class SerialPort:
         except OSError:
             # EAGAIN, or a failing device: the transport retries and reports a failure as before.
             sent = 0
+        if sent < len(data):
+            transport.write(bytes(data[sent:]))
+            return int(transport.get_write_buffer_size())
+        return 0
+
+    def write_direct(self, data: bytes) -> int:
+        """:meth:`write` for a lease holder's hot path: the common case (nothing queued, no echo to
+        filter, the port open, the driver takes it all) in a few operations; anything else is
+        :meth:`write` itself, so the order on the wire and the errors stay the same."""
+        transport = self._transport
+        if transport._closing or transport._write_buffer or self.echo_filter or not data:
+            return self.write(data)
+        self.counters.bytes_tx += len(data)
+        try:
+            sent = _os_write(self._fd, data)
+        except OSError:
+            sent = 0  # EAGAIN, or a failing device: the transport retries and reports it
         if sent < len(data):
             transport.write(bytes(data[sent:]))
             return int(transport.get_write_buffer_size())
