@@ -158,6 +158,23 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     return cmd_decode(args.protocol, args.source, args.bcc, args.p1)
 
 
+def _cmd_dlms_objects(args: argparse.Namespace) -> int:
+    from dcud.cli_dlms import cmd_dlms_objects
+
+    return cmd_dlms_objects(args.config, args.meter, args.json)
+
+
+def _add_dlms_command(sub: Any) -> None:
+    """``dcud dlms objects``: the object list of a DLMS/COSEM meter (docs/dlms.md)."""
+    dlms = sub.add_parser("dlms", help="DLMS/COSEM meter commands")
+    dlms_sub = dlms.add_subparsers(dest="dlms_command", required=True, metavar="COMMAND")
+    objects = dlms_sub.add_parser("objects", help="the object list of a meter (class, OBIS, attributes)")
+    objects.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    objects.add_argument("--meter", required=True, help="a [[meter]] name (protocol = dlms)")
+    objects.add_argument("--json", action="store_true", help="JSON even on a terminal")
+    objects.set_defaults(func=_cmd_dlms_objects)
+
+
 def _cmd_sim_meters(args: argparse.Namespace) -> int:
     from dcud.cli_meters import cmd_sim_meters
 
@@ -300,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     sim_sub = _add_meter_commands(sub)
+    _add_dlms_command(sub)
     # Other simulators join the ``sim`` group here: sim_sub.add_parser("drive", ...).
     _add_drive_sim_command(sim_sub)
     _add_dlms_sim_command(sim_sub)

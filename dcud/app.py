@@ -148,7 +148,7 @@ def _line_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
 
 
 def _polling_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
-    if not config.toml.line:  # nothing to poll: keep the codecs out of a small DCU's memory
+    if not config.toml.line and not config.toml.meter:  # nothing to poll (DLMS/TCP meters need no line)
         return []
     from dcud.service.polling import build_polling_services
 

@@ -85,6 +85,10 @@ async def read_direct(config: LoadedConfig, name: str) -> dict[str, Any]:
     """One readout on a line this process opens itself; the reading document."""
     from dcud.service.meter_read import ReadDefaults, read_meter, reading_payload
 
+    if any(m.name == name and m.protocol == "dlms" for m in config.toml.meter):
+        from dcud.cli_dlms import read_dlms  # DLMS/COSEM: dcud.cli_dlms (HDLC line or TCP)
+
+        return await read_dlms(config, name)
     meter, line_cfg = _meter(config, name)
     iec_max_baud = None
     try:

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import aiomqtt
 
-from dcud.sim.demo_site import render_reading, render_state, site_toml, start_simulators, stop_process
+from dcud.sim.demo_site import (
+    render_reading,
+    render_state,
+    site_toml,
+    start_dlms_simulator,
+    start_simulators,
+    stop_process,
+)
 from dcud.sim.drive import start_demo_drives
 from dcud.sim.peers import Mosquitto, PeerMissing, free_port, start_mosquitto
 
@@ -154,10 +161,11 @@ def run_demo(duration_s: float | None = None, workdir: Path | None = None) -> in
         config = workdir / "dcud.toml"
         try:
             simulators = start_simulators(workdir)
+            stack.callback(stop_process, simulators)
+            stack.callback(stop_process, start_dlms_simulator(workdir))  # one DLMS/COSEM meter (HDLC)
         except RuntimeError as exc:
             print(f"dcud demo: {exc}", file=sys.stderr)
             return 1
-        stack.callback(stop_process, simulators)
         # One event loop for the whole demo: the drive simulator's processes belong to it.
         runner = stack.enter_context(asyncio.Runner())
         drives_toml = ""

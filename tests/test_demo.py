@@ -28,6 +28,8 @@ def test_demo_shows_status_readings_and_drives(tmp_path: Path) -> None:
     assert "/meter/heat-1/reading  seq=1" in out  # an M-Bus meter
     assert "/meter/flat-12/reading  seq=1" in out  # an IEC 62056-21 meter
     assert "/meter/flat-12/state  quality=ok" in out
+    assert "/meter/em-1/reading  seq=1" in out and "1.0.1.8.0.255=" in out  # the DLMS/COSEM meter
+    assert "/meter/em-1/state  quality=ok" in out
     assert "/drive/axis-1/state  online=True nmt=operational" in out
     assert "cia402=operation_enabled" in out  # the operator's enable command took effect
     assert "dcud demo: FTP data push every minute into" in out  # the `demo` extra is in `test` too

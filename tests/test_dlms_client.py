@@ -559,3 +559,80 @@ def test_weaker_protection_than_the_policy_is_refused() -> None:
     error = failed(result)
     assert isinstance(error, RemoteProtocolError) and "SC 0x10, less than the policy" in str(error)
     assert isinstance(meter.received[-1], RLRQ) and transport.closed == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# The planner, the counter limit, abort
+
+
+def test_a_planner_chooses_later_requests_from_earlier_answers() -> None:
+    meter = make_meter()
+    seen: list[int] = []
+
+    def planner(outcomes: object) -> list[GetRequest]:
+        done_so_far = list(outcomes)  # type: ignore[call-overload]
+        seen.append(len(done_so_far))
+        if not done_so_far:
+            return [GetRequest(ENERGY)]
+        if len(done_so_far) == 1:  # the second phase depends on the first answer
+            assert done_so_far[0].value == DoubleLongUnsigned(20_411_500)
+            return [GetRequest(ENERGY_SU), GetRequest(SERIAL)]
+        return []
+
+    transport = TestWrapperTransport()
+    client = DlmsClient(transport, DlmsClientConfig(), planner=planner)
+    session = done(drive(client, meter))
+    assert [o.request for o in session.outcomes] == [
+        GetRequest(ENERGY),
+        GetRequest(ENERGY_SU),
+        GetRequest(SERIAL),
+    ]
+    assert seen == [0, 1, 3] and session.released and transport.closed == 1
+
+
+def test_a_planner_that_fails_still_leaves_the_association_released() -> None:
+    meter = make_meter()
+
+    def planner(outcomes: object) -> list[GetRequest]:
+        raise KeyError("a bug in the planner")
+
+    transport = TestWrapperTransport()
+    client = DlmsClient(transport, DlmsClientConfig(), planner=planner)
+    error = failed(drive(client, meter))
+    assert isinstance(error, LocalProtocolError) and "planner failed" in str(error)
+    assert isinstance(meter.received[-1], RLRQ) and transport.closed == 1
+
+
+def test_the_session_stops_at_its_counter_limit_and_releases() -> None:
+    meter = make_meter(policy=SecurityPolicy.AUTHENTICATED, keys=GREEN_BOOK_KEYS)
+    config = DlmsClientConfig(
+        security=SecurityPolicy.AUTHENTICATED,
+        keys=GREEN_BOOK_KEYS,
+        system_title=CLIENT_TITLE,
+        invocation_counter=100,
+        invocation_counter_limit=102,  # the AARQ, then two requests
+    )
+    client, transport, result = run(config, meter)
+    error = failed(result)
+    assert isinstance(error, LocalProtocolError) and "reservation exhausted at 102" in str(error)
+    assert client.last_invocation_counter == 102 and client.next_invocation_counter == 103
+    assert isinstance(meter.received[-1], RLRQ) and transport.closed == 1
+
+
+def test_abort_closes_the_link_at_once_and_fails_the_session() -> None:
+    meter = make_meter(silent_on=lambda apdu: isinstance(apdu, GetRequestNormal) and apdu.attribute == SERIAL)
+    transport = TestWrapperTransport()
+    client = DlmsClient(transport, DlmsClientConfig(), READS)
+    now = 0.0
+    actions = client.start(now)
+    for _ in range(100):  # until the request to the silent object is in flight
+        replies = [r for a in actions if isinstance(a, Send) for r in meter.feed(a.data)]
+        if not replies:
+            break
+        actions = [x for reply in replies for x in client.receive_data(reply, now)]
+    assert any(isinstance(a, GetRequestNormal) and a.attribute == SERIAL for a in meter.received)
+    ending = client.abort(now + 1)
+    assert transport.closed == 1 and not isinstance(meter.received[-1], RLRQ)
+    (final,) = [a for a in ending if isinstance(a, Failed)]
+    assert isinstance(final.error, LocalProtocolError) and "cancelled" in str(final.error)
+    assert client.abort(now + 2) == [] and client.next_deadline() is None

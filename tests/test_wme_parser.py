@@ -304,7 +304,9 @@ def test_plausible_files_never_raise_and_round_trip(lines: list[str]) -> None:
     assert again.raw == ps.raw
     assert again.changed(ps) == set()
     # a re-rendered set can only carry cross-parameter issues, never syntax or value ones
-    assert all(i.message.startswith(("port ", "encryption", "a ", "an ", "privacy", "auth")) for i in again_issues)
+    assert all(
+        i.message.startswith(("port ", "encryption", "a ", "an ", "privacy", "auth")) for i in again_issues
+    )
 
 
 @settings(max_examples=200, deadline=None)

@@ -199,8 +199,16 @@ def _cross_check(toml: DcudToml, file: str, locator: LineLocator) -> list[Config
                 )
             roles.setdefault(line.transparent, line.name)
     for index, meter in enumerate(toml.meter):
+        if meter.protocol == "dlms" or meter.host or meter.dlms is not None:
+            from dcud.config.dlms import check_dlms_meter
+
+            check_dlms_meter(meter, index, lines, Path(file).parent, issue)
+            if meter.protocol == "dlms":
+                continue
         line_cfg = lines.get(meter.line)
-        if line_cfg is None:
+        if not meter.line:
+            issue("meter", index, meter.name, "line", "required key is missing")
+        elif line_cfg is None:
             issue("meter", index, meter.name, "line", f'no [[line]] named "{meter.line}"')
         elif meter.protocol == "mbus" and line_cfg.kind != "mbus":
             issue(

@@ -111,12 +111,67 @@ class LineConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
         return "8E1" if self.kind == "mbus" else "7E1"
 
 
+HexKey = Annotated[str, msgspec.Meta(pattern=r"^$|^[0-9A-Fa-f]{32}$")]
+"""An AES-128 key as 32 hex digits (empty: not set)."""
+DLMS_SECRET_FIELDS = frozenset({"password", "block_cipher_key", "authentication_key"})
+
+
+class DlmsConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[meter.dlms]``: how dcud associates with a DLMS/COSEM meter and what it reads (docs/dlms.md,
+    "Meters in dcud.toml, readings, backfill, clock"). Cross-field rules are checked by
+    :mod:`dcud.config.dlms` (file:line: key errors)."""
+
+    client: Annotated[int, msgspec.Meta(ge=1, le=127)] = 16
+    """Client SAP: 16 public, 32 reading (LLS) and 1 management (HLS) by common convention."""
+    logical_device: Annotated[int, msgspec.Meta(ge=0, le=16383)] = 1
+    """The server's logical device: upper HDLC address, wrapper destination wPort (1 = management)."""
+    auth: Literal["none", "lls", "hls-gmac"] = "none"
+    password: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    """LLS password (a secret)."""
+    security: Literal["none", "authenticated", "encrypted", "authenticated-encrypted"] = "none"
+    """Suite 0 global ciphering of every APDU."""
+    block_cipher_key: HexKey = ""
+    """Global unicast encryption key EK (a secret); or ``key_file``."""
+    authentication_key: HexKey = ""
+    """Authentication key AK (a secret); or ``key_file``."""
+    key_file: str = ""
+    """TOML or JSON file with ``block_cipher_key`` and ``authentication_key`` (relative to dcud.toml)."""
+    system_title: Annotated[str, msgspec.Meta(pattern=r"^$|^[0-9A-Fa-f]{16}$")] = ""
+    """dcud's own system title (16 hex digits); empty: ``DCU`` and 5 bytes derived from device_id."""
+    mode_e: bool = False
+    """IEC 62056-21 sign-on at the line's rate, then HDLC at the rate the meter offers (max_baud caps it)."""
+    iec_address: Annotated[str, msgspec.Meta(max_length=32)] = ""
+    """Mode E: the IEC device address of the sign-on (empty: the general request ``/?!``)."""
+    objects: list[Annotated[str, msgspec.Meta(max_length=64)]] = msgspec.field(default_factory=list)
+    """Read each interval: OBIS (class and attribute from the object list) or ``class/OBIS/attribute``."""
+    profile: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    """The load profile (class 7) read by range and backfilled; empty: none."""
+    profile_backfill_s: Annotated[int, msgspec.Meta(ge=0, le=400 * 86400)] = 86400
+    """First contact (no cursor yet): read the profile and event logs from this long ago."""
+    event_logs: list[Annotated[str, msgspec.Meta(max_length=64)]] = msgspec.field(default_factory=list)
+    """Event logs (class 7) whose new entries become ``meter_event`` events."""
+    clock_sync: Literal["off", "report", "set"] = "report"
+    max_drift_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 10.0
+    """clock_sync = set: correct the meter's clock when it is off by more than this (and NTP is synced)."""
+
+    def __repr__(self) -> str:
+        # Passwords and keys are secrets: never in a repr (and so never in a log line or traceback).
+        shown = (
+            f"{name}={'***' if name in DLMS_SECRET_FIELDS and value else repr(value)}"
+            for name, value in ((name, getattr(self, name)) for name in self.__struct_fields__)
+        )
+        return f"DlmsConfig({', '.join(shown)})"
+
+
 class MeterConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """One meter on a line."""
+    """One meter on a line (or, DLMS only, on TCP: ``host``)."""
 
     name: Name
-    line: str
-    protocol: Literal["iec62056-21", "mbus"]
+    line: str = ""
+    """The ``[[line]]`` it hangs on; required except for a DLMS meter reached over TCP (``host``)."""
+    protocol: Literal["iec62056-21", "mbus", "dlms"]
+    host: Annotated[str, msgspec.Meta(max_length=300)] = ""
+    """DLMS over the TCP wrapper: ``"ip:port"`` (``[v6]:port``, port 4059 by default); not with ``line``."""
     address: Annotated[str, msgspec.Meta(max_length=32)] = ""
     interval_s: Annotated[int, msgspec.Meta(ge=10, le=86400)] | None = None
     timeout_s: PositiveSeconds | None = None
@@ -124,6 +179,8 @@ class MeterConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     bcc: Literal["xor", "sum7", "none"] = "xor"
     max_baud: Baud | None = None
     enabled: bool = True
+    dlms: DlmsConfig | None = None
+    """``[meter.dlms]``, only with ``protocol = "dlms"`` (absent: every default)."""
 
 
 class CanConfig(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):

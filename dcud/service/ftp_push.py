@@ -8,7 +8,8 @@ File set
     ``.iec``  only when the set holds IEC 62056-21 readings: their raw readouts, concatenated in outbox
               order, each exactly as received: the identification line (``/XXXZ...`` CR LF) and the data
               message (STX .. ``!`` CR LF ETX BCC). Never altered, so the BCC stays valid.
-    ``.csv``  every reading of the set (IEC and M-Bus), decoded: one row per value (see :data:`COLUMNS`).
+    ``.csv``  every reading of the set (IEC, M-Bus and DLMS/COSEM, whose load-profile rows are readings
+              with their capture time as ``ts``), decoded: one row per value (see :data:`COLUMNS`).
 
     Names strictly increase (the stamp is the attempt's time, or the previous stamp plus one second when
     that is not later), so a head-end that sorts by name processes the sets in order.
@@ -21,8 +22,8 @@ Never half a file
     delivery is at-least-once, and the head-end dedupes on the ``uid`` column.
 Table mask
     ``datapush_table_mask`` selects the tariff tables whose registers go into the CSV: bit 1 = T1 (tariff
-    1), bit 16 = T2 (tariff 2), bit 32 = T3 (tariff 3 and higher). The tariff of an IEC value is the E
-    field of its OBIS code for energy and demand registers (C.D.E with D = 2, 6, 8 or 9: ``1.8.2`` is
+    1), bit 16 = T2 (tariff 2), bit 32 = T3 (tariff 3 and higher). The tariff of an IEC or DLMS value is the
+    E field of its OBIS code for energy and demand registers (C.D.E with D = 2, 6, 8 or 9: ``1.8.2`` is
     tariff 2; ``1.8.0`` is the total); an M-Bus value carries its own ``tariff``. Rows without a tariff
     (totals, instantaneous values, identification, status) are always included. The raw readout is
     never filtered. A reading none of whose rows pass the mask still has one row (empty ``id``), so
@@ -120,6 +121,13 @@ def _value_tariff(value: Mapping[str, Any], protocol: str) -> int | None:
         return tariff
     if protocol == "iec62056-21":
         return obis_tariff(str(value.get("id", "")))
+    if protocol == "dlms":  # the full code A.B.C.D.E.F: the same rule on its C.D.E
+        parts = str(value.get("id", "")).split(".")
+        return (
+            obis_tariff(f"{parts[0]}-{parts[1]}:{'.'.join(parts[2:5])}*{parts[5]}")
+            if len(parts) == 6
+            else None
+        )
     return None
 
 

@@ -45,6 +45,10 @@ class MeterReading:
     finished_s: float = 0.0
     """Wall-clock time it ended; the reading's ``ts``."""
     retries: int = 0
+    publish: bool = True
+    """False: nothing to publish as a reading (a DLMS meter read only for its profile and events)."""
+    state: dict[str, Any] = field(default_factory=dict)
+    """Protocol state for the meter's state document (merged into it: DLMS clock, cursors)."""
 
 
 def mbus_address(address: str) -> tuple[int | None, str | None]:

@@ -115,6 +115,7 @@ _JOURNAL_SIZE_LIMIT_BYTES: Final = 8 * 1024 * 1024
 _BUSY_TIMEOUT_S: Final = 2.0
 _IN_CHUNK: Final = 500
 
+_MARK_PREFIX: Final = "mark:"  # producer marks live in the meta table under this prefix
 _SQLITE_BUSY: Final = 5
 _SQLITE_LOCKED: Final = 6
 _SQLITE_CORRUPT: Final = 11
@@ -262,6 +263,7 @@ class _Req:
 @dataclass(slots=True)
 class _Put(_Req):
     rows: list[tuple[str, str, bytes, int]]  # kind, subtopic, payload, size_bytes
+    marks: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -480,6 +482,10 @@ class Outbox:
         self._is_over = False
         self._loop_gone = False
         self._writer_broken: OutboxError | None = None
+        # Producer marks (put_many's ``marks``): committed ones, readable from the loop (plain dict
+        # reads and one-key writes are atomic under the GIL), and those of the open transaction.
+        self._marks: dict[str, str] = {}
+        self._pending_marks: dict[str, str] = {}
 
     # ---------------------------------------------------------------------------- event-loop side
 
@@ -551,8 +557,16 @@ class Outbox:
         items = await self.put_many(((kind, subtopic, payload),))
         return items[0]
 
-    async def put_many(self, items: Sequence[tuple[str, str, bytes]]) -> list[OutboxItem]:
-        """Store several items in one transaction with consecutive seqs; all or none are stored."""
+    async def put_many(
+        self, items: Sequence[tuple[str, str, bytes]], *, marks: Mapping[str, str] | None = None
+    ) -> list[OutboxItem]:
+        """Store several items in one transaction with consecutive seqs; all or none are stored.
+
+        ``marks`` (key -> text) are stored in the same transaction and read back with :meth:`mark`: a
+        producer records how far it got (the DLMS load-profile cursor) atomically with the items, so a
+        crash can neither lose those items nor make the producer send them again.
+        """
+        marked = tuple((str(key), str(value)) for key, value in (marks or {}).items())
         rows: list[tuple[str, str, bytes, int]] = []
         for kind, subtopic, payload in items:
             if not isinstance(kind, str) or not kind:
@@ -571,8 +585,12 @@ class Outbox:
         except OutboxError:
             self._credit.release(len(rows))
             raise
-        result: list[OutboxItem] = await self._submit(_Put(None, rows))
+        result: list[OutboxItem] = await self._submit(_Put(None, rows, marked))
         return result
+
+    def mark(self, key: str) -> str | None:
+        """The last committed value of a producer mark (see :meth:`put_many`), or None."""
+        return self._marks.get(key)
 
     async def take(self, consumer: str, limit: int, kinds: frozenset[str] | None = None) -> list[OutboxItem]:
         """Up to ``limit`` committed items for ``consumer`` in seq order; [] when there is nothing.
@@ -789,8 +807,11 @@ class Outbox:
                     conn.execute("COMMIT")
                     self._in_tx = False
                     self._commits += 1
+                self._marks.update(self._pending_marks)
+                self._pending_marks.clear()
             except sqlite3.Error as exc:
                 err = self._map_error(exc)
+                self._pending_marks.clear()
                 self._rollback()
                 self._store = store = saved
                 self._new_items = self._hit_overflow = False
@@ -833,7 +854,15 @@ class Outbox:
     def _apply(self, req: _Req, done: _BatchDone) -> _Result:
         if isinstance(req, _Put):
             try:
-                return (req.fut, self._insert(req.rows), None)
+                items = self._insert(req.rows)
+                if req.marks:
+                    assert self._conn is not None
+                    self._conn.executemany(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                        [(_MARK_PREFIX + key, value) for key, value in req.marks],
+                    )
+                    self._pending_marks.update(req.marks)
+                return (req.fut, items, None)
             except OutboxFull as exc:
                 return (req.fut, None, exc)
         if isinstance(req, _Ack):
@@ -1216,6 +1245,11 @@ class Outbox:
         last = max(row[0] if row else 0, max_item or 0, *cursors.values(), 0)
         count, size = conn.execute("SELECT count(*), coalesce(sum(size_bytes), 0) FROM items").fetchone()
         self._uid_prefix = f"{self.device_id}-{meta['epoch']}-"
+        self._marks = {
+            str(key)[len(_MARK_PREFIX) :]: str(value)
+            for key, value in meta.items()
+            if str(key).startswith(_MARK_PREFIX)
+        }
         self._store = store = _Store(
             next_seq=last + 1,
             head_seq=last + 1,

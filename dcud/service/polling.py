@@ -28,7 +28,7 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
@@ -57,6 +57,7 @@ from dcud.service.session_runner import run_session
 if TYPE_CHECKING:
     from dcud.config.loader import LoadedConfig
     from dcud.runtime.events import EventSink
+    from dcud.service.dlms_meter import DlmsReadouts
     from dcud.service.outbox import Outbox
 
 FALLBACK_INTERVAL_S = 900
@@ -106,6 +107,9 @@ class PollingConfig:
     lease_timeout_s: float = 10.0
     silent_after_cycles: int = 1
     """Failed cycles (each with all retries) before a meter is ``failing`` and meter_silent is raised."""
+    config_dir: str = ""
+    """Where dcud.toml is (DLMS key files are relative to it)."""
+    device_id: str = ""
 
     def interval_for(self, meter: MeterConfig) -> int:
         """The meter's interval in seconds."""
@@ -145,6 +149,8 @@ class MeterHealth:
     lost: int = 0
     """Readings the outbox refused (full under the reject_new policy)."""
     last_values: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Protocol state merged into the document (DLMS: clock drift, profile cursor)."""
 
     def quality(self, now_s: float) -> str:
         """ok, stale or failing."""
@@ -181,6 +187,7 @@ class MeterHealth:
                 "missed": self.missed,
                 "lost": self.lost,
             },
+            **self.extra,
         }
 
 
@@ -257,6 +264,21 @@ class PollingService:
         self._commits: asyncio.Queue[tuple[MeterHealth, str, bytes]] = asyncio.Queue(COMMIT_QUEUE_ITEMS)
         self._workers: list[asyncio.Task[None]] = []
         self.commit_waits = 0
+        self._dlms: DlmsReadouts | None = None
+        if any(meter.protocol == "dlms" for meter in config.meters):
+            from dcud.service.dlms_meter import DlmsReadouts
+
+            self._dlms = DlmsReadouts(
+                config.meters,
+                config.lines,
+                registry=lines,
+                outbox=outbox,  # type: ignore[arg-type]  # the real Outbox has put_many with marks
+                state_dir=Path(config.state_dir) / "dlms" if config.state_dir else None,
+                base_dir=Path(config.config_dir or "."),
+                device_id=config.device_id,
+                next_seq=self._seq.next,
+                dcu_synced=self._clock_synced,
+            )
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -271,7 +293,7 @@ class PollingService:
             interval = self.config.interval_for(meter)
             health = MeterHealth(meter, interval, order, next_due_s=first_slot_s(now, interval))
             self.meters[meter.name] = health
-            by_line.setdefault(meter.line, []).append(health)
+            by_line.setdefault(meter.line or f"tcp:{meter.name}", []).append(health)  # TCP: no line
             self._publish(health)
         if self._commands is not None:
             self._commands.register("read", ReadRequest, self._cmd_read)
@@ -379,6 +401,8 @@ class PollingService:
         meter = health.config
         self._catch_up(health)
         slot = health.next_due_s
+        if self._dlms is not None and meter.protocol == "dlms":
+            return await self._poll_dlms(ctx, health, slot)
         line_cfg = self.config.line(line_name)
         line = self._lines.get(line_name)
         if line is None or line_cfg is None:
@@ -420,24 +444,58 @@ class PollingService:
         await self._failure(health, last_exc)
         return "failed"
 
+    async def _poll_dlms(self, ctx: ServiceContext, health: MeterHealth, slot: float) -> str:
+        """A DLMS readout (dcud.service.dlms_meter): its own lease (HDLC) or TCP connection."""
+        assert self._dlms is not None
+        meter = health.config
+        health.last_attempt_s = time.time()
+        try:
+            reading = await self._dlms.read(
+                meter,
+                "poll",
+                f"poll:{meter.name}",
+                lease_timeout_s=self.config.lease_timeout_s,
+                trigger="schedule",
+            )
+        except LeaseTimeout as exc:
+            status = "line_down" if exc.holder is None else ("deferred" if exc.deferred else "busy")
+            self._hold(health, status)
+            return status
+        except (TransportError, LineClosedError) as exc:
+            health.last_error = _error_doc(exc)
+            self._hold(health, "line_down")
+            await ctx.sleep(1.0)
+            return "line_down"
+        except _METER_ERRORS as exc:
+            health.reads += 1
+            self._advance(health, slot)
+            await self._failure(health, exc)
+            return "failed"
+        health.reads += 1
+        self._advance(health, slot)
+        await self._success(health, reading, slot, "schedule")
+        return "ok"
+
     async def _success(
         self, health: MeterHealth, reading: MeterReading, slot: float | None, trigger: str
     ) -> dict[str, Any]:
         meter = health.config
         payload = reading_payload(
             reading,
-            seq=self._seq.next(meter.name),
+            seq=self._seq.next(meter.name) if reading.publish else 0,
             line=meter.line,
             address=meter.address,
             trigger=trigger,
             slot_s=slot,
             clock_synced=self._clock_synced(),
         )
-        if self._commits.full():
-            self.commit_waits += 1
-        await self._commits.put(
-            (health, f"meter/{meter.name}/reading", json.dumps(payload, separators=(",", ":")).encode())
-        )
+        if reading.publish:
+            if self._commits.full():
+                self.commit_waits += 1
+            await self._commits.put(
+                (health, f"meter/{meter.name}/reading", json.dumps(payload, separators=(",", ":")).encode())
+            )
+        health.extra.update(reading.state)
         health.ok += 1
         health.retries += reading.retries
         health.last_success_s = reading.finished_s
@@ -474,6 +532,17 @@ class PollingService:
         if health is None:
             raise CommandError(f'no enabled meter named "{name}"')
         meter = health.config
+        if self._dlms is not None and meter.protocol == "dlms":
+            try:
+                reading = await self._dlms.read(
+                    meter, "cli", owner, lease_timeout_s=self.config.lease_timeout_s, trigger="command"
+                )
+            except _METER_ERRORS as exc:
+                health.last_error = _error_doc(exc)
+                self._publish(health)
+                raise
+            health.reads += 1
+            return await self._success(health, reading, None, "command")
         line_cfg = self.config.line(meter.line)
         line = self._lines.get(meter.line)
         if line is None or line_cfg is None:
@@ -598,6 +667,8 @@ def build_polling_services(
         default_interval_s=periodic,
         iec_max_baud=iec_baud,
         state_dir=str(config.state_dir),
+        config_dir=str(config.path.parent),
+        device_id=config.device_id,
     )
     return [PollingService(slice_, lines, bus, outbox, commands=commands, event=event)]
 

@@ -1,8 +1,10 @@
-"""The meters of ``dcud demo``: two simulated lines (M-Bus and IEC 62056-21 on RS485) and their config.
+"""The meters of ``dcud demo``: three simulated lines (M-Bus, IEC 62056-21 on RS485, and DLMS/COSEM over
+HDLC) and their config.
 
-:func:`start_simulators` runs ``python -m dcud sim meters`` as a separate process (as on a real site the
-meters are separate devices) with symlinked ptys in the demo's working directory;
-:func:`site_toml` is the matching ``[[line]]``/``[[meter]]`` part of the demo's ``dcud.toml``.
+:func:`start_simulators` runs ``python -m dcud sim meters`` and :func:`start_dlms_simulator` runs
+``python -m dcud sim dlms``, each as a separate process (as on a real site the meters are separate
+devices) with symlinked ptys in the demo's working directory; :func:`site_toml` is the matching
+``[[line]]``/``[[meter]]`` part of the demo's ``dcud.toml``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,20 @@ rate_per_h = 0.4
 fast_reaction = true
 """
 
+DLMS_SIMS_TOML = """\
+# Written by `dcud demo`: the simulated DLMS/COSEM meter (`dcud sim dlms --config dlms-sims.toml`).
+# Direct HDLC at 9600 Bd 8N1 (a mode E line on a pty would have to be configured as an IEC line).
+[[line]]
+name = "dlms"
+link = "dlms.tty"
+baud = 9600
+
+[[meter]]
+name = "em-1"
+line = "dlms"
+physical_address = 17
+"""
+
 SITE_TOML = """
 [[line]]
 name = "mbus-1"
@@ -105,6 +121,25 @@ line = "rs485-1"
 protocol = "iec62056-21"
 address = "87654321"
 interval_s = 30
+
+[[line]]
+name = "dlms-1"
+device = "{workdir}/dlms.tty"
+kind = "rs485"
+baud = 9600
+framing = "8N1"
+
+[[meter]]
+name = "em-1"
+line = "dlms-1"
+protocol = "dlms"
+address = "17"
+interval_s = 15
+[meter.dlms]
+objects = ["1.0.1.8.0.255", "1.0.2.8.0.255", "1.0.32.7.0.255", "1.0.1.7.0.255"]
+profile = "1.0.99.1.0.255"
+profile_backfill_s = 3600
+event_logs = ["0.0.99.98.0.255"]
 """
 
 
@@ -130,6 +165,27 @@ def start_simulators(workdir: Path, timeout_s: float = 10.0) -> subprocess.Popen
             proc.kill()
             proc.wait()
             raise RuntimeError(f"meter simulators did not start; see {workdir / 'sims.log'}")
+        time.sleep(0.05)
+    return proc
+
+
+def start_dlms_simulator(workdir: Path, timeout_s: float = 10.0) -> subprocess.Popen[bytes]:
+    """Start ``dcud sim dlms`` (one meter on HDLC); returns once its pty exists (RuntimeError otherwise)."""
+    (workdir / "dlms-sims.toml").write_text(DLMS_SIMS_TOML)
+    log = (workdir / "dlms-sims.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcud", "sim", "dlms", "--config", str(workdir / "dlms-sims.toml")],
+        stdout=log,
+        stderr=log,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log.close()
+    deadline = time.monotonic() + timeout_s
+    while not (workdir / "dlms.tty").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"DLMS simulator did not start; see {workdir / 'dlms-sims.log'}")
         time.sleep(0.05)
     return proc
 
@@ -175,4 +231,11 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-__all__ = ["render_reading", "render_state", "site_toml", "start_simulators", "stop_process"]
+__all__ = [
+    "render_reading",
+    "render_state",
+    "site_toml",
+    "start_dlms_simulator",
+    "start_simulators",
+    "stop_process",
+]

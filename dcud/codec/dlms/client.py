@@ -85,6 +85,7 @@ from dcud.codec.dlms.cosem import ASSOCIATION_LN_OBIS, ASSOCIATION_REPLY_TO_HLS,
 from dcud.codec.dlms.obis import AttributeRef
 from dcud.codec.dlms.security import (
     HEADER_BYTES,
+    INVOCATION_COUNTER_MAX,
     TAG_BYTES,
     AuthenticationFailed,
     DecipheringError,
@@ -133,6 +134,8 @@ class DlmsClientConfig:
     ``system_title`` is the client's (8 bytes), needed for HLS-GMAC and any security policy;
     ``invocation_counter`` the next counter value to use (kept durably by the service);
     ``server_invocation_counter`` the last counter accepted from this meter (None: accept any at first).
+    ``invocation_counter_limit`` is the last counter value the session may use (None: 2^32 - 1): the end
+    of the range the service reserved durably; a session that needs more fails with LocalProtocolError.
     ``challenge`` fixes the HLS client challenge (tests); None draws 32 random bytes. ``password`` and the
     keys never appear in ``repr()``.
     """
@@ -143,6 +146,7 @@ class DlmsClientConfig:
     keys: Keys | None = None
     system_title: bytes | None = None
     invocation_counter: int = 0
+    invocation_counter_limit: int | None = None
     server_invocation_counter: int | None = None
     challenge: bytes | None = field(default=None, repr=False)
     conformance: Conformance = CLIENT_CONFORMANCE
@@ -180,6 +184,10 @@ class DlmsClientConfig:
             raise LocalProtocolError("block, byte and list bounds must be positive")
         if not 12 <= self.max_receive_pdu_bytes <= 0xFFFF:
             raise LocalProtocolError("max_receive_pdu_bytes must be 12..65535")
+        if self.invocation_counter_limit is not None and not (
+            0 <= self.invocation_counter_limit <= INVOCATION_COUNTER_MAX
+        ):
+            raise LocalProtocolError("invocation_counter_limit must be 0..2^32-1")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,6 +219,11 @@ class ActionRequest:
 
 
 Request = GetRequest | SetRequest | ActionRequest
+
+Planner = Callable[[Sequence["Outcome"]], Sequence[Request]]
+"""Called when the queued requests are done, with every outcome so far; returns the next requests
+(empty: release). A readout whose later requests depend on earlier answers (the object list, then the
+registers it names, then a profile range from the meter's clock) runs in one association this way."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,11 +292,17 @@ class DlmsClient:
         transport: ApduTransport,
         config: DlmsClientConfig,
         requests: Sequence[Request] = (),
+        *,
+        planner: Planner | None = None,
     ) -> None:
         self.transport = transport
         self.config = config
         self.requests: list[Request] = list(requests)
-        self._counter = InvocationCounter(config.invocation_counter)
+        self._planner = planner
+        limit = config.invocation_counter_limit
+        self._counter = InvocationCounter(
+            config.invocation_counter, limit=INVOCATION_COUNTER_MAX if limit is None else limit
+        )
         self._server_counter = config.server_invocation_counter
         self._challenge = (
             config.challenge if config.challenge is not None else secrets.token_bytes(CHALLENGE_BYTES)
@@ -359,6 +378,20 @@ class DlmsClient:
 
     def _done(self) -> bool:
         return self._state is _State.DONE
+
+    def abort(self, now: float, error: DcudError | None = None) -> list[object]:
+        """End the session early (its task is being cancelled): close the link at once. A request is
+        always in flight then, so no RLRQ can go out; closing the link ends the association (HDLC: DISC,
+        which the meter answers with UA and drops the association; the wrapper: the driver closes the
+        connection). Returns the line actions; the session ends with ``Failed`` (``error``, or a
+        LocalProtocolError) once the link is down or its close timed out. Nothing happens once the
+        session is closing or done; during the release the close starts at once."""
+        self._now = now
+        if self._state in (_State.IDLE, _State.DONE, _State.CLOSING):
+            return []
+        if self._error is None:
+            self._error = error or LocalProtocolError("the readout was cancelled")
+        return self._run(self._start_close())
 
     def next_deadline(self) -> float | None:
         """The earlier of the transport's deadline and the session's own."""
@@ -733,6 +766,8 @@ class DlmsClient:
     def _next_request(self) -> list[object]:
         self._state = _State.REQUESTING
         self._exchange = None
+        if not self._pending and self._planner is not None:
+            self._pending.extend(self._plan(self._planner))
         if not self._pending:
             return self._start_release()
         first = self._pending.popleft()
@@ -756,6 +791,15 @@ class DlmsClient:
         self._exchange = _Exchange([first])
         action = ActionRequestNormal(first.method, first.parameters, self._next_invoke_id())
         return self._send(action.encode(), self._on_action_response)
+
+    def _plan(self, planner: Planner) -> list[Request]:
+        """The planner's next requests; its failure fails the session (which then releases)."""
+        try:
+            return list(planner(tuple(self._outcomes)))
+        except DcudError:
+            raise
+        except Exception as exc:  # a planner bug must still leave the association released
+            raise LocalProtocolError(f"the request planner failed: {exc!r}") from exc
 
     def _can_list(self) -> bool:
         return self.config.use_with_list and bool(self.conformance & Conformance.MULTIPLE_REFERENCES)
@@ -918,6 +962,7 @@ __all__ = [
     "DlmsSessionResult",
     "GetRequest",
     "Outcome",
+    "Planner",
     "Request",
     "SetRequest",
 ]

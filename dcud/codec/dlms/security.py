@@ -112,19 +112,27 @@ class InvocationCounter:
     """The sending side's invocation counter: ``next_value`` is the next one to use, ``last_used`` the last.
 
     Values only go up; taking one beyond 2^32 - 1 raises LocalProtocolError (the keys must be changed).
+    ``limit`` (at most 2^32 - 1) is the last value this holder may take: the service passes the end of
+    the range it reserved durably, so that a value past the reservation is never used (and so never
+    reused after a crash).
     """
 
     next_value: int
     last_used: int | None = None
+    limit: int = INVOCATION_COUNTER_MAX
 
     def __post_init__(self) -> None:
         if not 0 <= self.next_value <= INVOCATION_COUNTER_MAX + 1:
             raise LocalProtocolError(f"invocation counter {self.next_value} out of range")
+        if not 0 <= self.limit <= INVOCATION_COUNTER_MAX:
+            raise LocalProtocolError(f"invocation counter limit {self.limit} out of range")
 
     def take(self) -> int:
         """The next value, marked as used."""
         if self.next_value > INVOCATION_COUNTER_MAX:
             raise LocalProtocolError("invocation counter exhausted: new keys are needed")
+        if self.next_value > self.limit:
+            raise LocalProtocolError(f"invocation counter reservation exhausted at {self.limit}")
         value = self.next_value
         self.last_used = value
         self.next_value = value + 1
