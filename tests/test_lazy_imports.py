@@ -54,7 +54,7 @@ OUTPUTS = {"dcud.service.outputs"}
 BRIDGE = {"dcud.service.bridge", "dcud.service.ei_client", "dcud.codec.iec_sniffer"}
 CRYPTO = {"cryptography"}
 """Envelopes, TLS certificate banks, SNMPv3 (through pysnmp), DLMS ciphering."""
-DLMS = {"dcud.codec.dlms"}
+DLMS = {"dcud.codec.dlms", "dcud.service.dlms_meter", "dcud.service.dlms_state"}
 NEVER = {"dcud.sim", "dcud.demo", "dcud.cli_meters", "dcud.cli_decode_dlms", "pymodbus", "canopen"}
 """Simulators, CLI tools and libraries only the simulators use: never in the daemon."""
 
@@ -165,6 +165,15 @@ FEATURE_CASES: dict[str, Callable[[list[PtyPeer]], Feature]] = {
             + '\n[[meter]]\nname = "flat-1"\nline = "rs485-1"\nprotocol = "iec62056-21"\naddress = "1"\n'
         ),
         imports=SERIAL | METERS,
+    ),
+    "dlms_meter": lambda p: Feature(
+        toml=lambda _t: (
+            line_toml(p[0].path)
+            + '\n[[meter]]\nname = "em-1"\nline = "rs485-1"\nprotocol = "dlms"\naddress = "17"\n'
+            '[meter.dlms]\nobjects = ["1.0.1.8.0.255"]\n'
+        ),
+        imports={"dcud.codec.dlms", "dcud.service.dlms_meter"} | SERIAL,  # no security: no cryptography
+        also=METERS | DLMS,
     ),
     "can_drives": lambda _p: Feature(
         toml=lambda t: (
