@@ -4,6 +4,12 @@
 configuration and the shared runtime objects and returns the services it needs (each given only its
 own slice of the configuration). Reload calls the same builders and lets the supervisor restart only
 the services whose slice changed.
+
+Each builder imports its feature's modules only when the configuration asks for the feature, so a DCU
+carries in memory what it uses and nothing else (docs/benchmarks.md, "Footprint per feature"; checked by
+tests/test_lazy_imports.py): MQTT (aiomqtt, paho), the SNMP trap sender and agent (pysnmp), the config
+port (h11), inputs, relay and LEDs, serial lines and their codecs, drives (python-can), the pushes
+(aioftp), TLS and envelopes (cryptography) stay out of a daemon that does not configure them.
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ from dcud.runtime.supervisor import Service, Supervisor, SupervisorOptions, Work
 from dcud.service.commands import CommandContext, CommandLimits, CommandRouter, Request
 from dcud.service.device_commands import register_device_commands
 from dcud.service.line import LineRegistry, build_line_services
-from dcud.service.mqtt import MqttService, MqttServiceConfig, status_document
 from dcud.service.outbox import Outbox, OutboxCorrupt, OutboxLimits, OverflowPolicy, OverflowReport
 from dcud.service.remote_config import Reloader, register_param_commands
+from dcud.service.status import status_document
 
 log = structlog.get_logger("dcud.app")
 
@@ -48,7 +54,8 @@ class Shared:
     outbox: Outbox
     commands: CommandRouter
     lines: LineRegistry = field(default_factory=LineRegistry)
-    """Every serial line by name; services take leases on them (design.md rule 4)."""
+    """Every serial line by name; services take leases on them (design.md rule 4). The registry is light:
+    a port (pyserial) is opened, and imported, only by a configured line's service."""
     remote_config: Reloader | None = None
     """The one path for configuration changes: SIGHUP, config port, MQTT param/set (set by run_daemon)."""
 
@@ -120,6 +127,8 @@ def _mqtt_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
     )
     if config.toml.mqtt is None:
         return []
+    from dcud.service.mqtt import MqttService, MqttServiceConfig
+
     slice_ = MqttServiceConfig.build(
         config.toml.mqtt,
         config.device_id,
@@ -157,47 +166,68 @@ def _polling_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]
 def _alarm_and_time_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
     """Power monitor, SNMP traps, NTP and the connectivity watchdog / daily restart (issue 6)."""
     from dcud.service.ntp import NtpService, NtpServiceConfig
-    from dcud.service.power import PowerService, PowerServiceConfig
-    from dcud.service.snmp import SnmpServiceConfig, SnmpTrapService
-    from dcud.service.snmp_agent import AgentServiceConfig, SnmpAgentService
-    from dcud.service.watchdog import WatchdogService, WatchdogServiceConfig
 
     runtime = shared.runtime
+    params = config.params
     services: list[Service] = []
-    snmp = SnmpServiceConfig.from_config(config)
-    if snmp is not None:  # first, so that its event hook is in place before power events at start
-        services.append(SnmpTrapService(snmp, runtime.bus, runtime.add_event_listener))
-    agent = AgentServiceConfig.from_config(config)
-    if agent is not None:  # read-only SNMP agent: the same state documents as MQTT, read per request
-        services.append(SnmpAgentService(agent, runtime.bus, shared.status))
-    power = PowerServiceConfig.from_config(config)
-    if power is not None:
-        services.append(PowerService(power, runtime.bus, runtime.event, clock=runtime.clock))
+    # SNMP (and pysnmp, the largest library dcud uses) only where traps or the agent are configured.
+    if params.get_bool("snmp_trap") and params.get_opt_str("snmp_manager_ip"):
+        from dcud.service.snmp import SnmpServiceConfig, SnmpTrapService
+
+        snmp = SnmpServiceConfig.from_config(config)  # None (and a warning) without snmp_user
+        if snmp is not None:  # first, so that its event hook is in place before power events at start
+            services.append(SnmpTrapService(snmp, runtime.bus, runtime.add_event_listener))
+    if config.toml.snmp.agent_listen:
+        from dcud.service.snmp_agent import AgentServiceConfig, SnmpAgentService
+
+        agent = AgentServiceConfig.from_config(config)
+        if agent is not None:  # read-only SNMP agent: the same state documents as MQTT, read per request
+            services.append(SnmpAgentService(agent, runtime.bus, shared.status))
+    if config.toml.power.source != "none":
+        from dcud.service.power import PowerService, PowerServiceConfig
+
+        power = PowerServiceConfig.from_config(config)
+        if power is not None:
+            services.append(PowerService(power, runtime.bus, runtime.event, clock=runtime.clock))
     services.append(NtpService(NtpServiceConfig.from_config(config), runtime.bus, runtime.event))
-    watchdog = WatchdogServiceConfig.from_config(config)
-    if watchdog is not None:
-        services.append(
-            WatchdogService(
-                watchdog,
-                runtime.bus,
-                runtime.event,
-                runtime.request_restart,
-                runtime.reconnect,
-                clock=runtime.clock,
+    if params.get_opt_str("com_ping_host") is not None or params.get("snrp_restart_time") is not None:
+        from dcud.service.watchdog import WatchdogService, WatchdogServiceConfig
+
+        watchdog = WatchdogServiceConfig.from_config(config)
+        if watchdog is not None:
+            services.append(
+                WatchdogService(
+                    watchdog,
+                    runtime.bus,
+                    runtime.event,
+                    runtime.request_restart,
+                    runtime.reconnect,
+                    clock=runtime.clock,
+                )
             )
-        )
     return services
 
 
 def _io_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
-    """Digital inputs (one service per [[input]]), the relay and the LEDs (issue 16)."""
-    from dcud.service.inputs import build_input_services
-    from dcud.service.outputs import OutputsConfig, OutputsService
+    """Digital inputs (one service per [[input]]), the relay and the LEDs (issue 16).
 
-    return [
-        *build_input_services(config, shared.bus, shared.event),
-        OutputsService(OutputsConfig.from_config(config), shared.bus),
-    ]
+    Each only where dcud.toml describes the hardware: ``[[input]]``; ``[leds]`` or a ``[relay]`` source
+    for the ``outputs`` service. A reload that removes them clears their retained states.
+    """
+    bus = shared.bus
+    services: list[Service] = []
+    if config.toml.input or any(subtopic.startswith("input/") for subtopic in bus.states):
+        from dcud.service.inputs import build_input_services
+
+        services.extend(build_input_services(config, bus, shared.event))  # clears removed inputs too
+    if config.toml.leds is not None or config.toml.relay.source != "none":
+        from dcud.service.outputs import OutputsConfig, OutputsService
+
+        services.append(OutputsService(OutputsConfig.from_config(config), bus))
+    else:
+        bus.clear_state("relay")
+        bus.clear_state("leds")
+    return services
 
 
 def _push_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
@@ -216,7 +246,9 @@ def _push_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
 
 
 def _config_port_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
-    """The config/firmware port (issue 8, dcud.service.config_port)."""
+    """The config/firmware port (issue 8, dcud.service.config_port): on by default (``[config_port]``)."""
+    if not config.toml.config_port.enabled or shared.remote_config is None:
+        return []
     from dcud.service.config_port import build_config_port_services
 
     return build_config_port_services(config, shared.remote_config, shared.bus, shared.event)

@@ -225,7 +225,7 @@ def test_input_tables_load_with_defaults(tmp_path: Path) -> None:
         0.05,
     )
     assert (tamper.chip, tamper.gpio_line, tamper.active_low) == ("/dev/gpiochip0", 5, True)
-    assert config.toml.leds.root == "/sys/class/leds"
+    assert config.toml.leds is None  # no [leds]: the DCU's LEDs are not WM-E LEDs, no outputs service
     assert config.toml.relay.source == "none"
 
 
@@ -437,8 +437,19 @@ def test_one_service_per_input_and_removed_inputs_lose_their_state(tmp_path: Pat
     runtime.bus.set_state("input/door", {"state": "active"})
     names = [s.name for s in build_services(config, runtime)]
     assert [n for n in names if n.startswith("input.")] == ["input.door", "input.tamper"]
-    assert "outputs" in names
+    assert "outputs" not in names  # neither [leds] nor a [relay]: nothing to drive (issue 17)
     assert set(runtime.bus.states) == {"input/door"}  # a reload that removed "gone" forgets its state
+
+    # [leds] (even empty: the default names) or a [relay] source: the outputs service runs.
+    for i, table in enumerate(("[leds]\n", '[relay]\nsource = "file"\npath = "/r"\n')):
+        with_outputs = load_config(write_config(tmp_path / f"outputs-{i}", table))
+        assert "outputs" in [s.name for s in build_services(with_outputs, runtime)]
+    # A reload to a site with neither inputs nor outputs forgets their states.
+    runtime.bus.set_state("relay", {"present": False})
+    runtime.bus.set_state("leds", {"leds": {}})
+    bare = load_config(write_config(tmp_path / "bare", ""))
+    assert [s.name for s in build_services(bare, runtime) if s.name.startswith(("input.", "outputs"))] == []
+    assert not {"input/door", "relay", "leds"} & set(runtime.bus.states)
 
 
 # -- relay and LEDs against a temporary sysfs tree -------------------------------------------------

@@ -531,7 +531,9 @@ class DcudToml(_Base, frozen=True, forbid_unknown_fields=True, kw_only=True):
     drive: list[DriveConfig] = msgspec.field(default_factory=list)
     power: PowerConfig = msgspec.field(default_factory=PowerConfig)
     input: list[InputConfig] = msgspec.field(default_factory=list)
-    leds: LedsConfig = msgspec.field(default_factory=LedsConfig)
+    leds: LedsConfig | None = None
+    """Absent: this DCU's LEDs are not WM-E LEDs (``led1``..``led6`` have no effect); an empty ``[leds]``
+    takes the default names. The ``outputs`` service runs only with ``[leds]`` or a ``[relay]`` source."""
     relay: RelayConfig = msgspec.field(default_factory=RelayConfig)
     snmp: SnmpConfig = msgspec.field(default_factory=SnmpConfig)
     ntp: NtpConfig = msgspec.field(default_factory=NtpConfig)

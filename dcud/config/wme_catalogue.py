@@ -46,8 +46,8 @@ class Entry:
 LED_NOTE = (
     "The seed has no list of LED meanings; the codes are dcud's: 0 off, 1 on, 2 uplink reachable, "
     "3 clock synchronised, 4 every meter ok, 5 alarm (power lost or an input active); other codes leave "
-    "the LED to its kernel trigger. Applied to the Linux LED that [leds] names under its root "
-    "(default /sys/class/leds/ledN); reported as not present where there is none (leds state)."
+    "the LED to its kernel trigger. Applied where dcud.toml has a [leds] table, to the Linux LED it names "
+    "under its root (default /sys/class/leds/ledN); reported as not present where there is none (leds state)."
 )
 
 ENTRIES: tuple[Entry, ...] = (

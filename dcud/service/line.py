@@ -43,10 +43,13 @@ from dcud.runtime.events import EventSink
 from dcud.runtime.link import STOPPED, Link, LinkDown, LinkPolicy, run_link, until_stopped
 from dcud.runtime.supervisor import Service, ServiceContext
 from dcud.runtime.timefmt import rfc3339
-from dcud.transport.serial import Framing, PortCounters, Rs485Settings, SerialPort
 
 if TYPE_CHECKING:
     from dcud.config.loader import LoadedConfig
+
+    # pyserial is imported where a line's service opens its port, not with the registry that every
+    # builder is handed: a daemon without [[line]] does not load it (docs/benchmarks.md).
+    from dcud.transport.serial import PortCounters, Rs485Settings, SerialPort
 
 log = structlog.get_logger("dcud.line")
 
@@ -237,6 +240,8 @@ class LeasedPort:
 
     async def set_framing(self, framing: str) -> None:
         """Drain, then switch the character framing (``"7E1"``, ``"8E1"``, ``"8N1"``...)."""
+        from dcud.transport.serial import Framing
+
         port = self._live()
         if str(port.framing) != str(Framing.parse(framing)):
             await port.drain()
@@ -537,6 +542,8 @@ class LineServiceConfig:
         """Kernel RS485 settings for this line, or None when the mode is RS232 / not an RS485 line."""
         if self.line.kind != "rs485" or self.rs485_mode == 0:
             return None
+        from dcud.transport.serial import Rs485Settings
+
         rts_on_send = self.line.rs485_rts_on_send
         if self.dcd_mode in (0, 1):
             rts_on_send = self.dcd_mode == 1
@@ -573,6 +580,8 @@ class LineService:
             await self._event(event_type, text, **fields)
 
     def _port(self) -> SerialPort:
+        from dcud.transport.serial import SerialPort
+
         cfg = self.config
         return SerialPort(
             cfg.line.device,
@@ -631,7 +640,7 @@ class LineService:
             await self._emit("line_up", f"line {line.name} is back", line=line.name)
 
 
-class _DeviceLink(Link[SerialPort]):
+class _DeviceLink(Link["SerialPort"]):
     """The tty as the link kernel drives it: open, watch until it fails, reopen with backoff."""
 
     down_message = "line down"

@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import ssl
-import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -43,7 +42,6 @@ from dcud.config.mqtt_url import MqttUrl, parse_mqtt_url
 from dcud.runtime.bus import EventBus
 from dcud.runtime.link import Link, LinkPolicy, first_error, run_link
 from dcud.runtime.supervisor import ServiceContext
-from dcud.runtime.timefmt import rfc3339
 from dcud.runtime.uplink import UplinkReconnect
 from dcud.service.commands import MAX_REQUEST_BYTES, CommandRouter, CommandStats
 from dcud.service.mqtt_window import QosWindow
@@ -416,33 +414,3 @@ class _BrokerSink:
         prefix = self._prefix
         await self._window.publish((f"{prefix}/{item.subtopic}", item.payload) for item in items)
         return [item.seq for item in items]
-
-
-def status_document(
-    *,
-    device_id: str,
-    version: str,
-    started_monotonic_s: float,
-    outbox: Outbox,
-    bus: EventBus,
-) -> dict[str, Any]:
-    """The ``<p>/status`` payload: identity, uptime, clock, power and outbox health."""
-    stats = outbox.stats()
-    return {
-        "state": "online",
-        "device_id": device_id,
-        "version": version,
-        "ts": rfc3339(time.time()),
-        "uptime_s": round(time.monotonic() - started_monotonic_s, 1),
-        "clock": dict(bus.states.get("clock", {"synced": None})),
-        "power": dict(bus.states.get("power", {"state": "unknown"})),
-        "snmp": dict(bus.states["snmp"]) if "snmp" in bus.states else None,  # engine ID for v3 receivers
-        "outbox": {
-            "depth": stats.depth,
-            "bytes": stats.size_bytes,
-            "max_bytes": stats.max_bytes,
-            "oldest_age_s": round(stats.oldest_age_s, 1),
-            "high_water": stats.high_water,
-            "dropped": dict(stats.dropped),
-        },
-    }

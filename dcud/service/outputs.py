@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from dcud.config.model import LedsConfig
 from dcud.runtime.bus import EventBus, JsonObject
 from dcud.runtime.supervisor import ServiceContext
 from dcud.service.levels import GpioOutput
@@ -107,11 +108,13 @@ class OutputsConfig:
     def from_config(cls, config: LoadedConfig) -> OutputsConfig:
         """The slice."""
         params = config.params
-        names = config.toml.leds.names()
+        table = config.toml.leds
+        # Without [leds] (the service runs for a [relay] alone) no LED is looked for: none is wired.
+        names = table.names() if table is not None else dict.fromkeys(LED_PARAMS, "")
         leds = tuple((p, names[p], params.get_opt_int(p) or 0) for p in LED_PARAMS)
         relay = config.toml.relay
         return cls(
-            leds_root=config.toml.leds.root,
+            leds_root=table.root if table is not None else LedsConfig().root,
             leds=leds,
             relay_source=relay.source,
             relay_path=relay.path,

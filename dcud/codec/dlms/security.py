@@ -12,6 +12,9 @@ HLS mechanism 5 (GMAC) proves both ends: each side answers the other's challenge
 The invocation counter of the sender never repeats under one key: :class:`InvocationCounter` hands out
 values and refuses to wrap; the service keeps the next value durably between sessions. Keys never appear in
 ``repr()`` or error messages.
+
+cryptography is imported by the functions that cipher, not with this module: a meter without security
+(and the client session that imports this module for its types) does not load it (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -19,10 +22,6 @@ from __future__ import annotations
 import enum
 import hmac
 from dataclasses import dataclass, field
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dcud.errors import LocalProtocolError, NegativeResponse, RemoteProtocolError
 
@@ -160,6 +159,8 @@ def protect(
     _check_sc(security_control)
     if not 0 <= invocation_counter <= INVOCATION_COUNTER_MAX:
         raise LocalProtocolError(f"invocation counter {invocation_counter} out of range")
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     iv = _iv(system_title, invocation_counter)
     header = bytes([security_control]) + invocation_counter.to_bytes(4, "big")
     aesgcm = AESGCM(keys.block_cipher_key)
@@ -210,6 +211,8 @@ def unprotect(content: bytes, *, system_title: bytes, keys: Keys) -> Unprotected
             plaintext = _gcm_open(keys.block_cipher_key, iv, sc_ak, payload, tag)
         else:
             # Encryption only: GCM without its tag is AES-CTR starting at counter block J0 + 1.
+            from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
             ctr = Cipher(
                 algorithms.AES(keys.block_cipher_key), modes.CTR(iv + b"\x00\x00\x00\x02")
             ).decryptor()
@@ -221,6 +224,9 @@ def unprotect(content: bytes, *, system_title: bytes, keys: Keys) -> Unprotected
 
 
 def _gcm_open(key: bytes, iv: bytes, aad: bytes, ciphertext: bytes, tag: bytes) -> bytes:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
     decryptor = Cipher(algorithms.AES(key), modes.GCM(iv, tag, min_tag_length=TAG_BYTES)).decryptor()
     decryptor.authenticate_additional_data(aad)
     plaintext = decryptor.update(ciphertext)
@@ -234,6 +240,8 @@ def gmac(
     *, security_control: int, system_title: bytes, invocation_counter: int, keys: Keys, challenge: bytes
 ) -> bytes:
     """The 12-byte GMAC tag over ``SC || AK || challenge`` (HLS mechanism 5)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     aad = bytes([security_control]) + keys.authentication_key + challenge
     return AESGCM(keys.block_cipher_key).encrypt(_iv(system_title, invocation_counter), b"", aad)[:TAG_BYTES]
 
