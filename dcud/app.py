@@ -255,10 +255,10 @@ def _config_port_services(config: LoadedConfig, shared: Shared) -> Sequence[Serv
 
 
 def _drive_services(config: LoadedConfig, shared: Shared) -> Sequence[Service]:
-    """Servo drives: CANopen per [[can]], Modbus RTU through line leases (issue 7, dcud.service.drives)."""
+    """Servo drives: CANopen per [[can]], Modbus RTU through line leases (dcud.service.drive_services)."""
     if not config.toml.drive:
         return []
-    from dcud.service.drives import build_drive_services
+    from dcud.service.drive_services import build_drive_services
 
     return build_drive_services(
         config,

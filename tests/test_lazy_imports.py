@@ -181,7 +181,7 @@ FEATURE_CASES: dict[str, Callable[[list[PtyPeer]], Feature]] = {
             '\n[[drive]]\nname = "axis-1"\nbus = "can0"\nprotocol = "canopen"\nnode_id = 1\n'
         ),
         imports=CAN,
-        also=MODBUS | {"serial"},  # dcud.service.drives builds both kinds; python-can's slcan uses pyserial
+        also={"serial"},  # python-can's slcan interface uses pyserial
     ),
     "modbus_drive": lambda p: Feature(
         toml=lambda _t: (
@@ -190,9 +190,7 @@ FEATURE_CASES: dict[str, Callable[[list[PtyPeer]], Feature]] = {
             "[drive.registers]\nstatus = 0\ncontrol = 1\n"
         ),
         imports=MODBUS | SERIAL,
-        # Known: dcud.service.drives imports python-can (dcud.transport.can) for a Modbus-only site too,
-        # and a line brings the meter poller (line scans, cmd/read).
-        also=CAN | METERS,
+        also=METERS,  # a line brings the meter poller (line scans, cmd/read)
     ),
     "ftp_push": lambda _p: Feature(
         wme=lambda: f"datapush_host=ftp://user:pw@127.0.0.1:{free_port()}/push\ndatapush_periodic=15\n",

@@ -8,8 +8,8 @@ service is also the heartbeat consumer of its nodes: a :class:`~dcud.codec.heart
 clock until the watch's next deadline (no polling), then hands it the time; a loss goes back to its
 drive. It publishes the bus state (``can/<name>``) and carries its drives' events to the outbox.
 
-:func:`build_drive_services` (``SERVICE_BUILDERS``) builds these and the Modbus RTU drive services
-(:mod:`dcud.service.drive_modbus`) and serves the ``drive/<verb>`` commands
+:func:`dcud.service.drive_services.build_drive_services` (``SERVICE_BUILDERS``) builds these and the
+Modbus RTU drive services (:mod:`dcud.service.drive_modbus`) and serves the ``drive/<verb>`` commands
 (:mod:`dcud.service.drive_commands`). What every drive has, whatever its protocol, is
 :class:`~dcud.service.drive_base.DriveBase`.
 """
@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,17 +33,15 @@ from dcud.errors import DcudError
 from dcud.runtime.bus import EventBus
 from dcud.runtime.clock import SYSTEM_CLOCK, Clock
 from dcud.runtime.events import EventSink
-from dcud.runtime.supervisor import Service, ServiceContext
+from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.timefmt import rfc3339_ms
-from dcud.service.commands import CommandRouter
 from dcud.service.drive_base import EVENT_QUEUE_SIZE, DriveEvents, HistorySink
 from dcud.service.drive_canopen import CanopenDrive
-from dcud.service.drive_commands import DriveRegistry, register_drive_commands
+from dcud.service.drive_commands import DriveRegistry
 from dcud.transport.can import CanBusState, CanPort, CanSettings
 
 if TYPE_CHECKING:
-    from dcud.config.loader import LoadedConfig
-    from dcud.service.line import LineRegistry
+    pass
 
 log = structlog.get_logger("dcud.drives")
 
@@ -243,34 +241,3 @@ class CanDriveService:
                 event_type, text, fields = self._events.get_nowait()
                 with contextlib.suppress(DcudError):
                     await self._event(event_type, text, **fields)
-
-
-def build_drive_services(
-    config: LoadedConfig,
-    *,
-    lines: LineRegistry,
-    bus: EventBus,
-    history: HistorySink,
-    commands: CommandRouter,
-    event: EventSink,
-    clock: Clock = SYSTEM_CLOCK,
-) -> Sequence[Service]:
-    """``SERVICE_BUILDERS`` entry: one CanDriveService per CAN bus with drives, one ModbusDriveService
-    per line with drives; registers the ``drive/...`` commands. ``clock`` is the heartbeat watch's."""
-    from dcud.service.drive_modbus import build_modbus_drive_services
-
-    registry = register_drive_commands(commands)
-    services: list[Service] = []
-    drives = config.toml.drive
-    for can in config.toml.can:
-        on_bus = tuple(d for d in drives if d.protocol == "canopen" and d.bus == can.name)
-        if on_bus:
-            services.append(
-                CanDriveService(CanDrivesConfig(can, on_bus), bus, event, history, registry, clock=clock)
-            )
-    services.extend(build_modbus_drive_services(config, registry, lines, bus, event, history))
-    configured = {d.name for d in drives}
-    for name in list(bus.states):
-        if name.startswith("drive/") and name.removeprefix("drive/") not in configured:
-            bus.clear_state(name)
-    return services
