@@ -35,13 +35,12 @@ from typing import Any, TextIO
 from dcud.codec.dlms.apdu import (
     AARE,
     AARQ,
-    ACSE_PROVIDER_DIAGNOSTICS,
-    ACSE_USER_DIAGNOSTICS,
-    ACTION_RESULTS,
     DIAGNOSTIC_SOURCE_USER,
     PLAIN_TAG_OF,
     RLRE,
     RLRQ,
+    TAG_GENERAL_DED_CIPHERING,
+    TAG_GENERAL_GLO_CIPHERING,
     AccessResult,
     AccessSelection,
     ActionRequestNextPblock,
@@ -301,8 +300,9 @@ def _invoke(iip: int) -> dict[str, Any]:
     }
 
 
-def _attribute(ref: AttributeRef) -> dict[str, Any]:
-    return {"attribute": str(ref), "class_id": ref.class_id, "obis": str(ref.obis), "index": ref.index}
+def _attribute(ref: AttributeRef, name: str = "attribute") -> dict[str, Any]:
+    """``ref`` as text under ``name`` (an ACTION's ``method``), and its class, OBIS code and index."""
+    return {name: str(ref), "class_id": ref.class_id, "obis": str(ref.obis), "index": ref.index}
 
 
 def _access(access: AccessSelection | None) -> dict[str, Any] | None:
@@ -344,7 +344,7 @@ def _conformance(value: int) -> dict[str, Any]:
 
 
 def _action_result(result: ActionResult) -> dict[str, Any]:
-    out: dict[str, Any] = {"result": result.result, "text": result_text(result.result, ACTION_RESULTS)}
+    out: dict[str, Any] = {"result": result.result, "text": result.text}
     if result.return_parameters is not None:
         out["return"] = _result_json(result.return_parameters)
     return out
@@ -377,7 +377,7 @@ def direction_of_apdu(data: bytes) -> str | None:
     if not data:
         return None
     tag = PLAIN_TAG_OF.get(data[0], data[0])
-    if tag in (0xDB, 0xDC):
+    if tag in (TAG_GENERAL_GLO_CIPHERING, TAG_GENERAL_DED_CIPHERING):
         return None
     return CLIENT if tag in _REQUEST_TAGS else SERVER
 
@@ -472,16 +472,11 @@ def _aarq_json(apdu: AARQ, stream: _Stream) -> dict[str, Any]:
 def _aare_json(apdu: AARE, stream: _Stream) -> dict[str, Any]:
     if apdu.responding_ap_title is not None and len(apdu.responding_ap_title) == SYSTEM_TITLE_BYTES:
         stream.keys.server_title = stream.keys.server_title or apdu.responding_ap_title
-    table = (
-        ACSE_USER_DIAGNOSTICS
-        if apdu.diagnostic_source == DIAGNOSTIC_SOURCE_USER
-        else ACSE_PROVIDER_DIAGNOSTICS
-    )
     out: dict[str, Any] = {
         "application_context": _name(ApplicationContext, apdu.application_context),
         "result": _name(AssociationResult, apdu.result),
         "diagnostic": apdu.diagnostic,
-        "diagnostic_text": result_text(apdu.diagnostic, table),
+        "diagnostic_text": apdu.diagnostic_text,
         "diagnostic_source": "user" if apdu.diagnostic_source == DIAGNOSTIC_SOURCE_USER else "provider",
         "responding_ap_title": None
         if apdu.responding_ap_title is None
@@ -516,7 +511,7 @@ def _ciphered_json(
         dedicated = apdu.dedicated
         title = stream.title_of(direction or direction_of_apdu(bytes([apdu.plain_tag])))
     else:
-        dedicated = apdu.tag == 0xDC
+        dedicated = apdu.tag == TAG_GENERAL_DED_CIPHERING
         title = apdu.system_title
         out["system_title"] = title.hex().upper()
     out["dedicated"] = dedicated
@@ -617,8 +612,7 @@ def _service_json(apdu: Apdu, stream: _Stream) -> dict[str, Any]:
     elif isinstance(apdu, SetResponseWithList):
         out["results"] = [{"result": r, "text": result_text(r)} for r in apdu.results]
     elif isinstance(apdu, ActionRequestNormal):
-        out["method"] = str(apdu.method)
-        out |= {"class_id": apdu.method.class_id, "obis": str(apdu.method.obis), "index": apdu.method.index}
+        out |= _attribute(apdu.method, "method")
         out["parameters"] = None if apdu.parameters is None else data_json(apdu.parameters)
         hls = apdu.method.obis == ASSOCIATION_LN_OBIS and apdu.method.index == ASSOCIATION_REPLY_TO_HLS
         if hls and isinstance(apdu.parameters, OctetString):
