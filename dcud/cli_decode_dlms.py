@@ -26,7 +26,6 @@ import json
 import math
 import string
 import sys
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +122,7 @@ from dcud.codec.dlms.hdlc import (
 from dcud.codec.dlms.obis import AttributeRef
 from dcud.codec.dlms.security import KEY_BYTES, SYSTEM_TITLE_BYTES, Keys, unprotect, verify_hls_gmac
 from dcud.codec.dlms.wrapper import HEADER_BYTES, WRAPPER_VERSION
+from dcud.config.dlms import DlmsConfigError, read_key_file
 from dcud.errors import DcudError, RemoteProtocolError
 
 FRAMINGS = ("auto", "hdlc", "wrapper", "apdu")
@@ -202,19 +202,14 @@ class KeyMaterial:
         client_system_title: str | None = None,
     ) -> KeyMaterial:
         """From the command line; a key file holds ``block_cipher_key``/``authentication_key`` (hex) as
-        TOML or JSON, like dcud.toml's ``[meter.dlms]``."""
+        TOML or JSON, read as dcud.toml's ``key_file`` is (:func:`dcud.config.dlms.read_key_file`), but
+        either key may be left out."""
         found: dict[str, str] = {}
         if key_file:
             try:
-                text = Path(key_file).read_text()
-            except OSError as exc:
-                raise DecodeError(f"cannot read the key file {key_file}: {exc.strerror}") from None
-            try:
-                parsed: Any = json.loads(text) if text.lstrip().startswith("{") else tomllib.loads(text)
-            except (ValueError, tomllib.TOMLDecodeError):
-                raise DecodeError(f"{key_file}: not TOML or JSON") from None
-            if not isinstance(parsed, dict):
-                raise DecodeError(f"{key_file}: expected a table of keys")
+                parsed = read_key_file(Path(key_file))
+            except DlmsConfigError as exc:
+                raise DecodeError(str(exc)) from None
             unknown = set(parsed) - {"block_cipher_key", "authentication_key"}
             if unknown:
                 raise DecodeError(f"{key_file}: unknown keys {sorted(unknown)}")
