@@ -26,7 +26,6 @@ import json
 import math
 import string
 import sys
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +34,12 @@ from typing import Any, TextIO
 from dcud.codec.dlms.apdu import (
     AARE,
     AARQ,
-    ACSE_PROVIDER_DIAGNOSTICS,
-    ACSE_USER_DIAGNOSTICS,
-    ACTION_RESULTS,
     DIAGNOSTIC_SOURCE_USER,
     PLAIN_TAG_OF,
     RLRE,
     RLRQ,
+    TAG_GENERAL_DED_CIPHERING,
+    TAG_GENERAL_GLO_CIPHERING,
     AccessResult,
     AccessSelection,
     ActionRequestNextPblock,
@@ -124,6 +122,7 @@ from dcud.codec.dlms.hdlc import (
 from dcud.codec.dlms.obis import AttributeRef
 from dcud.codec.dlms.security import KEY_BYTES, SYSTEM_TITLE_BYTES, Keys, unprotect, verify_hls_gmac
 from dcud.codec.dlms.wrapper import HEADER_BYTES, WRAPPER_VERSION
+from dcud.config.dlms import DlmsConfigError, read_key_file
 from dcud.errors import DcudError, RemoteProtocolError
 
 FRAMINGS = ("auto", "hdlc", "wrapper", "apdu")
@@ -203,19 +202,14 @@ class KeyMaterial:
         client_system_title: str | None = None,
     ) -> KeyMaterial:
         """From the command line; a key file holds ``block_cipher_key``/``authentication_key`` (hex) as
-        TOML or JSON, like dcud.toml's ``[meter.dlms]``."""
+        TOML or JSON, read as dcud.toml's ``key_file`` is (:func:`dcud.config.dlms.read_key_file`), but
+        either key may be left out."""
         found: dict[str, str] = {}
         if key_file:
             try:
-                text = Path(key_file).read_text()
-            except OSError as exc:
-                raise DecodeError(f"cannot read the key file {key_file}: {exc.strerror}") from None
-            try:
-                parsed: Any = json.loads(text) if text.lstrip().startswith("{") else tomllib.loads(text)
-            except (ValueError, tomllib.TOMLDecodeError):
-                raise DecodeError(f"{key_file}: not TOML or JSON") from None
-            if not isinstance(parsed, dict):
-                raise DecodeError(f"{key_file}: expected a table of keys")
+                parsed = read_key_file(Path(key_file))
+            except DlmsConfigError as exc:
+                raise DecodeError(str(exc)) from None
             unknown = set(parsed) - {"block_cipher_key", "authentication_key"}
             if unknown:
                 raise DecodeError(f"{key_file}: unknown keys {sorted(unknown)}")
@@ -301,8 +295,9 @@ def _invoke(iip: int) -> dict[str, Any]:
     }
 
 
-def _attribute(ref: AttributeRef) -> dict[str, Any]:
-    return {"attribute": str(ref), "class_id": ref.class_id, "obis": str(ref.obis), "index": ref.index}
+def _attribute(ref: AttributeRef, name: str = "attribute") -> dict[str, Any]:
+    """``ref`` as text under ``name`` (an ACTION's ``method``), and its class, OBIS code and index."""
+    return {name: str(ref), "class_id": ref.class_id, "obis": str(ref.obis), "index": ref.index}
 
 
 def _access(access: AccessSelection | None) -> dict[str, Any] | None:
@@ -344,7 +339,7 @@ def _conformance(value: int) -> dict[str, Any]:
 
 
 def _action_result(result: ActionResult) -> dict[str, Any]:
-    out: dict[str, Any] = {"result": result.result, "text": result_text(result.result, ACTION_RESULTS)}
+    out: dict[str, Any] = {"result": result.result, "text": result.text}
     if result.return_parameters is not None:
         out["return"] = _result_json(result.return_parameters)
     return out
@@ -377,7 +372,7 @@ def direction_of_apdu(data: bytes) -> str | None:
     if not data:
         return None
     tag = PLAIN_TAG_OF.get(data[0], data[0])
-    if tag in (0xDB, 0xDC):
+    if tag in (TAG_GENERAL_GLO_CIPHERING, TAG_GENERAL_DED_CIPHERING):
         return None
     return CLIENT if tag in _REQUEST_TAGS else SERVER
 
@@ -472,16 +467,11 @@ def _aarq_json(apdu: AARQ, stream: _Stream) -> dict[str, Any]:
 def _aare_json(apdu: AARE, stream: _Stream) -> dict[str, Any]:
     if apdu.responding_ap_title is not None and len(apdu.responding_ap_title) == SYSTEM_TITLE_BYTES:
         stream.keys.server_title = stream.keys.server_title or apdu.responding_ap_title
-    table = (
-        ACSE_USER_DIAGNOSTICS
-        if apdu.diagnostic_source == DIAGNOSTIC_SOURCE_USER
-        else ACSE_PROVIDER_DIAGNOSTICS
-    )
     out: dict[str, Any] = {
         "application_context": _name(ApplicationContext, apdu.application_context),
         "result": _name(AssociationResult, apdu.result),
         "diagnostic": apdu.diagnostic,
-        "diagnostic_text": result_text(apdu.diagnostic, table),
+        "diagnostic_text": apdu.diagnostic_text,
         "diagnostic_source": "user" if apdu.diagnostic_source == DIAGNOSTIC_SOURCE_USER else "provider",
         "responding_ap_title": None
         if apdu.responding_ap_title is None
@@ -516,7 +506,7 @@ def _ciphered_json(
         dedicated = apdu.dedicated
         title = stream.title_of(direction or direction_of_apdu(bytes([apdu.plain_tag])))
     else:
-        dedicated = apdu.tag == 0xDC
+        dedicated = apdu.tag == TAG_GENERAL_DED_CIPHERING
         title = apdu.system_title
         out["system_title"] = title.hex().upper()
     out["dedicated"] = dedicated
@@ -617,8 +607,7 @@ def _service_json(apdu: Apdu, stream: _Stream) -> dict[str, Any]:
     elif isinstance(apdu, SetResponseWithList):
         out["results"] = [{"result": r, "text": result_text(r)} for r in apdu.results]
     elif isinstance(apdu, ActionRequestNormal):
-        out["method"] = str(apdu.method)
-        out |= {"class_id": apdu.method.class_id, "obis": str(apdu.method.obis), "index": apdu.method.index}
+        out |= _attribute(apdu.method, "method")
         out["parameters"] = None if apdu.parameters is None else data_json(apdu.parameters)
         hls = apdu.method.obis == ASSOCIATION_LN_OBIS and apdu.method.index == ASSOCIATION_REPLY_TO_HLS
         if hls and isinstance(apdu.parameters, OctetString):

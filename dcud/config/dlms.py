@@ -117,8 +117,9 @@ def physical_address(address: str) -> int | None:
     return int(text)
 
 
-def load_key_file(path: Path) -> tuple[str, str]:
-    """``(block_cipher_key, authentication_key)`` hex from a TOML or JSON key file."""
+def read_key_file(path: Path) -> Mapping[str, Any]:
+    """The table of a TOML or JSON key file (at most :data:`KEY_FILE_MAX_BYTES`), unchecked: what
+    :func:`load_key_file` and ``dcud decode dlms --key-file`` read. No message quotes the file."""
     try:
         with path.open("rb") as handle:
             raw = handle.read(KEY_FILE_MAX_BYTES + 1)
@@ -135,6 +136,12 @@ def load_key_file(path: Path) -> tuple[str, str]:
         raise DlmsConfigError(f"key file {path} is neither TOML nor JSON") from None
     if not isinstance(data, Mapping):
         raise DlmsConfigError(f"key file {path}: expected a table")
+    return data
+
+
+def load_key_file(path: Path) -> tuple[str, str]:
+    """``(block_cipher_key, authentication_key)`` hex from a TOML or JSON key file."""
+    data = read_key_file(path)
     keys = []
     for name in ("block_cipher_key", "authentication_key"):
         value = data.get(name)
@@ -288,4 +295,5 @@ __all__ = [
     "parse_obis",
     "parse_object",
     "physical_address",
+    "read_key_file",
 ]

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import heapq
 import logging
-import os
 import queue
 import secrets
 import sqlite3
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
+from dcud.runtime.durable import fsync_dir
 from dcud.service.outbox_types import (
     SCHEMA_VERSION,
     OutboxClosed,
@@ -186,13 +186,9 @@ def _row_item(row: tuple[Any, ...]) -> OutboxItem:
 
 
 def _fsync_dir(directory: Path) -> None:
-    """Make a new directory entry survive a power cut."""
+    """Make a new directory entry survive a power cut (the runtime's fsync_dir, as an OutboxError)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(directory)
     except OSError as exc:
         raise OutboxError(directory, f"cannot sync directory: {exc}") from exc
 

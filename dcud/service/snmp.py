@@ -149,6 +149,25 @@ class SnmpServiceConfig:
         )
 
 
+def usm_protocols(auth: str, priv: str) -> tuple[Any, Any]:
+    """pysnmp's USM authentication and privacy protocols for an :data:`AUTH_ALGOS` and a
+    :data:`PRIV_ALGOS` name (the trap sender's and the agent's v3 user)."""
+    from pysnmp.entity import config as snmp_config
+
+    auth_protocols = {
+        "none": snmp_config.USM_AUTH_NONE,
+        "MD5": snmp_config.USM_AUTH_HMAC96_MD5,
+        "SHA": snmp_config.USM_AUTH_HMAC96_SHA,
+    }
+    priv_protocols = {
+        "none": snmp_config.USM_PRIV_NONE,
+        "DES": snmp_config.USM_PRIV_CBC56_DES,
+        "3DES": snmp_config.USM_PRIV_CBC168_3DES,
+        "AES": snmp_config.USM_PRIV_CFB128_AES,
+    }
+    return auth_protocols[auth], priv_protocols[priv]
+
+
 def next_engine_boots(state_dir: Path) -> int:
     """Read, increment and durably store ``snmpEngineBoots`` (1 on the first start)."""
     path = state_dir / BOOTS_FILE
@@ -228,17 +247,7 @@ class TrapSender:
         self._transport: Any = module.UdpTransport().open_client_mode()
         snmp_config.add_transport(self.engine, module.DOMAIN_NAME, self._transport)
         if config.version == 3:
-            auth_proto = {
-                "none": snmp_config.USM_AUTH_NONE,
-                "MD5": snmp_config.USM_AUTH_HMAC96_MD5,
-                "SHA": snmp_config.USM_AUTH_HMAC96_SHA,
-            }[config.auth]
-            priv_proto = {
-                "none": snmp_config.USM_PRIV_NONE,
-                "DES": snmp_config.USM_PRIV_CBC56_DES,
-                "3DES": snmp_config.USM_PRIV_CBC168_3DES,
-                "AES": snmp_config.USM_PRIV_CFB128_AES,
-            }[config.priv]
+            auth_proto, priv_proto = usm_protocols(config.auth, config.priv)
             level = config.security_level
             snmp_config.add_v3_user(
                 self.engine,

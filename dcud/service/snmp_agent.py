@@ -50,7 +50,7 @@ from dcud.runtime.backoff import Backoff
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
 from dcud.service import snmp_mib
-from dcud.service.snmp import AUTH_ALGOS, PRIV_ALGOS, EngineClock, engine_clock
+from dcud.service.snmp import AUTH_ALGOS, PRIV_ALGOS, EngineClock, engine_clock, usm_protocols
 
 log = structlog.get_logger("dcud.snmp_agent")
 
@@ -477,20 +477,14 @@ class Agent:
         if config.community:
             snmp_config.add_v1_system(self.engine, "dcud-agent-v2c", config.community)
         if config.v3:
-            auth_proto = {"MD5": snmp_config.USM_AUTH_HMAC96_MD5, "SHA": snmp_config.USM_AUTH_HMAC96_SHA}
-            priv_proto = {
-                "none": snmp_config.USM_PRIV_NONE,
-                "DES": snmp_config.USM_PRIV_CBC56_DES,
-                "3DES": snmp_config.USM_PRIV_CBC168_3DES,
-                "AES": snmp_config.USM_PRIV_CFB128_AES,
-            }
+            auth_proto, priv_proto = usm_protocols(config.auth, config.priv)
             priv = config.security_level == "authPriv"
             snmp_config.add_v3_user(
                 self.engine,
                 config.user,
-                auth_proto[config.auth],
+                auth_proto,
                 config.auth_key,
-                priv_proto[config.priv] if priv else snmp_config.USM_PRIV_NONE,
+                priv_proto if priv else snmp_config.USM_PRIV_NONE,
                 config.priv_key if priv else None,
             )
         snmp_context = context.SnmpContext(self.engine)

@@ -150,42 +150,50 @@ def site_toml(workdir: Path) -> str:
 
 def start_simulators(workdir: Path, timeout_s: float = 10.0) -> subprocess.Popen[bytes]:
     """Start the simulator process; returns once both ptys exist (raises RuntimeError otherwise)."""
-    (workdir / "sims.toml").write_text(SIMS_TOML)
-    log = (workdir / "sims.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dcud", "sim", "meters", "--config", str(workdir / "sims.toml")],
-        stdout=log,
-        stderr=log,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    return _start_sim(
+        workdir,
+        "meters",
+        SIMS_TOML,
+        stem="sims",
+        ttys=("mbus.tty", "rs485.tty"),
+        what="meter simulators",
+        timeout_s=timeout_s,
     )
-    log.close()
-    deadline = time.monotonic() + timeout_s
-    while not all((workdir / name).exists() for name in ("mbus.tty", "rs485.tty")):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"meter simulators did not start; see {workdir / 'sims.log'}")
-        time.sleep(0.05)
-    return proc
 
 
 def start_dlms_simulator(workdir: Path, timeout_s: float = 10.0) -> subprocess.Popen[bytes]:
     """Start ``dcud sim dlms`` (one meter on HDLC); returns once its pty exists (RuntimeError otherwise)."""
-    (workdir / "dlms-sims.toml").write_text(DLMS_SIMS_TOML)
-    log = (workdir / "dlms-sims.log").open("ab")
+    return _start_sim(
+        workdir,
+        "dlms",
+        DLMS_SIMS_TOML,
+        stem="dlms-sims",
+        ttys=("dlms.tty",),
+        what="DLMS simulator",
+        timeout_s=timeout_s,
+    )
+
+
+def _start_sim(
+    workdir: Path, command: str, config: str, *, stem: str, ttys: tuple[str, ...], what: str, timeout_s: float
+) -> subprocess.Popen[bytes]:
+    """``dcud sim <command>`` on ``<stem>.toml`` holding ``config``, logging to ``<stem>.log``; returns
+    once every pty of ``ttys`` exists in ``workdir``."""
+    (workdir / f"{stem}.toml").write_text(config)
+    log = (workdir / f"{stem}.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dcud", "sim", "dlms", "--config", str(workdir / "dlms-sims.toml")],
+        [sys.executable, "-m", "dcud", "sim", command, "--config", str(workdir / f"{stem}.toml")],
         stdout=log,
         stderr=log,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     log.close()
     deadline = time.monotonic() + timeout_s
-    while not (workdir / "dlms.tty").exists():
+    while not all((workdir / name).exists() for name in ttys):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait()
-            raise RuntimeError(f"DLMS simulator did not start; see {workdir / 'dlms-sims.log'}")
+            raise RuntimeError(f"{what} did not start; see {workdir / f'{stem}.log'}")
         time.sleep(0.05)
     return proc
 

@@ -35,8 +35,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
-import sys
 import time
 import tomllib
 from collections.abc import Callable, Hashable, Sequence
@@ -65,7 +63,15 @@ from dcud.codec.iec62056 import (
 from dcud.errors import DcudError
 from dcud.sim.dlms_meter import DlmsMeter
 from dcud.sim.dlms_model import MeterSpec
-from dcud.sim.serial_sim import ControlFile, Outgoing, SimConfigError, SimLineRunner
+from dcud.sim.serial_sim import (
+    ControlFile,
+    Outgoing,
+    SimConfigError,
+    SimLineRunner,
+    cancel_and_wait,
+    resolve_relative,
+    run_until_signalled,
+)
 
 UNPACED_BAUD = 1_000_000_000
 """A rate so high that pacing costs nothing: the pty runs as fast as it can."""
@@ -174,12 +180,9 @@ def load_config(path: Path) -> DlmsSimConfig:
     config = config_from_dict(data, str(path))
     base = path.parent
     for line in config.line:
-        if line.link and not os.path.isabs(line.link):
-            line.link = str(base / line.link)
-        if line.device and not os.path.isabs(line.device):
-            line.device = str(base / line.device)
-    if config.control and not os.path.isabs(config.control):
-        config.control = str(base / config.control)
+        line.link = resolve_relative(base, line.link)
+        line.device = resolve_relative(base, line.device)
+    config.control = resolve_relative(base, config.control)
     return config
 
 
@@ -610,11 +613,7 @@ async def serve(
         else:
             await stop.wait()
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
         for server in handle.servers.values():
             await server.close()
     return handle
@@ -623,24 +622,13 @@ async def serve(
 def run_cli(config: DlmsSimConfig) -> int:
     """``dcud sim dlms``: serve, print one JSON line per meter and ``{"ready": true}``, run until
     SIGINT/SIGTERM."""
-    import signal
 
     def announce(handle: DlmsSimHandle) -> None:
         for item in handle.announcements():
             print(json.dumps(item), flush=True)
         print(json.dumps({"ready": True}), flush=True)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await serve(config, on_ready=announce, stop=stop)
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
-    sys.stdout.flush()
-    return 0
+    return run_until_signalled(lambda stop: serve(config, on_ready=announce, stop=stop))
 
 
 __all__ = [

@@ -31,7 +31,7 @@ import sys
 import time
 import tomllib
 import tty
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, TypeVar
@@ -156,13 +156,16 @@ def load_sim_config(path: Path) -> SimConfig:
     config = sim_config_from_dict(data)
     base = path.parent
     for line in config.lines:
-        if line.link and not os.path.isabs(line.link):
-            line.link = str(base / line.link)
-        if line.device and not os.path.isabs(line.device):
-            line.device = str(base / line.device)
-    if config.control and not os.path.isabs(config.control):
-        config.control = str(base / config.control)
+        line.link = resolve_relative(base, line.link)
+        line.device = resolve_relative(base, line.device)
+    config.control = resolve_relative(base, config.control)
     return config
+
+
+def resolve_relative(base: Path, path: str) -> str:
+    """``path`` of a simulator file as one relative to the file's directory ``base`` (empty and absolute
+    paths stay as they are)."""
+    return str(base / path) if path and not os.path.isabs(path) else path
 
 
 # -- meter models from specs -----------------------------------------------------------------------
@@ -655,11 +658,7 @@ class SimLineRunner(Generic[SpecT]):
                 self.stats.reopens += 1
                 await asyncio.sleep(0.1)
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(tasks)
             self._close()
 
 
@@ -725,11 +724,7 @@ async def serve(
         else:
             await stop.wait()
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
     return handle
 
 
@@ -768,7 +763,6 @@ def expand_addresses(text: str) -> list[str]:
 
 def run_cli(config: SimConfig) -> int:
     """``dcud sim meters``: serve, print one JSON line per simulated line, run until SIGINT/SIGTERM."""
-    import signal
 
     def announce(handle: SimHandle) -> None:
         for runner in handle.runners:
@@ -786,12 +780,32 @@ def run_cli(config: SimConfig) -> int:
             )
         print(json.dumps({"ready": True}), flush=True)
 
+    return run_until_signalled(lambda stop: serve(config, on_ready=announce, stop=stop))
+
+
+# -- what every simulator program runs with --------------------------------------------------------
+
+
+async def cancel_and_wait(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[object]]) -> int:
+    """A simulator's ``run_cli``: ``serve(stop)`` in a new event loop until SIGINT or SIGTERM sets
+    ``stop``; returns the exit code 0."""
+    import signal
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await serve(config, on_ready=announce, stop=stop)
+        await serve(stop)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())

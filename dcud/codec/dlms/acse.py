@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from dcud.codec.dlms.apdu_common import (
     TAG_AARE,
@@ -187,6 +187,15 @@ def _read_conformance(reader: Reader) -> Conformance:
 # xDLMS initiate (carried in the AARQ / AARE user-information)
 
 
+def _check_initiate(max_receive_pdu_size: int, dlms_version: int, quality_of_service: int | None) -> None:
+    """The fields InitiateRequest and InitiateResponse share, in range."""
+    if not 0 <= max_receive_pdu_size <= 0xFFFF:
+        raise LocalProtocolError(f"max receive PDU size {max_receive_pdu_size} out of range")
+    _check_u8("DLMS version", dlms_version)
+    if quality_of_service is not None and not -128 <= quality_of_service <= 127:
+        raise LocalProtocolError(f"quality of service {quality_of_service} out of range")
+
+
 @dataclass(frozen=True, slots=True)
 class InitiateRequest:
     """xDLMS InitiateRequest: what the client proposes (conformance, its max receive PDU size)."""
@@ -201,11 +210,7 @@ class InitiateRequest:
     TAG: ClassVar[int] = TAG_INITIATE_REQUEST
 
     def __post_init__(self) -> None:
-        if not 0 <= self.max_receive_pdu_size <= 0xFFFF:
-            raise LocalProtocolError(f"max receive PDU size {self.max_receive_pdu_size} out of range")
-        _check_u8("DLMS version", self.dlms_version)
-        if self.quality_of_service is not None and not -128 <= self.quality_of_service <= 127:
-            raise LocalProtocolError(f"quality of service {self.quality_of_service} out of range")
+        _check_initiate(self.max_receive_pdu_size, self.dlms_version, self.quality_of_service)
 
     def encode(self) -> bytes:
         """The A-XDR bytes (tag 01)."""
@@ -242,11 +247,7 @@ class InitiateResponse:
     TAG: ClassVar[int] = TAG_INITIATE_RESPONSE
 
     def __post_init__(self) -> None:
-        if not 0 <= self.max_receive_pdu_size <= 0xFFFF:
-            raise LocalProtocolError(f"max receive PDU size {self.max_receive_pdu_size} out of range")
-        _check_u8("DLMS version", self.dlms_version)
-        if self.quality_of_service is not None and not -128 <= self.quality_of_service <= 127:
-            raise LocalProtocolError(f"quality of service {self.quality_of_service} out of range")
+        _check_initiate(self.max_receive_pdu_size, self.dlms_version, self.quality_of_service)
 
     def encode(self) -> bytes:
         """The A-XDR bytes (tag 08)."""
@@ -357,6 +358,16 @@ ACSE_REQUIREMENTS_AUTHENTICATION = b"\x07\x80"
 """sender/responder-acse-requirements BIT STRING {authentication (0)}: 7 unused bits, bit 0 set."""
 
 
+def _encode_context(context: int) -> bytes:
+    """application-context-name [1]: the OBJECT IDENTIFIER of the context (AARQ and AARE)."""
+    return _tlv(0x06, _encode_oid(OID_PREFIX_CONTEXT, context))
+
+
+def _decode_context(value: bytes, whole: bytes) -> int:
+    name = _inner(value, 0x06, "application-context-name", whole)
+    return _decode_oid(name, OID_PREFIX_CONTEXT, "application context", whole)
+
+
 def _encode_user_information(user_information: bytes | None) -> bytes:
     if user_information is None:
         return b""
@@ -393,7 +404,7 @@ class AARQ:
 
     def encode(self) -> bytes:
         """The BER bytes."""
-        fields = [(0xA1, _tlv(0x06, _encode_oid(OID_PREFIX_CONTEXT, self.application_context)))]
+        fields = [(0xA1, _encode_context(self.application_context))]
         if self.calling_ap_title is not None:
             fields.append((0xA6, _tlv(0x04, self.calling_ap_title)))
         if self.mechanism is not None:
@@ -412,12 +423,7 @@ class AARQ:
         extra: list[tuple[int, bytes]] = []
         for tag, value in _read_tlvs(Reader(body, what="AARQ")):
             if tag == 0xA1:
-                context = _decode_oid(
-                    _inner(value, 0x06, "application-context-name", whole),
-                    OID_PREFIX_CONTEXT,
-                    "application context",
-                    whole,
-                )
+                context = _decode_context(value, whole)
             elif tag == 0xA6:
                 title = _inner(value, 0x04, "calling-AP-title", whole)
             elif tag == 0x8A:
@@ -478,7 +484,7 @@ class AARE:
         """The BER bytes."""
         diagnostic = _tlv(0xA0 | self.diagnostic_source, _encode_integer(self.diagnostic))
         fields = [
-            (0xA1, _tlv(0x06, _encode_oid(OID_PREFIX_CONTEXT, self.application_context))),
+            (0xA1, _encode_context(self.application_context)),
             (0xA2, _encode_integer(self.result)),
             (0xA3, diagnostic),
         ]
@@ -501,12 +507,7 @@ class AARE:
         extra: list[tuple[int, bytes]] = []
         for tag, value in _read_tlvs(Reader(body, what="AARE")):
             if tag == 0xA1:
-                context = _decode_oid(
-                    _inner(value, 0x06, "application-context-name", whole),
-                    OID_PREFIX_CONTEXT,
-                    "application context",
-                    whole,
-                )
+                context = _decode_context(value, whole)
             elif tag == 0xA2:
                 result = _integer(_inner(value, 0x02, "result", whole), "result", whole)
             elif tag == 0xA3:
@@ -535,13 +536,14 @@ class AARE:
 
 
 @dataclass(frozen=True, slots=True)
-class RLRQ:
-    """A-RELEASE request (reason 0 = normal); user-information optional (a ciphered initiate)."""
+class _Release:
+    """What RLRQ and RLRE share: the reason (0 = normal) and an optional user-information (a ciphered
+    initiate), and their BER encoding."""
 
     reason: int | None = 0
     user_information: bytes | None = None
 
-    TAG: ClassVar[int] = TAG_RLRQ
+    TAG: ClassVar[int]
 
     def encode(self) -> bytes:
         """The BER bytes."""
@@ -549,43 +551,32 @@ class RLRQ:
         return _tlv(self.TAG, body + _encode_user_information(self.user_information))
 
     @classmethod
-    def read_body(cls, body: bytes, whole: bytes) -> RLRQ:
+    def read_body(cls, body: bytes, whole: bytes) -> Self:
         """Decode the contents after tag and length."""
-        reason, user = _read_release(body, whole, "RLRQ")
+        what = cls.__name__
+        reason = user = None
+        for tag, value in _read_tlvs(Reader(body, what=what)):
+            if tag == 0x80:
+                reason = _integer(value, "reason", whole) & 0xFF
+            elif tag == 0xBE:
+                user = _decode_user_information(value, whole)
+            else:
+                raise RemoteProtocolError(f"{what}: unexpected field 0x{tag:02X}", whole)
         return cls(reason, user)
 
 
 @dataclass(frozen=True, slots=True)
-class RLRE:
+class RLRQ(_Release):
+    """A-RELEASE request (reason 0 = normal); user-information optional (a ciphered initiate)."""
+
+    TAG: ClassVar[int] = TAG_RLRQ
+
+
+@dataclass(frozen=True, slots=True)
+class RLRE(_Release):
     """A-RELEASE response (reason 0 = normal)."""
 
-    reason: int | None = 0
-    user_information: bytes | None = None
-
     TAG: ClassVar[int] = TAG_RLRE
-
-    def encode(self) -> bytes:
-        """The BER bytes."""
-        body = b"" if self.reason is None else _tlv(0x80, bytes([self.reason & 0xFF]))
-        return _tlv(self.TAG, body + _encode_user_information(self.user_information))
-
-    @classmethod
-    def read_body(cls, body: bytes, whole: bytes) -> RLRE:
-        """Decode the contents after tag and length."""
-        reason, user = _read_release(body, whole, "RLRE")
-        return cls(reason, user)
-
-
-def _read_release(body: bytes, whole: bytes, what: str) -> tuple[int | None, bytes | None]:
-    reason = user = None
-    for tag, value in _read_tlvs(Reader(body, what=what)):
-        if tag == 0x80:
-            reason = _integer(value, "reason", whole) & 0xFF
-        elif tag == 0xBE:
-            user = _decode_user_information(value, whole)
-        else:
-            raise RemoteProtocolError(f"{what}: unexpected field 0x{tag:02X}", whole)
-    return reason, user
 
 
 __all__ = [

@@ -138,7 +138,8 @@ class _Integer(_Base):
     SIGNED: ClassVar[bool]
     value: int
 
-    def _check(self) -> None:
+    def __post_init__(self) -> None:
+        # Runs for every subclass (the dataclass __init__ of each calls it): the range of SIZE/SIGNED.
         bits = self.SIZE * 8
         low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if self.SIGNED else (0, (1 << bits) - 1)
         if isinstance(self.value, bool) or not isinstance(self.value, int) or not low <= self.value <= high:
@@ -155,9 +156,6 @@ class DoubleLong(_Integer):
     SIZE: ClassVar[int] = 4
     SIGNED: ClassVar[bool] = True
 
-    def __post_init__(self) -> None:
-        self._check()
-
 
 @dataclass(frozen=True, slots=True)
 class DoubleLongUnsigned(_Integer):
@@ -168,9 +166,6 @@ class DoubleLongUnsigned(_Integer):
     NAME: ClassVar[str] = "double-long-unsigned"
     SIZE: ClassVar[int] = 4
     SIGNED: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        self._check()
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,9 +223,6 @@ class Integer(_Integer):
     SIZE: ClassVar[int] = 1
     SIGNED: ClassVar[bool] = True
 
-    def __post_init__(self) -> None:
-        self._check()
-
 
 @dataclass(frozen=True, slots=True)
 class Long(_Integer):
@@ -241,9 +233,6 @@ class Long(_Integer):
     NAME: ClassVar[str] = "long"
     SIZE: ClassVar[int] = 2
     SIGNED: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        self._check()
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,9 +245,6 @@ class Unsigned(_Integer):
     SIZE: ClassVar[int] = 1
     SIGNED: ClassVar[bool] = False
 
-    def __post_init__(self) -> None:
-        self._check()
-
 
 @dataclass(frozen=True, slots=True)
 class LongUnsigned(_Integer):
@@ -269,9 +255,6 @@ class LongUnsigned(_Integer):
     NAME: ClassVar[str] = "long-unsigned"
     SIZE: ClassVar[int] = 2
     SIGNED: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        self._check()
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,9 +267,6 @@ class Long64(_Integer):
     SIZE: ClassVar[int] = 8
     SIGNED: ClassVar[bool] = True
 
-    def __post_init__(self) -> None:
-        self._check()
-
 
 @dataclass(frozen=True, slots=True)
 class Long64Unsigned(_Integer):
@@ -298,9 +278,6 @@ class Long64Unsigned(_Integer):
     SIZE: ClassVar[int] = 8
     SIGNED: ClassVar[bool] = False
 
-    def __post_init__(self) -> None:
-        self._check()
-
 
 @dataclass(frozen=True, slots=True)
 class Enum(_Integer):
@@ -311,9 +288,6 @@ class Enum(_Integer):
     NAME: ClassVar[str] = "enum"
     SIZE: ClassVar[int] = 1
     SIGNED: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        self._check()
 
 
 @dataclass(frozen=True, slots=True)

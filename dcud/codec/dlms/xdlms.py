@@ -46,6 +46,49 @@ from dcud.codec.dlms.selective_access import AccessSelection, AttributeWithSelec
 from dcud.errors import LocalProtocolError
 
 # ---------------------------------------------------------------------------------------------------
+# The two shapes the block transfers of GET, SET and ACTION share: each APDU below is its own class (the
+# decoder and the sessions match on it), its tag and choice say which service it belongs to.
+
+
+@dataclass(frozen=True, slots=True)
+class _BlockNumberApdu:
+    """Tag, choice, invoke-id-and-priority and a block number: the request for the next block of a
+    long result, or the acknowledgement of a block received."""
+
+    block_number: int
+    invoke_id_and_priority: int = INVOKE_ID_AND_PRIORITY
+
+    TAG: ClassVar[int]
+    CHOICE: ClassVar[int]
+
+    def encode(self) -> bytes:
+        """The A-XDR bytes."""
+        _check_u32("block number", self.block_number)
+        return bytes([self.TAG, self.CHOICE, self.invoke_id_and_priority]) + self.block_number.to_bytes(
+            4, "big"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _RawBlockApdu:
+    """Tag, choice, invoke-id-and-priority and one further block of a long value: last-block flag,
+    block number and the raw bytes of the encoded value's slice."""
+
+    last_block: bool
+    block_number: int
+    raw_data: bytes
+    invoke_id_and_priority: int = INVOKE_ID_AND_PRIORITY
+
+    TAG: ClassVar[int]
+    CHOICE: ClassVar[int]
+
+    def encode(self) -> bytes:
+        """The A-XDR bytes."""
+        head = bytes([self.TAG, self.CHOICE, self.invoke_id_and_priority])
+        return head + _encode_block_header(self.last_block, self.block_number) + _encode_octets(self.raw_data)
+
+
+# ---------------------------------------------------------------------------------------------------
 # GET
 
 
@@ -67,21 +110,11 @@ class GetRequestNormal:
 
 
 @dataclass(frozen=True, slots=True)
-class GetRequestNext:
+class GetRequestNext(_BlockNumberApdu):
     """Ask for the next block of a long GET (the block number last received)."""
-
-    block_number: int
-    invoke_id_and_priority: int = INVOKE_ID_AND_PRIORITY
 
     TAG: ClassVar[int] = TAG_GET_REQUEST
     CHOICE: ClassVar[int] = 2
-
-    def encode(self) -> bytes:
-        """The A-XDR bytes."""
-        _check_u32("block number", self.block_number)
-        return bytes([self.TAG, self.CHOICE, self.invoke_id_and_priority]) + self.block_number.to_bytes(
-            4, "big"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,21 +249,11 @@ class SetRequestWithFirstDatablock:
 
 
 @dataclass(frozen=True, slots=True)
-class SetRequestWithDatablock:
+class SetRequestWithDatablock(_RawBlockApdu):
     """A further block of a long SET."""
-
-    last_block: bool
-    block_number: int
-    raw_data: bytes
-    invoke_id_and_priority: int = INVOKE_ID_AND_PRIORITY
 
     TAG: ClassVar[int] = TAG_SET_REQUEST
     CHOICE: ClassVar[int] = 3
-
-    def encode(self) -> bytes:
-        """The A-XDR bytes."""
-        head = bytes([self.TAG, self.CHOICE, self.invoke_id_and_priority])
-        return head + _encode_block_header(self.last_block, self.block_number) + _encode_octets(self.raw_data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,21 +296,11 @@ class SetResponseNormal:
 
 
 @dataclass(frozen=True, slots=True)
-class SetResponseDatablock:
+class SetResponseDatablock(_BlockNumberApdu):
     """The server took block ``block_number`` of a long SET and waits for the next."""
-
-    block_number: int
-    invoke_id_and_priority: int = INVOKE_ID_AND_PRIORITY
 
     TAG: ClassVar[int] = TAG_SET_RESPONSE
     CHOICE: ClassVar[int] = 2
-
-    def encode(self) -> bytes:
-        """The A-XDR bytes."""
-        _check_u32("block number", self.block_number)
-        return bytes([self.TAG, self.CHOICE, self.invoke_id_and_priority]) + self.block_number.to_bytes(
-            4, "big"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,21 +362,11 @@ class ActionRequestNormal:
 
 
 @dataclass(frozen=True, slots=True)
-class ActionRequestNextPblock:
+class ActionRequestNextPblock(_BlockNumberApdu):
     """Ask for the next block of long return parameters."""
-
-    block_number: int
-    invoke_id_and_priority: int = INVOKE_ID_AND_PRIORITY
 
     TAG: ClassVar[int] = TAG_ACTION_REQUEST
     CHOICE: ClassVar[int] = 2
-
-    def encode(self) -> bytes:
-        """The A-XDR bytes."""
-        _check_u32("block number", self.block_number)
-        return bytes([self.TAG, self.CHOICE, self.invoke_id_and_priority]) + self.block_number.to_bytes(
-            4, "big"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,21 +412,11 @@ class ActionRequestWithFirstPblock:
 
 
 @dataclass(frozen=True, slots=True)
-class ActionRequestWithPblock:
+class ActionRequestWithPblock(_RawBlockApdu):
     """A further block of long method parameters."""
-
-    last_block: bool
-    block_number: int
-    raw_data: bytes
-    invoke_id_and_priority: int = INVOKE_ID_AND_PRIORITY
 
     TAG: ClassVar[int] = TAG_ACTION_REQUEST
     CHOICE: ClassVar[int] = 6
-
-    def encode(self) -> bytes:
-        """The A-XDR bytes."""
-        head = bytes([self.TAG, self.CHOICE, self.invoke_id_and_priority])
-        return head + _encode_block_header(self.last_block, self.block_number) + _encode_octets(self.raw_data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,21 +464,11 @@ class ActionResponseNormal:
 
 
 @dataclass(frozen=True, slots=True)
-class ActionResponseWithPblock:
+class ActionResponseWithPblock(_RawBlockApdu):
     """One block of long return parameters."""
-
-    last_block: bool
-    block_number: int
-    raw_data: bytes
-    invoke_id_and_priority: int = INVOKE_ID_AND_PRIORITY
 
     TAG: ClassVar[int] = TAG_ACTION_RESPONSE
     CHOICE: ClassVar[int] = 2
-
-    def encode(self) -> bytes:
-        """The A-XDR bytes."""
-        head = bytes([self.TAG, self.CHOICE, self.invoke_id_and_priority])
-        return head + _encode_block_header(self.last_block, self.block_number) + _encode_octets(self.raw_data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,21 +488,11 @@ class ActionResponseWithList:
 
 
 @dataclass(frozen=True, slots=True)
-class ActionResponseNextPblock:
+class ActionResponseNextPblock(_BlockNumberApdu):
     """The server took a block of long method parameters and asks for the next."""
-
-    block_number: int
-    invoke_id_and_priority: int = INVOKE_ID_AND_PRIORITY
 
     TAG: ClassVar[int] = TAG_ACTION_RESPONSE
     CHOICE: ClassVar[int] = 4
-
-    def encode(self) -> bytes:
-        """The A-XDR bytes."""
-        _check_u32("block number", self.block_number)
-        return bytes([self.TAG, self.CHOICE, self.invoke_id_and_priority]) + self.block_number.to_bytes(
-            4, "big"
-        )
 
 
 # ---------------------------------------------------------------------------------------------------
