@@ -29,5 +29,7 @@ lint-imports
 echo "== systemd unit checks"
 bash scripts/check_systemd.sh
 echo "== pytest"
-# -rs: the reason of every skipped test in the summary (what is missing, how to run it)
-python -m pytest -q -rs -p no:cacheprovider "$@"
+# -rs: the reason of every skipped test in the summary (what is missing, how to run it).
+# -n auto: one pytest-xdist worker per core; every test binds its own ports and writes under its own
+# tmp_path, so workers never meet. Arguments after it win (`-n 0` runs serially, for pdb).
+python -m pytest -q -rs -p no:cacheprovider -n auto "$@"
