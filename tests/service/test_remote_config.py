@@ -232,7 +232,9 @@ class Harness:
 
 @pytest.fixture
 async def harness(tmp_path: Path) -> Any:
-    site = write_site(tmp_path / "site", wme="# installer\nntp_interval=600\n")
+    site = write_site(tmp_path / "site")
+    # Exactly this file (write_site adds a free fw_server_port for daemons; nothing listens here).
+    (site.parent / "wme.conf").write_text("# installer\nntp_interval=600\n")
     config = load_config(site)
     notifier = RecordingNotifier()
     events: list[dict[str, Any]] = []
