@@ -7,7 +7,7 @@ the services whose slice changed.
 
 Each builder imports its feature's modules only when the configuration asks for the feature, so a DCU
 carries in memory what it uses and nothing else (docs/benchmarks.md, "Footprint per feature"; checked by
-tests/test_lazy_imports.py): MQTT (aiomqtt, paho), the SNMP trap sender and agent (pysnmp), the config
+tests/system/test_lazy_imports.py): MQTT (aiomqtt, paho), the SNMP trap sender and agent (pysnmp), the config
 port (h11), inputs, relay and LEDs, serial lines and their codecs, drives (python-can), the pushes
 (aioftp), TLS and envelopes (cryptography) stay out of a daemon that does not configure them.
 """

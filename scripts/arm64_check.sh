@@ -113,10 +113,10 @@ stage_test() {
     in_chroot '
         cd /src
         files=""
-        for f in tests/test_iec_codec.py tests/test_iec_props.py tests/test_iec_vectors.py \
-                 tests/test_iec_session.py tests/test_mbus_codec.py tests/test_mbus_props.py \
-                 tests/test_mbus_vectors.py tests/test_mbus_session.py tests/test_wme_catalogue.py \
-                 tests/test_wme_parser.py tests/test_config.py tests/test_crypto_envelope.py tests/fuzz; do
+        for f in tests/codec/test_iec_codec.py tests/codec/test_iec_props.py tests/codec/test_iec_vectors.py \
+                 tests/codec/test_iec_session.py tests/codec/test_mbus_codec.py tests/codec/test_mbus_props.py \
+                 tests/codec/test_mbus_vectors.py tests/codec/test_mbus_session.py tests/config/test_wme_catalogue.py \
+                 tests/config/test_wme_parser.py tests/config/test_config.py tests/service/test_crypto_envelope.py tests/fuzz; do
             [ -e "$f" ] && files="$files $f"
         done
         DCUD_FUZZ_PROFILE=ci /opt/dcud/bin/python -m pytest -q -p no:cacheprovider -m "not slow" $files

@@ -18,7 +18,8 @@ phase from the answers so far:
 
 Pure logic, no I/O: answers in, requests and a :class:`ReadoutResult` out (values, profile rows and
 events after the cursors, the clock and its correction). That is why it is a module of its own: it is
-tested without a meter (tests/test_dlms_plan.py) and used by the polling service and ``dcud read`` alike.
+tested without a meter (tests/service/test_dlms_plan.py) and used by the polling service and
+``dcud read`` alike.
 """
 
 from __future__ import annotations

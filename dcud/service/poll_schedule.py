@@ -4,7 +4,7 @@
 polling service (:mod:`dcud.service.polling`) is the glue that asks it, reads, tells it the outcome and
 sleeps on its injected clock until :meth:`PollSchedule.next_deadline`. No event loop, clock, logging or
 I/O here (an import-linter contract keeps them out), so every rule is tested with explicit times
-(tests/test_poll_schedule.py).
+(tests/service/test_poll_schedule.py).
 
 The rules (docs/meters.md, "Polling"):
 

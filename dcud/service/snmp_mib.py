@@ -16,7 +16,7 @@ OID layout (``<ent>`` is the enterprise OID, ``[snmp] enterprise_oid`` in dcud.t
 The agent's objects are data too: each names its MIB object, its arc, its SMI syntax and how its
 value is read from a state document (the ``<p>/status`` document for the device scalars, the
 retained ``<p>/<kind>/<name>/state`` document for a table row), so the agent serves exactly what
-MQTT shows; ``tests/test_snmp_agent.py`` checks every name and OID against ``DCUD-MIB.txt``.
+MQTT shows; ``tests/service/test_snmp_agent.py`` checks every name and OID against ``DCUD-MIB.txt``.
 
 The default enterprise OID ``1.3.6.1.4.1.32473`` is a **placeholder**: 32473 is the Private Enterprise
 Number IANA reserves for documentation (RFC 5612). A fleet operator replaces it with their own PEN in

@@ -1,7 +1,7 @@
 """Security suite 0 (Green Book 9.2.7): AES-128-GCM with a 12-byte tag, GMAC for HLS mechanism 5.
 
 Written on ``cryptography``'s AES-GCM primitives; the published Green Book examples (HLS Table 43, the
-ciphered InitiateRequest) are checked in tests/test_dlms_peer.py.
+ciphered InitiateRequest) are checked in tests/sim/test_dlms_peer.py.
 """
 
 from __future__ import annotations

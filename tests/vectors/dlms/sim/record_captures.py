@@ -17,8 +17,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # tests/, for the helpers
 
-from dlms_sim_helpers import HostClock, hls_config, record_hdlc_session, record_tcp_session, running  # noqa: E402
-from meter_helpers import SocatPair  # noqa: E402
+from helpers.dlms_sim import HostClock, hls_config, record_hdlc_session, record_tcp_session, running  # noqa: E402
+from helpers.meters import SocatPair  # noqa: E402
 
 from dcud.codec.dlms.client import DlmsClientConfig, GetRequest, SetRequest  # noqa: E402
 from dcud.codec.dlms.cosem import clock_value, range_descriptor  # noqa: E402

@@ -1,0 +1,204 @@
+"""Shared by the power, SNMP and watchdog tests and bench/bench_lastgasp.py: a site with traps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from dcud.config.loader import load_config
+from dcud.runtime.bus import EventBus
+from dcud.runtime.supervisor import ServiceContext
+from dcud.service import snmp_mib
+from dcud.service.snmp import SnmpServiceConfig, SnmpTrapService
+from dcud.sim.alarm_peers import SnmpTrapd, SnmpUser, start_snmptrapd
+from dcud.sim.peers import free_port
+from helpers import REPO
+
+MIB_DIRS = (REPO / "tests" / "mibs", REPO / "mibs")
+MIBS = ("DCUD-MIB", "SNMPv2-MIB")
+DEVICE_ID = "dcu-test"
+PREFIX = f"dcu/{DEVICE_ID}"
+AUTH_KEY = "auth-pass-123"
+PRIV_KEY = "priv-pass-456"
+USER = "dcud"
+COMMUNITY = "noc-watch"
+
+
+def trap_receiver(workdir: Path, port: int | None = None, **users: tuple[str, str]) -> SnmpTrapd:
+    """snmptrapd with DCUD-MIB loaded, community ``public`` and the v3 user ``dcud`` (SHA + AES).
+
+    ``dcud`` exists twice: for traps under dcud's engine ID, and for INFORMs under snmptrapd's own.
+    """
+    engine_id = snmp_mib.default_engine_id(DEVICE_ID)
+    all_users = [
+        SnmpUser(USER, engine_id, "SHA", AUTH_KEY, "AES", PRIV_KEY),
+        SnmpUser(USER, None, "SHA", AUTH_KEY, "AES", PRIV_KEY),
+    ]
+    for name, (auth, priv) in users.items():
+        all_users.append(SnmpUser(name, engine_id, auth, AUTH_KEY, priv, PRIV_KEY))
+    return start_snmptrapd(
+        workdir,
+        communities=("public", COMMUNITY),
+        users=tuple(all_users),
+        mib_dirs=MIB_DIRS,
+        mibs=MIBS,
+        port=port,
+    )
+
+
+def snmp_params(trapd: SnmpTrapd, version: int = 3, auth: int = 2, priv: int = 3, user: str = USER) -> str:
+    """WM-E parameter lines for traps to ``trapd``."""
+    lines = [
+        "snmp_trap=1",
+        "snmp_manager_ip=127.0.0.1",
+        f"snmp_manager_port={trapd.port}",
+        f"snmp_version={version}",
+        f"snmp_user={user}",
+    ]
+    if version == 3:
+        lines += [f"snmp_auth_algo={auth}", f"snmp_auth_key={AUTH_KEY}"]
+        if priv:
+            lines += [f"snmp_priv_algo={priv}", f"snmp_priv_key={PRIV_KEY}"]
+    return "\n".join(lines) + "\n"
+
+
+def power_toml(power_file: Path, poll_s: float = 0.01, debounce_s: float = 0.05) -> str:
+    """A ``[power]`` table reading ``power_file``."""
+    return (
+        f'\n[power]\nsource = "file"\npath = "{power_file}"\n'
+        f"poll_interval_s = {poll_s}\ndebounce_s = {debounce_s}\n"
+    )
+
+
+def set_power(path: Path, present: bool) -> None:
+    """Write the power file the way sysfs reads (``1``/``0`` and a newline)."""
+    path.write_text("1\n" if present else "0\n")
+
+
+def is_trap(name: str) -> Callable[[Any], bool]:
+    """Predicate: a received trap whose snmpTrapOID is ``DCUD-MIB::<name>``."""
+    return lambda trap: trap.value("snmpTrapOID.0") == f"DCUD-MIB::{name}"
+
+
+class UdpSink:
+    """A UDP socket on 127.0.0.1 collecting event push datagrams."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+
+    def receive(self, timeout_s: float = 10.0) -> bytes:
+        """The next datagram (TimeoutError after ``timeout_s``)."""
+        self.sock.settimeout(timeout_s)
+        return self.sock.recv(4096)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class EventSubscriber:
+    """Collects ``<prefix>/event`` and ``<prefix>/power`` messages from Mosquitto in the background."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self.states: dict[str, dict[str, Any]] = {}
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    async def __aenter__(self) -> EventSubscriber:
+        self._task = asyncio.create_task(self._run())
+        async with asyncio.timeout(10):
+            await self._ready.wait()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        async with aiomqtt.Client("127.0.0.1", self.port, identifier=f"sub-{time.monotonic_ns()}") as client:
+            await client.subscribe(f"{PREFIX}/event", qos=1)
+            await client.subscribe(f"{PREFIX}/power/state", qos=1)
+            await client.subscribe(f"{PREFIX}/snmp/state", qos=1)
+            await client.subscribe(f"{PREFIX}/clock/state", qos=1)
+            self._ready.set()
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                payload = dict(json.loads(message.payload))
+                topic = message.topic.value
+                if topic.endswith("/event"):
+                    self.events.append((time.monotonic(), payload))
+                else:
+                    self.states[topic.removesuffix("/state").rsplit("/", 1)[1]] = payload
+                self._changed.set()
+
+    async def wait_event(self, event_type: str, timeout_s: float = 10.0, after: int = 0) -> dict[str, Any]:
+        """The first event of ``event_type`` (among events from index ``after`` on)."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                for _, payload in self.events[after:]:
+                    if payload.get("type") == event_type:
+                        return payload
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_state(
+        self, name: str, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 10.0
+    ) -> dict[str, Any]:
+        """The retained state ``<prefix>/<name>`` once ``predicate`` holds."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                state = self.states.get(name)
+                if state is not None and predicate(state):
+                    return state
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def pick_udp_port() -> int:
+    """A free UDP port on 127.0.0.1."""
+    return free_port(socket.SOCK_DGRAM)
+
+
+@contextlib.asynccontextmanager
+async def running_service(
+    config_path: Path, state_dir: Path, bus: EventBus | None = None
+) -> AsyncIterator[Callable[[Mapping[str, Any]], None]]:
+    """The ``snmp`` service of a site, running; yields the function the runtime would call per event."""
+    slice_ = SnmpServiceConfig.from_config(load_config(config_path))
+    assert slice_ is not None
+    listeners: list[Callable[[Mapping[str, Any]], None]] = []
+
+    def add(listener: Callable[[Mapping[str, Any]], None]) -> Callable[[], None]:
+        listeners.append(listener)
+        return lambda: listeners.remove(listener)
+
+    bus = bus if bus is not None else EventBus()
+    service = SnmpTrapService(slice_, bus, add)
+    ctx = ServiceContext("snmp", 30.0, lambda: None)
+    task = asyncio.create_task(service.run(ctx))
+    try:
+        for _ in range(500):
+            if ctx.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert ctx.ready and "snmp" in bus.states
+        assert bus.states["snmp"]["engine_id"] == snmp_mib.engine_id_hex(slice_.engine_id)
+        yield lambda event: [listener(event) for listener in listeners]  # type: ignore[func-returns-value]
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 10)
+        assert not listeners
