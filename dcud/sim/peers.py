@@ -28,7 +28,8 @@ def find_program(name: str, package: str) -> str:
     """Absolute path of ``name`` (also looking in sbin), or PeerMissing naming the Debian package."""
     found = shutil.which(name, path=_SEARCH_PATH)
     if found is None:
-        raise PeerMissing(f"{name} is not installed: run `sudo apt-get install {package}`")
+        how = "apt-get install" if os.geteuid() == 0 else "sudo apt-get install"  # no sudo on a bare Debian
+        raise PeerMissing(f"{name} is not installed: run `{how} {package}`")
     return found
 
 
