@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers.bridge import (
+    TR_MIN_S,
     Harness,
     PtyDevice,
     bridge_harness,
@@ -36,7 +37,7 @@ async def _readout(port: int) -> bytes:
     try:
         writer.write(encode_request("12345678"))
         await asyncio.wait_for(reader.readuntil(b"\r\n"), 15)
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(TR_MIN_S)  # IEC 62056-21 tr before the option select
         writer.write(encode_option_select("5"))
         message = await asyncio.wait_for(reader.readuntil(b"\x03"), 15)
         return message[message.index(b"\x02") :] + await read_exactly(reader, 1)
