@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from helpers import REPO
 from helpers.meters import simulators, wait_until, write_control
+from helpers.pty import released
 
 from dcud.codec.iec_session import IecReadout, IecReadoutResult
 from dcud.codec.mbus_session import MbusReadout, MbusReadoutResult, MbusScan, MbusScanResult
@@ -48,7 +49,7 @@ async def line_on(path: str, kind: str) -> AsyncIterator[Line]:
         yield line
     finally:
         line.detach("closed")
-        await asyncio.sleep(0.01)
+        await released(port)
 
 
 async def run(line: Line, session: Session) -> Any:

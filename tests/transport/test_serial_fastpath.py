@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from helpers.meters import wait_until
-from helpers.pty import PtyPeer
+from helpers.pty import PtyPeer, released
 
 import dcud.transport.serial as serial_mod
 from dcud.errors import TransportError
@@ -23,7 +23,7 @@ async def port_peer() -> AsyncIterator[tuple[SerialPort, PtyPeer]]:
         yield port, peer
     finally:
         port.close()
-        await asyncio.sleep(0.01)
+        await released(port)
         peer.close()
 
 
@@ -98,7 +98,7 @@ async def test_echo_filter_sees_fast_written_bytes() -> None:
         assert port.counters.echo_dropped == 5
     finally:
         port.close()
-        await asyncio.sleep(0.01)
+        await released(port)
         peer.close()
 
 
@@ -209,5 +209,5 @@ async def test_write_direct_feeds_the_echo_filter() -> None:
         assert bytes(port._echo) == b"ping"  # the echo the converter will send back is expected
     finally:
         port.close()
-        await asyncio.sleep(0.01)
+        await released(port)
         peer.close()
