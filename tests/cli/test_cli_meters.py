@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
+from helpers.pty import released
 
 from dcud.cli_meters import capture_bytes
 from dcud.transport.serial import SerialPort
@@ -108,7 +109,7 @@ def test_read_refuses_a_line_someone_owns(site: Path) -> None:
             return await asyncio.to_thread(dcud, "read", "-c", str(site), "--meter", "heat-1")
         finally:
             port.close()
-            await asyncio.sleep(0.01)
+            await released(port)
 
     result = asyncio.run(hold_and_read())
     assert result.returncode == 1

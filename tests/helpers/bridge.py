@@ -19,6 +19,12 @@ from dcud.service.bridge import BridgeConfig, BridgeService, SessionPolicy
 from dcud.service.line import Line, LineRegistry, LineService, LineServiceConfig
 from helpers.meters import Events, SocatPair, supervised, wait_until
 
+TR_MIN_S = 0.25
+"""IEC 62056-21 tr: the reaction time a master leaves between the meter's identification and its option
+select (at least 200 ms, :data:`dcud.codec.iec62056.REACTION_MIN_S`, plus a margin). A head-end that
+drives the protocol by hand through a transparent port must keep it: protocol pacing the meter requires,
+not a wait for something to settle."""
+
 
 class PtyDevice:
     """The far end of a line (one end of a socat pair): answers what it receives through ``respond``.

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import tty
 
+from dcud.transport.serial import SerialPort
+from helpers.meters import wait_until
+
 
 class PtyPeer:
     """The master side of a pty whose slave a port opens; nothing is read unless asked."""
@@ -44,3 +47,14 @@ class PtyPeer:
         """Close both ends."""
         self.hang_up()
         os.close(self.slave)
+
+
+async def released(port: SerialPort, timeout_s: float = 5.0) -> None:
+    """Wait (bounded) until the transport of a closed ``port`` has let go of its tty.
+
+    ``SerialPort.close`` aborts the transport, which drops the tty on a later loop turn (its own
+    ``connection_lost``); closing the pty's other end or ending the loop before that leaves it pending.
+    """
+    transport = port._transport
+    if transport is not None:
+        await wait_until(lambda: transport.serial is None, timeout_s, step_s=0.001)

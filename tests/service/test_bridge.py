@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from helpers import REPO, TESTS
 from helpers.bridge import (
+    TR_MIN_S,
     PtyDevice,
     bridge_harness,
     closed_by_peer,
@@ -139,7 +140,7 @@ async def _mode_c_readout(
     writer.write(encode_request(address))
     ident = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
     assert ident.startswith(b"/") and ident[4:5] == b"5", ident
-    await asyncio.sleep(0.25)  # tr_min before the option select
+    await asyncio.sleep(TR_MIN_S)  # IEC 62056-21 tr before the option select
     writer.write(encode_option_select("5"))
     message = await asyncio.wait_for(reader.readuntil(b"\x03"), 15)
     bcc = await read_exactly(reader, 1)
@@ -306,7 +307,10 @@ async def test_a_line_that_takes_nothing_holds_the_client_back(tmp_path: Path) -
             await wait_until(lambda: session._reading_paused, 30)
             bound = INBOUND_HIGH_BYTES + 2 * READ_CHUNK_BYTES + 256 * 1024  # + one socket read + the queue
             assert held_bytes() <= bound
-            await asyncio.sleep(0.5)  # still nothing read on the far end: still bounded, still paused
+            # Still nothing read on the far end: still bounded, still paused. A negative check with no
+            # marker to wait for: a paused session sleeps on the port's drain and its own wake-up event,
+            # and neither fires while the far end reads nothing. So a bounded window instead.
+            await asyncio.sleep(0.5)
             assert held_bytes() <= bound and session._reading_paused
             assert session.bytes_c2m < len(payload)
             device.read()
@@ -559,7 +563,7 @@ async def test_idle_session_yields_to_readouts_and_takes_the_line_back(tmp_path:
         writer.write(encode_request("12345678"))
         ident = await asyncio.wait_for(reader.readuntil(b"\r\n"), 15)
         assert ident.startswith(b"/")
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(TR_MIN_S)  # IEC 62056-21 tr before the option select
         writer.write(encode_option_select("5"))
         message = await asyncio.wait_for(reader.readuntil(b"\x03"), 15)
         bcc = await read_exactly(reader, 1)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import structlog.testing
 from helpers.meters import Events, SocatPair, supervised, wait_until
-from helpers.pty import PtyPeer
+from helpers.pty import PtyPeer, released
 
 from dcud.config.model import LineConfig
 from dcud.errors import LocalProtocolError, TransportError
@@ -37,7 +37,7 @@ async def pty_line() -> AsyncIterator[tuple[Line, PtyPeer]]:
         yield line, peer
     finally:
         line.detach("closed")
-        await asyncio.sleep(0.01)
+        await released(port)
         peer.close()
 
 
@@ -200,7 +200,7 @@ async def test_echo_filter_drops_our_own_bytes() -> None:
         assert port.counters.echo_dropped == 5
     finally:
         port.close()
-        await asyncio.sleep(0.01)
+        await released(port)
         peer.close()
 
 
@@ -214,7 +214,7 @@ async def test_rs485_ioctl_refused_on_a_pty_is_reported_not_fatal() -> None:
         await port.drain()
     finally:
         port.close()
-        await asyncio.sleep(0.01)
+        await released(port)
         peer.close()
 
 
@@ -239,7 +239,7 @@ async def test_exclusive_open_refuses_a_second_owner() -> None:
             await SerialPort(peer.path, 2400, "8E1").open()
     finally:
         first.close()
-        await asyncio.sleep(0.01)
+        await released(first)
         peer.close()
 
 
@@ -364,6 +364,6 @@ async def test_is_pty_is_found_on_open(tmp_path: Path) -> None:
         assert port.is_pty
     finally:
         port.close()
-        await asyncio.sleep(0.01)
+        await released(port)
         peer.close()
     assert not SerialPort(str(tmp_path / "nothing"), 9600).is_pty  # unopened: False, never a guess

@@ -219,12 +219,18 @@ async def test_flapping_power_input_is_debounced(tmp_path: Path, notify_socket: 
             set_power(power_file, i % 2 == 1)
             await asyncio.sleep(0.01)
         set_power(power_file, True)
-        # A real loss afterwards: its trap must be the first power trap snmptrapd ever saw.
-        await asyncio.sleep(0.6)
+        # A real loss afterwards, then the power back: the return trap is the marker that every trap
+        # before it has arrived (one sender, in order, over loopback), so the two must be the only
+        # power traps snmptrapd ever saw: the flapping produced none.
         set_power(power_file, False)
         await asyncio.to_thread(trapd.wait_for, is_trap("dcudPowerLoss"))
+        set_power(power_file, True)
+        await asyncio.to_thread(trapd.wait_for, is_trap("dcudPowerReturn"))
         power_traps = [t for t in trapd.traps() if "Power" in (t.value("snmpTrapOID.0") or "")]
-        assert [t.value("snmpTrapOID.0") for t in power_traps] == ["DCUD-MIB::dcudPowerLoss"]
+        assert [t.value("snmpTrapOID.0") for t in power_traps] == [
+            "DCUD-MIB::dcudPowerLoss",
+            "DCUD-MIB::dcudPowerReturn",
+        ]
     finally:
         proc.kill()
         trapd.stop()

@@ -375,7 +375,8 @@ async def test_a_cancelled_caller_does_not_cancel_its_change(harness: Harness) -
         task = asyncio.create_task(
             r.apply_text("ntp_interval=333\n", partial=True, who="t", via="mqtt", authenticated=False)
         )
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # one loop turn: the task queues its change and awaits the answer
+        assert not task.done()
         task.cancel()
     for _ in range(200):
         if r.current.params.get("ntp_interval") == 333:

@@ -24,6 +24,7 @@ from helpers.alarm import (
     trap_receiver,
 )
 from helpers.daemon import write_site
+from helpers.meters import wait_until
 
 from dcud.config.loader import load_config
 from dcud.service import snmp_mib
@@ -243,11 +244,16 @@ async def test_a_wrong_key_is_not_accepted(tmp_path: Path, trapd: SnmpTrapd) -> 
 
     wrong_auth = replace(slice_, auth_key=AUTH_KEY + "x")
     wrong_priv = replace(slice_, priv_key="wrong-priv-key")
-    for cfg, text in ((wrong_auth, "sent with a wrong auth key"), (wrong_priv, "sent with a wrong priv key")):
+    wrong = (
+        (wrong_auth, "sent with a wrong auth key", "Authentication failed for dcud"),  # HMAC mismatch
+        (wrong_priv, "sent with a wrong priv key", "error parsing ScopedPDU"),  # decrypts to garbage
+    )
+    for cfg, text, refused in wrong:
         sender = TrapSender(cfg, 1)
         await sender.wait_open()
         sender.send("power_loss", {"type": "power_loss", "text": text})
-        await asyncio.sleep(0.05)
+        # The trap reached snmptrapd and was refused: its log says so (then the sender may close).
+        await wait_until(lambda refused=refused: refused in trapd.log_text(), 10, step_s=0.01)
         sender.close()
     sender = TrapSender(slice_, 1)
     await sender.wait_open()

@@ -188,17 +188,32 @@ async def test_an_unanswered_inform_is_retried_within_its_bound_then_counted_fai
                     await asyncio.sleep(0.01)
                 state = dict(bus.states["snmp"])
                 sent_when_failed = len(manager.drain())
-                # Give a stray late resend the chance to show up: two more timeouts' worth.
-                await asyncio.sleep(0.6)
-                sent_after = len(manager.drain())
+                # A stray late resend of the first INFORM would come within a timeout or two of its
+                # failure. The marker that this window has passed: a second INFORM, emitted now, has
+                # itself gone through all its 1 + retries timeouts and been counted failed.
+                emit(event_for("meter_error"))
+                for _ in range(1000):  # bounded: 1000 x 10 ms, far beyond 3 x 0.3 s
+                    if bus.states["snmp"]["informs_failed"] >= 2:
+                        break
+                    await asyncio.sleep(0.01)
+                later = dict(bus.states["snmp"])
+                after_failure = manager.drain()[sent_when_failed:]
     finally:
         manager.close()
     assert (state["informs_sent"], state["informs_acked"], state["informs_failed"]) == (1, 0, 1), state
     assert state["informs_pending"] == 0
     assert sent_when_failed == 1 + retries
-    assert sent_after == sent_when_failed
+    assert (later["informs_sent"], later["informs_failed"], later["informs_pending"]) == (2, 2, 0), later
+    # SNMPv2c carries the event id in clear: everything sent after the first failure is the second one's.
+    assert len(after_failure) == 1 + retries
+    assert all(b"dcu-test-1-meter_error" in d for d in after_failure), after_failure
+    assert not any(b"dcu-test-1-drive_heartbeat_lost" in d for d in after_failure), after_failure
     failures = [entry for entry in logs if entry["event"] == "INFORM not acknowledged after its retries"]
-    assert len(failures) == 1 and failures[0]["uid"] == "dcu-test-1-drive_heartbeat_lost", logs
+    # Logged once per failed INFORM (the second one is the marker above).
+    assert [entry["uid"] for entry in failures] == [
+        "dcu-test-1-drive_heartbeat_lost",
+        "dcu-test-1-meter_error",
+    ], logs
 
 
 async def test_informs_beyond_the_pending_bound_go_out_as_traps(tmp_path: Path, trapd: SnmpTrapd) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from helpers import REPO
 from helpers.meters import simulators, wait_until, write_control
+from helpers.pty import released
 
 from dcud.codec.iec_session import IecReadout, IecReadoutResult
 from dcud.codec.mbus_session import MbusReadout, MbusReadoutResult, MbusScan, MbusScanResult
@@ -24,6 +25,7 @@ from dcud.errors import PeerTimeout, RemoteProtocolError
 from dcud.service.line import LeasedPort, Line
 from dcud.service.session_runner import Session, run_session
 from dcud.sim.serial_sim import (
+    IecSimLine,
     MbusSimLine,
     SimConfig,
     SimLineSpec,
@@ -47,7 +49,7 @@ async def line_on(path: str, kind: str) -> AsyncIterator[Line]:
         yield line
     finally:
         line.detach("closed")
-        await asyncio.sleep(0.01)
+        await released(port)
 
 
 async def run(line: Line, session: Session) -> Any:
@@ -93,7 +95,10 @@ async def test_iec_bcc_quirk_needs_the_per_meter_setting() -> None:
     async with simulators(iec_line(spec)) as sims, line_on(sims.runners[0].path, "rs485") as line:
         good = await run(line, IecReadout("66", bcc_mode="sum7"))
         assert good.bcc_ok and good.ident.manufacturer == "KAm"
-        await asyncio.sleep(1.6)  # let the meter go idle after its data message
+        # The meter listens idle_timeout_s for a NAK after its data message; wait until it went idle.
+        model = sims.runners[0].model
+        assert isinstance(model, IecSimLine)
+        await wait_until(lambda: model.meters[0].state == "idle", 10)
         with pytest.raises(RemoteProtocolError):
             await run(line, IecReadout("66", bcc_mode="xor", max_naks=1))
 
@@ -219,8 +224,11 @@ async def test_simulator_reopens_an_existing_tty(tmp_path: Path) -> None:
                 await run(line, MbusReadout(4))
             pair.kill()
             await wait_until(lambda: sims.runners[0].stats.reopens >= 1, 10)
+            # The simulator set ``ready`` when it opened the tty; clear it to see the reopen. Safe now:
+            # the device is gone (socat killed, links unlinked) until pair.start() below.
+            sims.runners[0].ready.clear()
             pair.start()
-            await asyncio.sleep(0.5)  # the simulator retries its device every 0.1 s
+            await asyncio.wait_for(sims.runners[0].ready.wait(), 10)
             async with line_on(str(tmp_path / "dev"), "mbus") as line:
                 await run(line, MbusReadout(4))
     finally:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers.bridge import TR_MIN_S
 from helpers.daemon import daemon_log, start_daemon, write_site
 from helpers.notify import NotifySocket
 from test_config_port import curl, wait_count
@@ -128,7 +129,7 @@ def readout(sock: socket.socket) -> bytes:
     sock.sendall(encode_request("12345678"))
     ident = read_until(sock, b"\r\n")
     assert ident.startswith(b"/"), ident
-    time.sleep(0.25)  # the reaction time a master leaves before its option select
+    time.sleep(TR_MIN_S)  # IEC 62056-21 tr: the reaction time a master leaves before its option select
     sock.sendall(encode_option_select("5"))
     data = read_until(sock, b"\x03", extra=1)
     message = data[data.index(b"\x02") :]

@@ -41,14 +41,14 @@ async def main():
             peer.send(frame(i))
         garbage.sendto(b"\\xc1 not msgpack", ("{GROUP}", 43113))
         peer.send(can.Message(arbitration_id=0x1ABCDEF, data=b"x", is_extended_id=True))
-        for i in range(50, 60):
+        # Then one frame per wake-up: each is sent once the one before it arrived. The last (60) is
+        # the marker: frames arrive in order, so once it is in, anything stray would be before it.
+        for i in range(50, 61):
             peer.send(frame(i))
-            await asyncio.sleep(0.002)
-        for _ in range(500):
-            if len(got) >= 60:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)
+            for _ in range(500):
+                if len(got) > i:
+                    break
+                await asyncio.sleep(0.01)
         print(json.dumps({{"got": got, "stats": port.stats.to_json(), "state": str(port.state)}}))
     finally:
         peer.shutdown()
@@ -69,10 +69,10 @@ def test_loop_reader_drains_in_order_and_rides_over_garbage() -> None:
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0 and lines, done.stderr[-2000:]
     result = json.loads(lines[-1])
-    expected = [[0x180 + i % 8, i.to_bytes(2, "big").hex()] for i in range(60)]
+    expected = [[0x180 + i % 8, i.to_bytes(2, "big").hex()] for i in range(61)]
     assert result["got"] == expected  # every standard frame, in order, nothing else
     stats = result["stats"]
     assert stats["malformed"] == 1  # the garbage datagram was counted and skipped...
     assert stats["ignored"] == 1  # ...the extended frame was not for us...
-    assert stats["rx_frames"] == 60
+    assert stats["rx_frames"] == 61
     assert result["state"] == "active"  # ...and the bus stayed open

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from helpers.meters import wait_until
-from helpers.pty import PtyPeer
+from helpers.pty import PtyPeer, released
 
 import dcud.transport.serial as serial_mod
 from dcud.errors import TransportError
@@ -23,7 +23,7 @@ async def port_peer() -> AsyncIterator[tuple[SerialPort, PtyPeer]]:
         yield port, peer
     finally:
         port.close()
-        await asyncio.sleep(0.01)
+        await released(port)
         peer.close()
 
 
@@ -63,14 +63,21 @@ async def test_drain_waits_for_the_queue_and_wakes_when_it_empties(
     port.write(payload)
     assert port.output_pending() > 0
     draining = asyncio.ensure_future(port.drain(timeout_s=30))
-    await asyncio.sleep(0.2)
-    assert not draining.done()  # the far end reads nothing: the queue cannot empty
+    await asyncio.sleep(0)  # one loop turn: the drain runs up to its wait on the queue
+    assert not draining.done()
+    # The far end reads what the pty holds; the transport writes more (its writer callback ran) but
+    # the queue does not empty: a drain that woke on progress rather than on an empty queue ends here.
+    pending = port.output_pending()
+    peer.drain()
+    await wait_until(lambda: port.output_pending() < pending, 10, step_s=0.005)
+    assert port.output_pending() > 0 and not draining.done()
     await wait_until(lambda: len(peer.drain()) >= len(payload), 20, step_s=0.005)
     await asyncio.wait_for(draining, 10)
     assert peer.drain() == payload and port.output_pending() == 0
     port.write(payload)
     stuck = asyncio.ensure_future(port.drain(timeout_s=30))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # one loop turn: the drain is waiting on the queue when the port closes
+    assert not stuck.done()
     port.close()
     with pytest.raises(TransportError):
         await asyncio.wait_for(stuck, 10)
@@ -91,7 +98,7 @@ async def test_echo_filter_sees_fast_written_bytes() -> None:
         assert port.counters.echo_dropped == 5
     finally:
         port.close()
-        await asyncio.sleep(0.01)
+        await released(port)
         peer.close()
 
 
@@ -141,9 +148,13 @@ async def test_receiver_gets_an_empty_chunk_once_when_the_port_closes(
     port, _peer = port_peer
     got: list[bytes] = []
     port.set_receiver(got.append)
+    transport = port._transport
+    assert transport is not None
     port.close()
     assert got == [b""]
-    await asyncio.sleep(0.01)  # the transport's own connection_lost comes later: no second b""
+    # The transport's own connection_lost comes a loop turn later (it drops its tty when done):
+    # no second b"" from it.
+    await wait_until(lambda: transport.serial is None, 5, step_s=0.001)
     assert got == [b""]
 
 
@@ -198,5 +209,5 @@ async def test_write_direct_feeds_the_echo_filter() -> None:
         assert bytes(port._echo) == b"ping"  # the echo the converter will send back is expected
     finally:
         port.close()
-        await asyncio.sleep(0.01)
+        await released(port)
         peer.close()
