@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import aiomqtt
 import pytest
 from helpers import REPO
 from helpers.daemon import daemon_log, start_daemon, write_site
-from helpers.meters import write_control
+from helpers.meters import simulator_process, write_control
 
 from dcud.sim.peers import Mosquitto
 from dcud.sim.serial_sim import SimMeterSpec, iec_expected_values, mbus_expected_values
@@ -83,22 +82,8 @@ interval_s = 10
 
 @pytest.fixture
 def simulators(tmp_path: Path) -> Iterator[Path]:
-    (tmp_path / "sims.toml").write_text(SIMS)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dcud", "sim", "meters", "--config", str(tmp_path / "sims.toml")],
-        stdout=subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert proc.stdout is not None
-        for _ in range(3):
-            if json.loads(proc.stdout.readline()).get("ready"):
-                break
+    with simulator_process(tmp_path, SIMS):
         yield tmp_path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 class Watcher:
