@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+import subprocess
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,14 @@ from dcud.runtime.supervisor import ServiceContext
 from dcud.service import snmp_mib
 from dcud.service.snmp import SnmpServiceConfig, SnmpTrapService
 from dcud.sim.alarm_peers import SnmpTrapd, SnmpUser, start_snmptrapd
-from dcud.sim.peers import free_port
+from dcud.sim.peers import find_program, free_port
 from helpers import REPO
 from helpers.mqtt import Subscriber
 
 MIB_DIRS = (REPO / "tests" / "mibs", REPO / "mibs")
 MIBS = ("DCUD-MIB", "SNMPv2-MIB")
+MIB_PATH = ":".join(str(d) for d in MIB_DIRS)
+"""``MIB_DIRS`` as Net-SNMP's ``-M`` takes them."""
 DEVICE_ID = "dcu-test"
 PREFIX = f"dcu/{DEVICE_ID}"
 AUTH_KEY = "auth-pass-123"
@@ -65,6 +68,32 @@ def snmp_params(trapd: SnmpTrapd, version: int = 3, auth: int = 2, priv: int = 3
         if priv:
             lines += [f"snmp_priv_algo={priv}", f"snmp_priv_key={PRIV_KEY}"]
     return "\n".join(lines) + "\n"
+
+
+def net_snmp(
+    tool: str, *args: str, timeout_s: float = 2.0, retries: int = 2, options: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """A Net-SNMP command (``snmpget``, ``snmpwalk``...) with DCUD-MIB loaded, so names print as in the MIB;
+    ``options`` (``-OQUt``...) before the timeout and retries, ``args`` (the agent, the OIDs) after."""
+    return subprocess.run(
+        [
+            find_program(tool, "snmp"),
+            "-M",
+            MIB_PATH,
+            "-m",
+            "DCUD-MIB:SNMPv2-MIB",
+            *options,
+            "-t",
+            str(timeout_s),
+            "-r",
+            str(retries),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def power_toml(power_file: Path, poll_s: float = 0.01, debounce_s: float = 0.05) -> str:

@@ -118,6 +118,22 @@ def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def hdlc_meter(peer: DlmsPeer, name: str) -> str:
+    """dcud.toml: the line ``dlms-1`` on the peer's HDLC pty and the first lines of meter ``name`` on it."""
+    return f"""[[line]]
+name = "dlms-1"
+device = "{peer.device}"
+baud = 9600
+framing = "8N1"
+
+[[meter]]
+name = "{name}"
+protocol = "dlms"
+line = "dlms-1"
+address = "{peer.physical_address}"
+"""
+
+
 @pytest.fixture
 def chronyd(tmp_path: Path) -> Iterator[int]:
     server = start_chronyd(tmp_path / "chrony")
@@ -137,18 +153,7 @@ def test_daemon_reads_dlms_meters_over_hdlc_and_tcp(
     site.mkdir()
     (site / "keys.toml").write_text(f'block_cipher_key = "{EK}"\nauthentication_key = "{AK}"\n')
     meters = f"""
-[[line]]
-name = "dlms-1"
-device = "{peer.device}"
-baud = 9600
-framing = "8N1"
-
-[[meter]]
-name = "em-h"
-protocol = "dlms"
-line = "dlms-1"
-address = "{peer.physical_address}"
-interval_s = 10
+{hdlc_meter(peer, "em-h")}interval_s = 10
 timeout_s = 1
 [meter.dlms]
 client = 32
@@ -272,18 +277,7 @@ def test_backfill_and_a_kill_9_in_a_profile_read_lose_and_duplicate_nothing(
         "hdlc", hdlc={"baud": 9600}, clock={"start": NOW}, profile={"start": "2024-05-20T00:00:00Z"}
     )
     meters = f"""
-[[line]]
-name = "dlms-1"
-device = "{peer.device}"
-baud = 9600
-framing = "8N1"
-
-[[meter]]
-name = "em-1"
-protocol = "dlms"
-line = "dlms-1"
-address = "{peer.physical_address}"
-interval_s = 86400
+{hdlc_meter(peer, "em-1")}interval_s = 86400
 timeout_s = 0.5
 retries = 0
 [meter.dlms]
@@ -348,18 +342,7 @@ profile_backfill_s = 3600
 def test_dcud_read_and_dlms_objects_from_the_command_line(dlms_peer: Start, tmp_path: Path) -> None:
     peer = dlms_peer("both", clock={"start": NOW})
     meters = f"""
-[[line]]
-name = "dlms-1"
-device = "{peer.device}"
-baud = 9600
-framing = "8N1"
-
-[[meter]]
-name = "em-h"
-protocol = "dlms"
-line = "dlms-1"
-address = "{peer.physical_address}"
-[meter.dlms]
+{hdlc_meter(peer, "em-h")}[meter.dlms]
 objects = ["1.0.1.8.0.255", "1.0.32.7.0.255"]
 
 [[meter]]

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.alarm import AUTH_KEY, MIB_DIRS, PRIV_KEY, USER, is_trap, snmp_params, trap_receiver
+from helpers import alarm
+from helpers.alarm import AUTH_KEY, PRIV_KEY, USER, is_trap, snmp_params, trap_receiver
 from helpers.daemon import daemon_log, start_daemon, write_site
 from helpers.meters import SocatPair, simulators
 from helpers.mqtt import Subscriber
@@ -34,13 +35,12 @@ from test_drives_can import simulator as drive_simulator
 from test_snmp_agent import COMMUNITY, hostile_datagrams
 
 from dcud.sim.alarm_peers import SnmpTrapd
-from dcud.sim.peers import Mosquitto, find_program, free_port
+from dcud.sim.peers import Mosquitto, free_port
 from dcud.sim.serial_sim import SimConfig, SimLineSpec, SimMeterSpec
 
 pytestmark = pytest.mark.slow
 
 PREFIX = "dcu/dcu-test"
-MIB_PATH = ":".join(str(d) for d in MIB_DIRS)
 V3 = ("-v3", "-u", USER, "-l", "authPriv", "-a", "SHA", "-A", AUTH_KEY, "-x", "AES", "-X", PRIV_KEY)
 
 SITE = """
@@ -100,25 +100,7 @@ def net_snmp(
     tool: str, *args: str, timeout_s: float = 2.0, retries: int = 2
 ) -> subprocess.CompletedProcess[str]:
     """A Net-SNMP command with DCUD-MIB loaded; -OQUt: ``name = value``, no units, raw time ticks."""
-    return subprocess.run(
-        [
-            find_program(tool, "snmp"),
-            "-M",
-            MIB_PATH,
-            "-m",
-            "DCUD-MIB:SNMPv2-MIB",
-            "-OQUt",
-            "-t",
-            str(timeout_s),
-            "-r",
-            str(retries),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return alarm.net_snmp(tool, *args, timeout_s=timeout_s, retries=retries, options=("-OQUt",))
 
 
 def parse(output: str) -> dict[str, str]:
