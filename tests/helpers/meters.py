@@ -59,17 +59,24 @@ class SocatPair:
                 link.unlink()
 
 
+def start_sim(*args: str, stderr: int | None = None) -> subprocess.Popen[bytes]:
+    """``python -m dcud sim <args>`` as a process; its stdout a pipe, unbuffered (its announcements
+    come line by line); ``stderr`` as given (inherited by default)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dcud", "sim", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
 @contextlib.contextmanager
 def simulator_process(workdir: Path, sims_toml: str) -> Iterator[subprocess.Popen[bytes]]:
     """``dcud sim meters`` as its own process, configured by ``sims_toml`` (written to
     ``workdir/sims.toml``; links relative to ``workdir``); yields once it printed ``ready``."""
     (workdir / "sims.toml").write_text(sims_toml)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dcud", "sim", "meters", "--config", str(workdir / "sims.toml")],
-        stdout=subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = start_sim("meters", "--config", str(workdir / "sims.toml"))
     try:
         assert proc.stdout is not None
         for _ in range(3):

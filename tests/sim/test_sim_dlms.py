@@ -34,7 +34,7 @@ from helpers.dlms_sim import (
     read_tcp,
     running,
 )
-from helpers.meters import SocatPair, wait_until, write_control
+from helpers.meters import SocatPair, start_sim, wait_until, write_control
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -679,13 +679,7 @@ async def test_the_simulator_reopens_its_tty_after_a_hang_up(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_sim_dlms_command_on_a_pty_and_tcp(tmp_path: Path) -> None:
     link = tmp_path / "dlms.tty"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dcud", "sim", "dlms", "--link", str(link), "--tcp-port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = start_sim("dlms", "--link", str(link), "--tcp-port", "0", stderr=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         announced = json.loads(proc.stdout.readline())
