@@ -17,7 +17,8 @@ class Subscriber:
 
     Topics are read relative to ``prefix`` (``dcu/<device>``): the payload of ``<prefix>/event`` is
     appended to ``events``; any other message is the latest state of its topic in ``states``, keyed
-    by the topic without ``<prefix>/`` and without ``/state`` (``meter/heat-1``, ``power``). Payloads
+    by the topic without ``<prefix>/`` and without ``/state`` (``meter/heat-1``, ``power``). Every
+    message is also in ``messages`` (its full topic and payload), in arrival order. Payloads
     are JSON objects; one that is not fails the background task (seen on exit), unless
     ``skip_non_json`` (for a ``#`` subscription that also sees plain-text topics). ``async with``
     returns once the subscriptions are made; ``wait`` is bounded by ``wait_timeout_s`` unless told.
@@ -40,6 +41,7 @@ class Subscriber:
         self.skip_non_json = skip_non_json
         self.wait_timeout_s = wait_timeout_s
         self.events: list[dict[str, Any]] = []
+        self.messages: list[tuple[str, dict[str, Any]]] = []
         self.states: dict[str, dict[str, Any]] = {}
         self.changed = asyncio.Event()
         self._ready = asyncio.Event()
@@ -70,6 +72,7 @@ class Subscriber:
                     continue
                 assert isinstance(message.payload, bytes)
                 payload = dict(json.loads(message.payload))
+                self.messages.append((message.topic.value, payload))
                 topic = message.topic.value.removeprefix(self.prefix + "/")
                 if topic == "event":
                     self.events.append(payload)
@@ -78,7 +81,7 @@ class Subscriber:
                 self.changed.set()
 
     async def wait(
-        self, condition: Callable[[], bool], what: str = "a condition", timeout_s: float | None = None
+        self, condition: Callable[[], object], what: str = "a condition", timeout_s: float | None = None
     ) -> None:
         """Until ``condition()`` holds, checked on every message; AssertionError naming ``what`` and the
         states seen after ``timeout_s`` (``wait_timeout_s`` by default)."""
