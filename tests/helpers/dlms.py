@@ -415,6 +415,28 @@ def _split(data: bytes, chunking: str, rng: random.Random | None) -> list[bytes]
     return pieces
 
 
+class IdleLink:
+    """An ``ApduTransport`` that is up at once and never answers; a test's link overrides what it scripts."""
+
+    def open(self, now: float) -> list[object]:
+        return [LinkUp()]
+
+    def send_apdu(self, apdu: bytes, now: float) -> list[object]:
+        return []
+
+    def receive_data(self, data: bytes, now: float) -> list[object]:
+        return []
+
+    def handle_timer(self, now: float) -> list[object]:
+        return []
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def close(self, now: float) -> list[object]:
+        return [LinkDown(None)]
+
+
 def drain_hdlc(chunks: list[bytes], reader: HdlcFrameReader | None = None) -> tuple[list[HdlcFrame], int]:
     """Feed ``chunks`` in turn to ``reader`` (a new one by default), taking every frame after each: the
     frames and the count of typed errors (damaged frames skipped). The reader never holds more than a
