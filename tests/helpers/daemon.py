@@ -91,6 +91,18 @@ def start_daemon(config: Path, notify: NotifySocket | None = None, **env: str) -
     return proc
 
 
+def run_dcud(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``python -m dcud <args>`` to its end (bounded by ``timeout_s``), its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "dcud", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        cwd=REPO,
+    )
+
+
 def stop_daemon(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
     """SIGTERM to a daemon still running, SIGKILL if not ended within ``timeout_s``; its exit status."""
     if proc.poll() is None:

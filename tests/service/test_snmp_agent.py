@@ -810,19 +810,11 @@ def test_the_agent_slice_comes_from_dcud_toml_and_the_trap_user(tmp_path: Path) 
 def test_bad_agent_settings_stop_check_config_with_file_line_and_key(
     tmp_path: Path, setting: str, message: str
 ) -> None:
-    import sys
 
-    from helpers.daemon import write_site
+    from helpers.daemon import run_dcud, write_site
 
     config = write_site(tmp_path / "site", toml_extra=f"\n[snmp]\n{setting}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "dcud", "check-config", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=REPO,
-    )
+    result = run_dcud("check-config", "-c", str(config))
     assert result.returncode == 78
     line = config.read_text().splitlines().index(setting) + 1
     assert f"{config}:{line}: {message.replace('`', '')}" in result.stderr + result.stdout, result.stderr

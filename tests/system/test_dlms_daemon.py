@@ -10,7 +10,6 @@ import datetime as dt
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,9 +19,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from helpers import REPO
 from helpers.commands import Commander
-from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.daemon import daemon_log, run_dcud, start_daemon, write_site
 from paho.mqtt.enums import CallbackAPIVersion
 from peers.dlms_fixture import GREEN_BOOK_AUTHENTICATION_KEY as AK
 from peers.dlms_fixture import GREEN_BOOK_BLOCK_CIPHER_KEY as EK
@@ -108,14 +106,7 @@ def stop(daemon: subprocess.Popen[bytes], config: Path) -> None:
 
 
 def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dcud", *args, "-c", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        check=False,
-    )
+    return run_dcud(*args, "-c", str(config), timeout_s=120)
 
 
 def hdlc_meter(peer: DlmsPeer, name: str) -> str:
