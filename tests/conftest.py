@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.commands import Commander
 from helpers.netns import HOW_TO_RUN, netns_problem
 from helpers.notify import NotifySocket
 
@@ -70,6 +71,16 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture
+def commander(broker: Mosquitto) -> Iterator[Commander]:
+    """A ``<p>/cmd/<verb>`` client (:class:`helpers.commands.Commander`) on the ``broker`` fixture."""
+    c = Commander(broker.port)
+    try:
+        yield c
+    finally:
+        c.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
+from helpers.meters import simulator_process
 from helpers.pty import released
 
 from dcud.cli_meters import capture_bytes
@@ -57,18 +57,7 @@ def dcud(*args: str, stdin: bytes | None = None, timeout_s: float = 60) -> subpr
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Path]:
     """Simulators in their own process and a dcud.toml pointing at them; yields the dcud.toml."""
-    (tmp_path / "sims.toml").write_text(SIMS)
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "dcud", "sim", "meters", "--config", str(tmp_path / "sims.toml")],
-        stdout=subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert sim.stdout is not None
-        for _ in range(3):
-            if json.loads(sim.stdout.readline()).get("ready"):
-                break
+    with simulator_process(tmp_path, SIMS):
         config = tmp_path / "dcud.toml"
         config.write_text(
             f'device_id = "cli"\nstate_dir = "{tmp_path / "state"}"\n'
@@ -80,9 +69,6 @@ def site(tmp_path: Path) -> Iterator[Path]:
         )
         (tmp_path / "wme.conf").write_text("")
         yield config
-    finally:
-        sim.terminate()
-        sim.wait(timeout=10)
 
 
 def test_read_mbus_and_iec_meters(site: Path) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from helpers import TESTS
+from helpers.dlms import drain_hdlc
 
 from dcud.codec.crc import crc16_x25
 from dcud.codec.dlms.hdlc import (
@@ -144,19 +145,7 @@ def test_reader_resyncs_after_garbage_and_damage() -> None:
     )
     for step in (1, 2, 3, 7, len(stream)):
         reader = HdlcFrameReader()
-        frames: list[HdlcFrame] = []
-        errors = 0
-        for start in range(0, len(stream), step):
-            reader.receive_data(stream[start : start + step])
-            for _ in range(50):
-                try:
-                    frame = reader.next_frame()
-                except RemoteProtocolError:
-                    errors += 1
-                    continue
-                if frame is None:
-                    break
-                frames.append(frame)
+        frames, errors = drain_hdlc([stream[i : i + step] for i in range(0, len(stream), step)], reader)
         assert frames == [decode_frame(good[0]), decode_frame(good[2]), decode_frame(good[3])], step
         assert errors == 1
         assert reader.discarded_bytes > 0

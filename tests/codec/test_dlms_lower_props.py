@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from helpers.dlms import drain_hdlc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +17,6 @@ from dcud.codec.dlms.hdlc import (
     FrameKind,
     HdlcAddress,
     HdlcFrame,
-    HdlcFrameReader,
     HdlcParameters,
     decode_frame,
     decode_parameters,
@@ -66,30 +66,11 @@ hdlc_bytes = st.lists(st.one_of(st.binary(max_size=12), st.sampled_from(HDLC_PIE
 )
 
 
-def _drain(chunks: list[bytes]) -> tuple[list[HdlcFrame], int]:
-    reader = HdlcFrameReader()
-    frames: list[HdlcFrame] = []
-    errors = 0
-    for chunk in chunks:
-        reader.receive_data(chunk)
-        for _ in range(10_000):
-            try:
-                frame = reader.next_frame()
-            except RemoteProtocolError:
-                errors += 1
-                continue
-            if frame is None:
-                break
-            frames.append(frame)
-        assert reader.buffered_bytes <= 2049
-    return frames, errors
-
-
 @SETTINGS
 @given(hdlc_bytes, st.integers(min_value=1, max_value=40))
 def test_reader_random_bytes_typed_and_chunking_independent(data: bytes, step: int) -> None:
-    whole = _drain([data])
-    split = _drain([data[i : i + step] for i in range(0, len(data), step)])
+    whole = drain_hdlc([data])
+    split = drain_hdlc([data[i : i + step] for i in range(0, len(data), step)])
     assert whole == split
 
 
@@ -131,7 +112,7 @@ def test_frames_round_trip_through_encoder_decoder_and_reader(
         assert decode_frame(raw) == frame
     # Noise without a flag in front, frames back to back: every frame comes out, whatever the chunks.
     stream = noise.replace(b"\x7e", b"") + b"".join(raws)
-    got, errors = _drain([stream[i : i + step] for i in range(0, len(stream), step)])
+    got, errors = drain_hdlc([stream[i : i + step] for i in range(0, len(stream), step)])
     assert got == frames and errors == 0
 
 

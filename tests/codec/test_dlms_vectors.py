@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from helpers import TESTS
+from helpers.dlms import IdleLink
 
 from dcud.codec.actions import Done, Send
 from dcud.codec.dlms import apdu as A  # noqa: N812
@@ -24,7 +25,7 @@ from dcud.codec.dlms.client import DlmsClient, DlmsClientConfig, DlmsSessionResu
 from dcud.codec.dlms.cosem import CaptureObject, decode_object_list, profile_rows
 from dcud.codec.dlms.obis import AttributeRef, Obis
 from dcud.codec.dlms.security import Keys, hls_gmac_response, protect, unprotect, verify_hls_gmac
-from dcud.codec.dlms.transport import ApduIn, LinkDown, LinkUp
+from dcud.codec.dlms.transport import ApduIn
 from dcud.errors import RemoteProtocolError
 
 VECTORS = TESTS / "vectors" / "dlms"
@@ -227,15 +228,12 @@ def test_hls_gmac_vector_both_passes() -> None:
     assert not verify_hls_gmac(f_stoc, system_title=client, keys=KEYS, challenge=ctos)
 
 
-class _ReplayTransport:
+class _ReplayTransport(IdleLink):
     """An ApduTransport that answers each APDU the client sends with the next recorded response."""
 
     def __init__(self, exchange: list[dict[str, str]]) -> None:
         self.exchange = list(exchange)
         self.requests: list[str] = []
-
-    def open(self, now: float) -> list[object]:
-        return [LinkUp()]
 
     def send_apdu(self, apdu: bytes, now: float) -> list[object]:
         self.requests.append(apdu.hex().upper())
@@ -250,18 +248,6 @@ class _ReplayTransport:
         if apdu[0] == 0x62:
             return [ApduIn(bytes.fromhex("6303800100"))]
         return [Send(apdu), ApduIn(bytes.fromhex(self.exchange.pop(0)["response"]))]
-
-    def receive_data(self, data: bytes, now: float) -> list[object]:
-        return []
-
-    def handle_timer(self, now: float) -> list[object]:
-        return []
-
-    def next_deadline(self) -> float | None:
-        return None
-
-    def close(self, now: float) -> list[object]:
-        return [LinkDown(None)]
 
 
 def test_get_with_block_vector_through_the_client() -> None:

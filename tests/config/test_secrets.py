@@ -15,7 +15,6 @@ import logging
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +23,8 @@ from typing import Any
 import aiomqtt
 import pytest
 import structlog
-from helpers import REPO
 from helpers.alarm import EventSubscriber, UdpSink, power_toml, set_power
-from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.daemon import daemon_log, run_dcud, start_daemon, write_site
 from helpers.notify import NotifySocket
 
 from dcud import log as dcud_log
@@ -71,14 +69,7 @@ def test_a_bad_snmp_user_is_reported_without_its_value() -> None:
 def test_dcud_params_masks_snmp_user(tmp_path: Path) -> None:
     config = write_site(tmp_path / "site", wme=f"snmp_user={COMMUNITY}\n")
     for extra in ([], ["--json"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "dcud", "params", "-c", str(config), *extra],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            cwd=REPO,
-        )
+        result = run_dcud("params", "-c", str(config), *extra)
         assert result.returncode == 0, result.stderr
         assert COMMUNITY not in result.stdout + result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)}

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+import subprocess
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import aiomqtt
 
 from dcud.config.loader import load_config
 from dcud.runtime.bus import EventBus
@@ -19,11 +16,14 @@ from dcud.runtime.supervisor import ServiceContext
 from dcud.service import snmp_mib
 from dcud.service.snmp import SnmpServiceConfig, SnmpTrapService
 from dcud.sim.alarm_peers import SnmpTrapd, SnmpUser, start_snmptrapd
-from dcud.sim.peers import free_port
+from dcud.sim.peers import find_program, free_port
 from helpers import REPO
+from helpers.mqtt import Subscriber
 
 MIB_DIRS = (REPO / "tests" / "mibs", REPO / "mibs")
 MIBS = ("DCUD-MIB", "SNMPv2-MIB")
+MIB_PATH = ":".join(str(d) for d in MIB_DIRS)
+"""``MIB_DIRS`` as Net-SNMP's ``-M`` takes them."""
 DEVICE_ID = "dcu-test"
 PREFIX = f"dcu/{DEVICE_ID}"
 AUTH_KEY = "auth-pass-123"
@@ -70,6 +70,32 @@ def snmp_params(trapd: SnmpTrapd, version: int = 3, auth: int = 2, priv: int = 3
     return "\n".join(lines) + "\n"
 
 
+def net_snmp(
+    tool: str, *args: str, timeout_s: float = 2.0, retries: int = 2, options: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """A Net-SNMP command (``snmpget``, ``snmpwalk``...) with DCUD-MIB loaded, so names print as in the MIB;
+    ``options`` (``-OQUt``...) before the timeout and retries, ``args`` (the agent, the OIDs) after."""
+    return subprocess.run(
+        [
+            find_program(tool, "snmp"),
+            "-M",
+            MIB_PATH,
+            "-m",
+            "DCUD-MIB:SNMPv2-MIB",
+            *options,
+            "-t",
+            str(timeout_s),
+            "-r",
+            str(retries),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def power_toml(power_file: Path, poll_s: float = 0.01, debounce_s: float = 0.05) -> str:
     """A ``[power]`` table reading ``power_file``."""
     return (
@@ -105,67 +131,34 @@ class UdpSink:
         self.sock.close()
 
 
-class EventSubscriber:
-    """Collects ``<prefix>/event`` and ``<prefix>/power`` messages from Mosquitto in the background."""
+class EventSubscriber(Subscriber):
+    """Collects ``<prefix>/event`` and the power, SNMP and clock states from Mosquitto in the background."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.events: list[tuple[float, dict[str, Any]]] = []
-        self.states: dict[str, dict[str, Any]] = {}
-        self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
-
-    async def __aenter__(self) -> EventSubscriber:
-        self._task = asyncio.create_task(self._run())
-        async with asyncio.timeout(10):
-            await self._ready.wait()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-    async def _run(self) -> None:
-        async with aiomqtt.Client("127.0.0.1", self.port, identifier=f"sub-{time.monotonic_ns()}") as client:
-            await client.subscribe(f"{PREFIX}/event", qos=1)
-            await client.subscribe(f"{PREFIX}/power/state", qos=1)
-            await client.subscribe(f"{PREFIX}/snmp/state", qos=1)
-            await client.subscribe(f"{PREFIX}/clock/state", qos=1)
-            self._ready.set()
-            async for message in client.messages:
-                assert isinstance(message.payload, bytes)
-                payload = dict(json.loads(message.payload))
-                topic = message.topic.value
-                if topic.endswith("/event"):
-                    self.events.append((time.monotonic(), payload))
-                else:
-                    self.states[topic.removesuffix("/state").rsplit("/", 1)[1]] = payload
-                self._changed.set()
+        topics = [f"{PREFIX}/event"] + [f"{PREFIX}/{name}/state" for name in ("power", "snmp", "clock")]
+        super().__init__(port, topics, PREFIX)
 
     async def wait_event(self, event_type: str, timeout_s: float = 10.0, after: int = 0) -> dict[str, Any]:
         """The first event of ``event_type`` (among events from index ``after`` on)."""
-        async with asyncio.timeout(timeout_s):
-            while True:
-                for _, payload in self.events[after:]:
-                    if payload.get("type") == event_type:
-                        return payload
-                self._changed.clear()
-                await self._changed.wait()
+
+        def first() -> dict[str, Any] | None:
+            return next(
+                (payload for payload in self.events[after:] if payload.get("type") == event_type), None
+            )
+
+        await self.wait(lambda: first() is not None, f"event {event_type}", timeout_s)
+        event = first()
+        assert event is not None
+        return event
 
     async def wait_state(
         self, name: str, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 10.0
     ) -> dict[str, Any]:
         """The retained state ``<prefix>/<name>`` once ``predicate`` holds."""
-        async with asyncio.timeout(timeout_s):
-            while True:
-                state = self.states.get(name)
-                if state is not None and predicate(state):
-                    return state
-                self._changed.clear()
-                await self._changed.wait()
+        await self.wait(
+            lambda: name in self.states and predicate(self.states[name]), f"state {name}", timeout_s
+        )
+        return self.states[name]
 
 
 def pick_udp_port() -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,30 @@ def start_daemon(config: Path, notify: NotifySocket | None = None, **env: str) -
     )
     log.close()
     return proc
+
+
+def run_dcud(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``python -m dcud <args>`` to its end (bounded by ``timeout_s``), its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "dcud", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        cwd=REPO,
+    )
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
+    """SIGTERM to a daemon still running, SIGKILL if not ended within ``timeout_s``; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    return proc.returncode
 
 
 def daemon_log(config: Path) -> str:

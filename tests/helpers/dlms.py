@@ -50,6 +50,7 @@ from dcud.codec.dlms.apdu import (
 from dcud.codec.dlms.axdr import Data, OctetString, decode_data, encode_data
 from dcud.codec.dlms.client import DlmsClient
 from dcud.codec.dlms.cosem import ASSOCIATION_LN_OBIS, CLASS_ASSOCIATION_LN
+from dcud.codec.dlms.hdlc import HdlcFrame, HdlcFrameReader
 from dcud.codec.dlms.obis import AttributeRef
 from dcud.codec.dlms.security import (
     InvocationCounter,
@@ -412,3 +413,47 @@ def _split(data: bytes, chunking: str, rng: random.Random | None) -> list[bytes]
         pieces.append(data[start : start + size])
         start += size
     return pieces
+
+
+class IdleLink:
+    """An ``ApduTransport`` that is up at once and never answers; a test's link overrides what it scripts."""
+
+    def open(self, now: float) -> list[object]:
+        return [LinkUp()]
+
+    def send_apdu(self, apdu: bytes, now: float) -> list[object]:
+        return []
+
+    def receive_data(self, data: bytes, now: float) -> list[object]:
+        return []
+
+    def handle_timer(self, now: float) -> list[object]:
+        return []
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def close(self, now: float) -> list[object]:
+        return [LinkDown(None)]
+
+
+def drain_hdlc(chunks: list[bytes], reader: HdlcFrameReader | None = None) -> tuple[list[HdlcFrame], int]:
+    """Feed ``chunks`` in turn to ``reader`` (a new one by default), taking every frame after each: the
+    frames and the count of typed errors (damaged frames skipped). The reader never holds more than a
+    frame."""
+    reader = reader if reader is not None else HdlcFrameReader()
+    frames: list[HdlcFrame] = []
+    errors = 0
+    for chunk in chunks:
+        reader.receive_data(chunk)
+        for _ in range(10_000):
+            try:
+                frame = reader.next_frame()
+            except RemoteProtocolError:
+                errors += 1
+                continue
+            if frame is None:
+                break
+            frames.append(frame)
+        assert reader.buffered_bytes <= 2049
+    return frames, errors

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -26,8 +24,8 @@ from dcud.sim.dlms_model import GREEN_BOOK_AUTHENTICATION_KEY, GREEN_BOOK_BLOCK_
 from dcud.sim.dlms_sim import DlmsSimConfig, DlmsSimHandle, serve
 from dcud.transport.serial import SerialPort
 from helpers import REPO
+from helpers.cosem import COSEM_CLIENT, report_of, write_plan
 
-COSEM_CLIENT = REPO / "tests" / "peers" / "cosem_client.py"
 GREEN_BOOK_KEYS = Keys.from_hex(GREEN_BOOK_BLOCK_CIPHER_KEY, GREEN_BOOK_AUTHENTICATION_KEY)
 CLIENT_TITLE = bytes.fromhex("4D4D4D0000000001")
 
@@ -161,13 +159,10 @@ async def hdlc_line(path: str, baud: int = 9600, framing: str = "8N1") -> AsyncI
 async def cosem(tmp_path: Path, plan: dict[str, Any], timeout_s: float = 120) -> dict[str, Any]:
     """dlms-cosem's client (its own process) runs ``plan``; its JSON report. Asynchronous, so the
     simulator in this event loop goes on serving while it runs."""
-    full: dict[str, Any] = {"timeout_s": 5, **plan}
-    path = tmp_path / f"plan-{os.urandom(4).hex()}.json"
-    path.write_text(json.dumps(full))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(COSEM_CLIENT),
-        str(path),
+        str(write_plan(tmp_path, plan)),
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -178,10 +173,7 @@ async def cosem(tmp_path: Path, plan: dict[str, Any], timeout_s: float = 120) ->
         proc.kill()
         await proc.wait()
         raise
-    assert proc.returncode == 0, stderr.decode()[-3000:]
-    report: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
-    assert "crashed" not in report, report
-    return report
+    return report_of(proc.returncode, stdout.decode(), stderr.decode())
 
 
 @contextlib.asynccontextmanager

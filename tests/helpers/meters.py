@@ -8,8 +8,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from dcud.runtime.supervisor import Service, Supervisor, SupervisorOptions
 from dcud.sim.peers import find_program
 from dcud.sim.serial_sim import SimConfig, SimHandle, serve
+from helpers import REPO
 
 FAST = SupervisorOptions(grace_s=2.0, liveness_s=3.0, restart_initial_s=0.05, restart_max_s=0.2)
 
@@ -55,6 +57,35 @@ class SocatPair:
         for link in (self.a, self.b):
             with contextlib.suppress(FileNotFoundError):
                 link.unlink()
+
+
+def start_sim(*args: str, stderr: int | None = None) -> subprocess.Popen[bytes]:
+    """``python -m dcud sim <args>`` as a process; its stdout a pipe, unbuffered (its announcements
+    come line by line); ``stderr`` as given (inherited by default)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dcud", "sim", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+@contextlib.contextmanager
+def simulator_process(workdir: Path, sims_toml: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``dcud sim meters`` as its own process, configured by ``sims_toml`` (written to
+    ``workdir/sims.toml``; links relative to ``workdir``); yields once it printed ``ready``."""
+    (workdir / "sims.toml").write_text(sims_toml)
+    proc = start_sim("meters", "--config", str(workdir / "sims.toml"))
+    try:
+        assert proc.stdout is not None
+        for _ in range(3):
+            if json.loads(proc.stdout.readline()).get("ready"):
+                break
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 @contextlib.asynccontextmanager

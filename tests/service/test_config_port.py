@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.daemon import daemon_log, start_daemon, stop_daemon, write_site
 from helpers.notify import NotifySocket
 
 from dcud.config.loader import load_config, remote_parameters_path
@@ -79,17 +79,6 @@ def _start(site: Path, notify: NotifySocket, port: int, ready_count: int = 1) ->
     return proc
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
 @contextlib.contextmanager
 def dcu(tmp_path: Path, wme: str = "", config_port: str = PLAIN_WRITES) -> Iterator[Dcu]:
     """A running daemon on a free loopback port; plain writes allowed unless ``config_port`` says
@@ -107,7 +96,7 @@ def dcu(tmp_path: Path, wme: str = "", config_port: str = PLAIN_WRITES) -> Itera
     try:
         yield Dcu(proc, port, site, notify)
     finally:
-        code = _stop(proc)
+        code = stop_daemon(proc)
         notify.close()
         assert code == 0, daemon_log(site)
 
@@ -474,6 +463,6 @@ def test_kill_9_during_applies_leaves_old_or_new_file(tmp_path: Path) -> None:
         proc = _start(site, notify, port, ready)
         code, body = curl(f"http://127.0.0.1:{port}/config")
         assert code == 200 and body.decode() == mask_parameter_text(in_force)
-        assert _stop(proc) == 0
+        assert stop_daemon(proc) == 0
     finally:
         notify.close()

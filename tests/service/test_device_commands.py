@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 from helpers.commands import Commander
-from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.daemon import daemon_log, start_daemon, stop_daemon, write_site
 from helpers.notify import NotifySocket
 
 from dcud.config.loader import LoadedConfig, load_config
@@ -290,25 +289,6 @@ async def test_command_method(tmp_path: Path) -> None:
 # -- the daemon through a real broker --------------------------------------------------------------
 
 
-@pytest.fixture
-def commander(broker: Mosquitto) -> Iterator[Commander]:
-    c = Commander(broker.port)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 def _stand_in_script(tmp_path: Path) -> tuple[Path, Path]:
     calls = tmp_path / "reboot-calls"
     script = tmp_path / "reboot-stand-in"
@@ -333,7 +313,7 @@ def test_daemon_restart_and_reboot_without_key(
             assert not reply["ok"] and reply["error"]["type"] == "NotAuthorizedError", reply
         assert commander.request("ping")["ok"] and proc.poll() is None
     finally:
-        _stop(proc)
+        stop_daemon(proc)
     assert proc.returncode == 0
 
     # With the opt-in: the reboot stand-in runs once; reboot = "none" style refusals are clean.
@@ -354,7 +334,7 @@ def test_daemon_restart_and_reboot_without_key(
         assert reply["ok"] and reply["result"]["exit_code"] == 75, reply
         assert proc.wait(timeout=30) == 75, daemon_log(config)[-3000:]
     finally:
-        _stop(proc)
+        stop_daemon(proc)
     log = daemon_log(config)
     assert "restarting on request" in log and "internal" not in log
 
@@ -378,7 +358,7 @@ def test_daemon_restart_with_a_key_needs_an_envelope(
         assert reply["ok"], reply
         assert proc.wait(timeout=30) == 75, daemon_log(config)[-3000:]
     finally:
-        _stop(proc)
+        stop_daemon(proc)
 
 
 def _wait(condition: Any, message: str, timeout_s: float = 20.0) -> None:
@@ -458,7 +438,7 @@ def test_daemon_logind_reboot_without_logind_is_refused_cleanly(
         assert "org.freedesktop.login1" in reply["error"]["message"]
         assert commander.request("ping")["ok"] and proc.poll() is None
     finally:
-        _stop(proc)
+        stop_daemon(proc)
     assert proc.returncode == 0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
+from helpers.dlms import IdleLink
 
 from dcud.codec.dlms.client import DlmsClient, DlmsClientConfig, GetRequest
 from dcud.codec.dlms.cosem import CLOCK_TIME
@@ -61,30 +62,7 @@ def test_a_session_cannot_go_past_its_reservation() -> None:
         invocation_counter_limit=10,
     )
 
-    class NoLink:
-        def open(self, now: float) -> list[object]:
-            from dcud.codec.dlms.transport import LinkUp
-
-            return [LinkUp()]
-
-        def send_apdu(self, apdu: bytes, now: float) -> list[object]:
-            return []
-
-        def receive_data(self, data: bytes, now: float) -> list[object]:
-            return []
-
-        def handle_timer(self, now: float) -> list[object]:
-            return []
-
-        def next_deadline(self) -> float | None:
-            return None
-
-        def close(self, now: float) -> list[object]:
-            from dcud.codec.dlms.transport import LinkDown
-
-            return [LinkDown(None)]
-
-    client = DlmsClient(NoLink(), config, [GetRequest(CLOCK_TIME)])
+    client = DlmsClient(IdleLink(), config, [GetRequest(CLOCK_TIME)])
     client.start(0.0)  # the AARQ's ciphered initiate took 10, the last value of the reservation
     assert client.last_invocation_counter == 10
     with pytest.raises(LocalProtocolError, match="reservation exhausted"):

@@ -8,7 +8,9 @@ not by waiting for it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import AsyncIterator
 from typing import Any
 
 import can
@@ -139,46 +141,56 @@ def _service(clock: ManualClock, timeout_s: float | None = 0.3) -> tuple[CanDriv
     return service, events, channel
 
 
-def _heartbeat(peer: can.BusABC, state: int = 0x7F) -> None:
-    peer.send(can.Message(arbitration_id=0x701, data=bytes([state]), is_extended_id=False))
-
-
-async def test_service_sleeps_on_its_clock_until_the_watch_deadline() -> None:
+@contextlib.asynccontextmanager
+async def _running(
+    timeout_s: float | None = 0.3,
+) -> AsyncIterator[tuple[ManualClock, CanDriveService, Events, Any, Any]]:
+    """The service supervised on a ManualClock, its port open, a virtual CAN peer on its channel: the
+    clock, the service, its events, the peer and the drive ``axis-1``."""
     clock = ManualClock()
-    service, events, channel = _service(clock)
+    service, events, channel = _service(clock, timeout_s)
     peer: Any = can.Bus(interface="virtual", channel=channel)
     try:
         async with supervised(service):
             drive = service.drives["axis-1"]
             await wait_until(lambda: service.port is not None and service.port.is_open, 10)
-            assert clock.sleepers() == 0  # nothing watched yet: no deadline, no timer
-            _heartbeat(peer)
-            await wait_until(lambda: drive.heartbeat is HeartbeatStatus.OK, 10)
-            await clock.wait_for_sleepers(1)  # the watch now sleeps until the heartbeat is due
-            assert clock.next_deadline_s() == pytest.approx(clock.monotonic() + 0.3)
-
-            clock.advance(0.2)
-            _heartbeat(peer)  # stamped at +0.2 on the clock: due at +0.5 now
-            await wait_until(lambda: _last_due(service) == pytest.approx(clock.monotonic() + 0.3), 10)
-            clock.advance(0.15)  # +0.35: past the first deadline, not the second
-            await clock.wait_for_sleepers(1)
-            assert drive.heartbeat is HeartbeatStatus.OK and not _of(events, "drive_heartbeat_lost")
-            assert clock.next_deadline_s() == pytest.approx(clock.monotonic() + 0.15)
-
-            clock.advance(0.15)  # +0.5: overdue
-            await wait_until(lambda: bool(_of(events, "drive_heartbeat_lost")), 10)
-            state = service._state_bus.states["drive/axis-1"]
-            assert state["heartbeat"] == "lost" and state["online"] is False
-            assert _of(events, "drive_heartbeat_lost")[0]["timeout_s"] == pytest.approx(0.3)
-            assert clock.sleepers() == 0  # nothing left to watch: the watch waits for a heartbeat
-
-            _heartbeat(peer)
-            await wait_until(lambda: bool(_of(events, "drive_heartbeat_restored")), 10)
-            assert drive.heartbeat is HeartbeatStatus.OK
-            await clock.wait_for_sleepers(1)
-            assert len(_of(events, "drive_heartbeat_lost")) == 1
+            yield clock, service, events, peer, drive
     finally:
         peer.shutdown()
+
+
+def _heartbeat(peer: can.BusABC, state: int = 0x7F) -> None:
+    peer.send(can.Message(arbitration_id=0x701, data=bytes([state]), is_extended_id=False))
+
+
+async def test_service_sleeps_on_its_clock_until_the_watch_deadline() -> None:
+    async with _running() as (clock, service, events, peer, drive):
+        assert clock.sleepers() == 0  # nothing watched yet: no deadline, no timer
+        _heartbeat(peer)
+        await wait_until(lambda: drive.heartbeat is HeartbeatStatus.OK, 10)
+        await clock.wait_for_sleepers(1)  # the watch now sleeps until the heartbeat is due
+        assert clock.next_deadline_s() == pytest.approx(clock.monotonic() + 0.3)
+
+        clock.advance(0.2)
+        _heartbeat(peer)  # stamped at +0.2 on the clock: due at +0.5 now
+        await wait_until(lambda: _last_due(service) == pytest.approx(clock.monotonic() + 0.3), 10)
+        clock.advance(0.15)  # +0.35: past the first deadline, not the second
+        await clock.wait_for_sleepers(1)
+        assert drive.heartbeat is HeartbeatStatus.OK and not _of(events, "drive_heartbeat_lost")
+        assert clock.next_deadline_s() == pytest.approx(clock.monotonic() + 0.15)
+
+        clock.advance(0.15)  # +0.5: overdue
+        await wait_until(lambda: bool(_of(events, "drive_heartbeat_lost")), 10)
+        state = service._state_bus.states["drive/axis-1"]
+        assert state["heartbeat"] == "lost" and state["online"] is False
+        assert _of(events, "drive_heartbeat_lost")[0]["timeout_s"] == pytest.approx(0.3)
+        assert clock.sleepers() == 0  # nothing left to watch: the watch waits for a heartbeat
+
+        _heartbeat(peer)
+        await wait_until(lambda: bool(_of(events, "drive_heartbeat_restored")), 10)
+        assert drive.heartbeat is HeartbeatStatus.OK
+        await clock.wait_for_sleepers(1)
+        assert len(_of(events, "drive_heartbeat_lost")) == 1
 
 
 def _last_due(service: CanDriveService) -> float:
@@ -191,49 +203,31 @@ def _of(events: Events, event_type: str) -> list[dict[str, Any]]:
 
 async def test_heartbeats_do_not_wake_the_watch() -> None:
     """Healthy heartbeats move the deadline but leave the sleeping watch alone (no re-arm per frame)."""
-    clock = ManualClock()
-    service, _events, channel = _service(clock)
-    peer: Any = can.Bus(interface="virtual", channel=channel)
-    try:
-        async with supervised(service):
-            drive = service.drives["axis-1"]
-            await wait_until(lambda: service.port is not None and service.port.is_open, 10)
+    async with _running() as (clock, service, _events, peer, drive):
+        _heartbeat(peer)
+        await wait_until(lambda: drive.heartbeat is HeartbeatStatus.OK, 10)
+        await clock.wait_for_sleepers(1)
+        first = clock.next_deadline_s()
+        assert first is not None and service.port is not None
+        received = service.port.stats.rx_frames
+        clock.advance(0.1)
+        for _ in range(5):
             _heartbeat(peer)
-            await wait_until(lambda: drive.heartbeat is HeartbeatStatus.OK, 10)
-            await clock.wait_for_sleepers(1)
-            first = clock.next_deadline_s()
-            assert first is not None and service.port is not None
-            received = service.port.stats.rx_frames
-            clock.advance(0.1)
-            for _ in range(5):
-                _heartbeat(peer)
-            await wait_until(
-                lambda: service.port is not None and service.port.stats.rx_frames >= received + 5, 5
-            )
-            assert service.heartbeats.next_deadline() == pytest.approx(first + 0.1)
-            assert not service._rearm.is_set()
-            assert clock.next_deadline_s() == first and clock.sleepers() == 1  # still the first timer
-    finally:
-        peer.shutdown()
+        await wait_until(lambda: service.port is not None and service.port.stats.rx_frames >= received + 5, 5)
+        assert service.heartbeats.next_deadline() == pytest.approx(first + 0.1)
+        assert not service._rearm.is_set()
+        assert clock.next_deadline_s() == first and clock.sleepers() == 1  # still the first timer
 
 
 async def test_a_timeout_learnt_after_the_first_heartbeats_is_watched() -> None:
     """Regression: the timeout read from the drive (1017) arrives after its heartbeats started; the
     timer, asleep with nothing to watch, must arm at the next heartbeat and report the loss."""
-    clock = ManualClock()
-    service, events, channel = _service(clock, timeout_s=None)
-    peer: Any = can.Bus(interface="virtual", channel=channel)
-    try:
-        async with supervised(service):
-            drive = service.drives["axis-1"]
-            await wait_until(lambda: service.port is not None and service.port.is_open, 10)
-            _heartbeat(peer)
-            await wait_until(lambda: drive.heartbeat is HeartbeatStatus.OK, 10)
-            assert clock.sleepers() == 0  # no timeout known: nothing to watch
-            service.heartbeats.set_timeout(1, 0.3)  # what the SDO read of 1017 does
-            _heartbeat(peer)
-            await clock.wait_for_sleepers(1)
-            clock.advance(0.31)
-            await wait_until(lambda: bool(_of(events, "drive_heartbeat_lost")), 10)
-    finally:
-        peer.shutdown()
+    async with _running(timeout_s=None) as (clock, service, events, peer, drive):
+        _heartbeat(peer)
+        await wait_until(lambda: drive.heartbeat is HeartbeatStatus.OK, 10)
+        assert clock.sleepers() == 0  # no timeout known: nothing to watch
+        service.heartbeats.set_timeout(1, 0.3)  # what the SDO read of 1017 does
+        _heartbeat(peer)
+        await clock.wait_for_sleepers(1)
+        clock.advance(0.31)
+        await wait_until(lambda: bool(_of(events, "drive_heartbeat_lost")), 10)

@@ -6,18 +6,16 @@ receiver): flapping debounced, each change exactly one event, one UDP event push
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import pytest
 from helpers.alarm import PREFIX, UdpSink, is_trap, power_toml, set_power, snmp_params, trap_receiver
 from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.mqtt import Subscriber
 from helpers.notify import NotifySocket
 
 from dcud.config.loader import load_config
@@ -607,54 +605,26 @@ async def test_write_failures_are_reported_in_the_states(tmp_path: Path) -> None
 # -- end to end: python -m dcud run, Mosquitto, snmptrapd, UDP ------------------------------------
 
 
-class Collector:
-    """``<p>/event`` and ``<p>/input/+/state`` from Mosquitto, in arrival order."""
+class Collector(Subscriber):
+    """``<p>/event``, ``<p>/input/+/state`` and the relay and LED states from Mosquitto, in arrival order."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.events: list[dict[str, Any]] = []
-        self.inputs: dict[str, dict[str, Any]] = {}
-        self.outputs: dict[str, dict[str, Any]] = {}
-        self._changed = asyncio.Event()
-        self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        topics = [f"{PREFIX}/{topic}" for topic in ("event", "input/+/state", "relay/state", "leds/state")]
+        super().__init__(port, topics, PREFIX, name="in")
 
-    async def __aenter__(self) -> Collector:
-        self._task = asyncio.create_task(self._run())
-        async with asyncio.timeout(10):
-            await self._ready.wait()
-        return self
+    @property
+    def inputs(self) -> dict[str, dict[str, Any]]:
+        """The latest ``<p>/input/<name>/state`` by input name."""
+        return {
+            key.removeprefix("input/"): state
+            for key, state in self.states.items()
+            if key.startswith("input/")
+        }
 
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-    async def _run(self) -> None:
-        async with aiomqtt.Client("127.0.0.1", self.port, identifier=f"in-{time.monotonic_ns()}") as client:
-            await client.subscribe(f"{PREFIX}/event", qos=1)
-            await client.subscribe(f"{PREFIX}/input/+/state", qos=1)
-            await client.subscribe(f"{PREFIX}/relay/state", qos=1)
-            await client.subscribe(f"{PREFIX}/leds/state", qos=1)
-            self._ready.set()
-            async for message in client.messages:
-                assert isinstance(message.payload, bytes)
-                payload = dict(json.loads(message.payload))
-                topic = message.topic.value
-                if topic.endswith("/event"):
-                    self.events.append(payload)
-                elif "/input/" in topic:
-                    self.inputs[topic.split("/")[-2]] = payload
-                else:
-                    self.outputs[topic.split("/")[-2]] = payload
-                self._changed.set()
-
-    async def wait(self, predicate: Callable[[], bool], timeout_s: float = 15.0) -> None:
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
+    @property
+    def outputs(self) -> dict[str, dict[str, Any]]:
+        """The latest relay and LED states (``relay``, ``leds``)."""
+        return {key: state for key, state in self.states.items() if not key.startswith("input/")}
 
     def input_events(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("type") == "input_change" and e.get("input") == name]

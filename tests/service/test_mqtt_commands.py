@@ -9,15 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
 import pytest
 from helpers.commands import Commander, set_mqtt_protocol
-from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.daemon import daemon_log, start_daemon, stop_daemon, write_site
 from helpers.notify import NotifySocket
 
 from dcud.runtime.bus import EventBus
@@ -28,25 +25,6 @@ from dcud.sim.peers import Mosquitto
 
 pytestmark = pytest.mark.slow
 DEEP = b"[" * 60000
-
-
-@pytest.fixture
-def commander(broker: Mosquitto) -> Iterator[Commander]:
-    c = Commander(broker.port)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def no_failures(config: Path) -> None:
@@ -77,7 +55,7 @@ def test_retained_deep_json_on_cmd_ping_does_not_crash_the_daemon(
         assert status["commands"]["retained_ignored"] == 1
         assert status["commands"]["internal_errors"] == 0
         # A reconnect (the daemon restarted, the broker delivers the retained message again).
-        stop(proc)
+        stop_daemon(proc)
         proc = start_daemon(config, notify_socket)
         assert commander.wait_serving()["ok"]
         assert commander.status()["restarts"]["total"] == 0
@@ -85,7 +63,7 @@ def test_retained_deep_json_on_cmd_ping_does_not_crash_the_daemon(
         assert daemon_log(config).count("retained command ignored") == 2  # once per topic, per run
     finally:
         commander.clear_retained("ping")
-        stop(proc)
+        stop_daemon(proc)
 
 
 @pytest.mark.parametrize("protocol", ["auto", "3.1.1"])
@@ -120,7 +98,7 @@ def test_retained_commands_are_never_executed(
         assert ('"protocol": "5"' in daemon_log(config)) == (protocol == "auto")
     finally:
         commander.clear_retained("param/set")
-        stop(proc)
+        stop_daemon(proc)
 
 
 @pytest.mark.parametrize("protocol", ["auto", "3.1.1"])
@@ -149,7 +127,7 @@ def test_oversize_messages_are_dropped_before_they_are_queued(
         assert commander.status()["commands"]["oversize_dropped"] == (1 if protocol == "auto" else 2)
         no_failures(config)
     finally:
-        stop(proc)
+        stop_daemon(proc)
 
 
 def test_the_ingress_queue_is_bounded_and_drops_are_counted() -> None:

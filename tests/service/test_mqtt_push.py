@@ -7,11 +7,11 @@ import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiomqtt
 import pytest
 from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.mqtt import Subscriber
 from helpers.notify import NotifySocket
 
 from dcud.service.datapush import parse_push_target
@@ -47,34 +47,18 @@ async def prefill(state: Path, count: int) -> list[OutboxItem]:
         await outbox.close()
 
 
-class Collector:
-    """A QoS 1 subscriber that keeps every reading message of one broker."""
+class Collector(Subscriber):
+    """A QoS 1 subscriber that keeps every reading message of one broker (``messages``: topic, payload)."""
 
     def __init__(self, port: int, topic: str) -> None:
-        self.port = port
-        self.topic = topic
-        self.messages: list[tuple[str, dict[str, Any]]] = []
-        self.ready = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        async with aiomqtt.Client("127.0.0.1", self.port, identifier=f"collector-{self.port}") as client:
-            await client.subscribe(self.topic, qos=1)
-            self.ready.set()
-            async for message in client.messages:
-                assert isinstance(message.payload, bytes)
-                self.messages.append((message.topic.value, json.loads(message.payload)))
+        super().__init__(port, [topic], "", name=f"collector-{port}")
 
     async def start(self) -> None:
-        self.task = asyncio.create_task(self._run())
-        async with asyncio.timeout(10):
-            await self.ready.wait()
+        await self.__aenter__()
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self.task
+        with contextlib.suppress(aiomqtt.MqttError):  # its broker may have stopped first
+            await self.__aexit__()
 
 
 async def wait_for(condition: Callable[[], bool], what: str, config: Path, timeout_s: float = 60.0) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from helpers.notify import NotifySocket
 
 from dcud.service import levels, power
 from dcud.service.outbox import Outbox, OutboxLimits
+from dcud.sim.alarm_peers import SnmpTrapd
 from dcud.sim.peers import Mosquitto
 
 # -- debounce (pure, dcud.service.levels, shared with the digital inputs) --------------------------
@@ -108,14 +110,28 @@ def _site(
     return write_site(tmp_path / "site", mqtt_url=mqtt_url, toml_extra=toml, wme=wme)
 
 
-@pytest.mark.slow
-async def test_power_loss_and_return_reach_snmp_mqtt_and_udp(
-    tmp_path: Path, broker: Mosquitto, notify_socket: NotifySocket
-) -> None:
+PowerPeers = tuple[SnmpTrapd, UdpSink, Path]
+
+
+@pytest.fixture
+def power_peers(tmp_path: Path) -> Iterator[PowerPeers]:
+    """snmptrapd, a UDP event push sink and the power file (power present): the peers of a power test."""
     trapd = trap_receiver(tmp_path / "trapd")
     sink = UdpSink()
-    power_file = tmp_path / "online"
-    set_power(power_file, True)
+    try:
+        power_file = tmp_path / "online"
+        set_power(power_file, True)
+        yield trapd, sink, power_file
+    finally:
+        trapd.stop()
+        sink.close()
+
+
+@pytest.mark.slow
+async def test_power_loss_and_return_reach_snmp_mqtt_and_udp(
+    tmp_path: Path, broker: Mosquitto, notify_socket: NotifySocket, power_peers: PowerPeers
+) -> None:
+    trapd, sink, power_file = power_peers
     config = _site(tmp_path, snmp_params(trapd), power_file, broker.url, sink.port)
     proc = start_daemon(config, notify_socket)
     try:
@@ -162,19 +178,14 @@ async def test_power_loss_and_return_reach_snmp_mqtt_and_udp(
         assert (config.parent / "state" / power.MARKER_FILE).exists()
     finally:
         proc.kill()
-        trapd.stop()
-        sink.close()
 
 
 @pytest.mark.slow
 async def test_power_loss_event_is_in_the_outbox_with_the_uid_the_trap_carries(
-    tmp_path: Path, notify_socket: NotifySocket
+    tmp_path: Path, notify_socket: NotifySocket, power_peers: PowerPeers
 ) -> None:
     # No MQTT: no consumer holds or deletes items, so the committed event is still there after the stop.
-    trapd = trap_receiver(tmp_path / "trapd")
-    sink = UdpSink()
-    power_file = tmp_path / "online"
-    set_power(power_file, True)
+    trapd, _sink, power_file = power_peers
     # No event push either: its outbox consumer would deliver and delete the event too.
     config = _site(tmp_path, snmp_params(trapd, version=2, user=COMMUNITY), power_file, None, None)
     proc = start_daemon(config, notify_socket)
@@ -187,8 +198,6 @@ async def test_power_loss_event_is_in_the_outbox_with_the_uid_the_trap_carries(
         assert proc.wait(timeout=20) == 0, daemon_log(config)
     finally:
         proc.kill()
-        trapd.stop()
-        sink.close()
     outbox = Outbox(
         config.parent / "state" / "outbox.sqlite", OutboxLimits(), consumers=["check"], device_id="dcu-test"
     )
@@ -205,11 +214,10 @@ async def test_power_loss_event_is_in_the_outbox_with_the_uid_the_trap_carries(
 
 
 @pytest.mark.slow
-async def test_flapping_power_input_is_debounced(tmp_path: Path, notify_socket: NotifySocket) -> None:
-    trapd = trap_receiver(tmp_path / "trapd")
-    sink = UdpSink()
-    power_file = tmp_path / "online"
-    set_power(power_file, True)
+async def test_flapping_power_input_is_debounced(
+    tmp_path: Path, notify_socket: NotifySocket, power_peers: PowerPeers
+) -> None:
+    trapd, sink, power_file = power_peers
     # Debounce 0.5 s, input flapping every 10 ms for 0.6 s: never stable long enough.
     config = _site(tmp_path, snmp_params(trapd), power_file, None, sink.port, poll_s=0.005, debounce_s=0.5)
     proc = start_daemon(config, notify_socket)
@@ -233,18 +241,13 @@ async def test_flapping_power_input_is_debounced(tmp_path: Path, notify_socket: 
         ]
     finally:
         proc.kill()
-        trapd.stop()
-        sink.close()
 
 
 @pytest.mark.slow
 async def test_power_loss_not_survived_is_reported_at_the_next_start(
-    tmp_path: Path, notify_socket: NotifySocket
+    tmp_path: Path, notify_socket: NotifySocket, power_peers: PowerPeers
 ) -> None:
-    trapd = trap_receiver(tmp_path / "trapd")
-    sink = UdpSink()
-    power_file = tmp_path / "online"
-    set_power(power_file, True)
+    trapd, sink, power_file = power_peers
     config = _site(tmp_path, snmp_params(trapd), power_file, None, sink.port)
     proc = start_daemon(config, notify_socket)
     try:
@@ -276,8 +279,6 @@ async def test_power_loss_not_survived_is_reported_at_the_next_start(
         assert len(trapd.traps()) == before
     finally:
         proc.kill()
-        trapd.stop()
-        sink.close()
 
 
 def test_power_ok_reads_the_bus_state() -> None:

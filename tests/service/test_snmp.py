@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from helpers.alarm import (
     snmp_params,
     trap_receiver,
 )
-from helpers.daemon import write_site
+from helpers.daemon import run_dcud, write_site
 from helpers.meters import wait_until
 
 from dcud.config.loader import load_config
@@ -146,14 +145,7 @@ def test_engine_boots_are_persisted_and_incremented(tmp_path: Path) -> None:
 
 def test_params_command_prints_the_engine_id(tmp_path: Path) -> None:
     config = write_site(tmp_path / "site", toml_extra='\n[snmp]\nengine_id = "0x80007ed9050102030405"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "dcud", "params", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=REPO,
-    )
+    result = run_dcud("params", "-c", str(config))
     assert result.returncode == 0, result.stderr
     assert "# snmp engine id: 0x80007ed9050102030405" in result.stdout
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from helpers import REPO
-from helpers.alarm import AUTH_KEY, MIB_DIRS, PRIV_KEY, USER
+from helpers.alarm import AUTH_KEY, MIB_PATH, PRIV_KEY, USER, net_snmp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,7 +41,6 @@ from dcud.sim.peers import find_program, free_port
 ENT = snmp_mib.PLACEHOLDER_ENTERPRISE_OID
 ENT_T = snmp_mib.oid_tuple(ENT)
 COMMUNITY = "noc-read-only"
-MIB_PATH = ":".join(str(d) for d in MIB_DIRS)
 
 STATUS: dict[str, Any] = {
     "state": "online",
@@ -378,24 +377,7 @@ class RunningAgent:
         self, name: str, *args: str, timeout_s: float = 2.0, retries: int = 1
     ) -> subprocess.CompletedProcess[str]:
         """A Net-SNMP command against the agent (MIBs loaded, so names print as in DCUD-MIB)."""
-        return subprocess.run(
-            [
-                find_program(name, "snmp"),
-                "-M",
-                MIB_PATH,
-                "-m",
-                "DCUD-MIB:SNMPv2-MIB",
-                "-t",
-                str(timeout_s),
-                "-r",
-                str(retries),
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        return net_snmp(name, *args, timeout_s=timeout_s, retries=retries)
 
 
 V3_ARGS = ("-v3", "-u", USER, "-l", "authPriv", "-a", "SHA", "-A", AUTH_KEY, "-x", "AES", "-X", PRIV_KEY)
@@ -828,19 +810,11 @@ def test_the_agent_slice_comes_from_dcud_toml_and_the_trap_user(tmp_path: Path) 
 def test_bad_agent_settings_stop_check_config_with_file_line_and_key(
     tmp_path: Path, setting: str, message: str
 ) -> None:
-    import sys
 
-    from helpers.daemon import write_site
+    from helpers.daemon import run_dcud, write_site
 
     config = write_site(tmp_path / "site", toml_extra=f"\n[snmp]\n{setting}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "dcud", "check-config", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=REPO,
-    )
+    result = run_dcud("check-config", "-c", str(config))
     assert result.returncode == 78
     line = config.read_text().splitlines().index(setting) + 1
     assert f"{config}:{line}: {message.replace('`', '')}" in result.stderr + result.stdout, result.stderr

@@ -11,7 +11,6 @@ meter's frames.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import socket
 import subprocess
@@ -24,10 +23,10 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from helpers import REPO
+from helpers.cosem import COSEM_CLIENT, get, ok_steps, profile_get, register_gets, report_of, write_plan
 from peers.dlms_fixture import GREEN_BOOK_AUTHENTICATION_KEY, GREEN_BOOK_BLOCK_CIPHER_KEY, DlmsPeer
 from peers.dlms_server import acse, application, ciphering, config, hdlc
 
-CLIENT = REPO / "tests" / "peers" / "cosem_client.py"
 CLIENT_RUN_TIMEOUT_S = 90
 NOW = "2024-06-01T12:00:00Z"
 PROFILE_START = "2024-05-31T00:00:00Z"
@@ -65,37 +64,21 @@ def expected_export_wh(at: str) -> int:
 
 def cosem(tmp_path: Path, peer: DlmsPeer, transport: str, **plan: Any) -> dict[str, Any]:
     """Run dlms-cosem's client against ``peer`` in its own process; its JSON report."""
-    full: dict[str, Any] = {"transport": transport, "timeout_s": 5, **plan}
+    full: dict[str, Any] = {"transport": transport, **plan}
     if transport == "tcp":
         full["port"] = peer.tcp_port
     else:
         full["device"] = peer.device
         full["physical_address"] = peer.physical_address
-    path = tmp_path / f"plan-{os.urandom(4).hex()}.json"
-    path.write_text(json.dumps(full))
     done = subprocess.run(
-        [sys.executable, str(CLIENT), str(path)],
+        [sys.executable, str(COSEM_CLIENT), str(write_plan(tmp_path, full))],
         capture_output=True,
         text=True,
         timeout=CLIENT_RUN_TIMEOUT_S,
         cwd=REPO,
         check=False,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    assert "crashed" not in report, report
-    return report
-
-
-def get(class_id: int, obis: str, attr: int, **extra: Any) -> dict[str, Any]:
-    return {"op": "get", "class_id": class_id, "obis": obis, "attr": attr, **extra}
-
-
-def ok_steps(report: dict[str, Any]) -> list[dict[str, Any]]:
-    assert report["connect"]["ok"] and report["associate"]["ok"], report
-    assert all(step["ok"] for step in report["steps"]), report["steps"]
-    assert report["release"]["ok"], report
-    return list(report["steps"])
+    return report_of(done.returncode, done.stdout, done.stderr)
 
 
 # --- the peer's own building blocks against published vectors ---
@@ -166,12 +149,7 @@ def test_registers_with_scaler_unit_and_the_clock(dlms_peer: Start, tmp_path: Pa
             transport,
             client_sap=16,
             steps=[
-                get(3, "1.0.1.8.0.255", 2),
-                get(3, "1.0.1.8.0.255", 3),
-                get(3, "1.0.2.8.0.255", 2),
-                get(3, "1.0.2.8.0.255", 3),
-                get(3, "1.0.32.7.0.255", 2),
-                get(3, "1.0.32.7.0.255", 3),
+                *register_gets("1.0.1.8.0.255", "1.0.2.8.0.255", "1.0.32.7.0.255"),
                 get(8, "0.0.1.0.0.255", 2, as_time=True),
             ],
         )
@@ -379,13 +357,7 @@ def test_hls_gmac_with_global_ciphering(dlms_peer: Start, tmp_path: Path, transp
             **HLS_KEYS,
             steps=[
                 get(3, "1.0.1.8.0.255", 2),
-                get(
-                    7,
-                    "1.0.99.1.0.255",
-                    2,
-                    range={"from": "2024-06-01T06:00:00+00:00", "to": "2024-06-01T12:00:00+00:00"},
-                    rows=True,
-                ),
+                profile_get("1.0.99.1.0.255", "2024-06-01T06:00:00+00:00", "2024-06-01T12:00:00+00:00"),
             ],
         )
     )

@@ -6,16 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO
-from helpers.meters import simulators, wait_until, write_control
+from helpers.meters import simulators, start_sim, wait_until, write_control
 from helpers.pty import released
 
 from dcud.codec.iec_session import IecReadout, IecReadoutResult
@@ -175,24 +172,7 @@ def test_config_file_and_address_ranges(tmp_path: Path) -> None:
 
 def test_sim_meters_command_runs_a_line_on_a_pty(tmp_path: Path) -> None:
     link = tmp_path / "mbus.tty"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dcud",
-            "sim",
-            "meters",
-            "--protocol",
-            "mbus",
-            "--addresses",
-            "1-3",
-            "--link",
-            str(link),
-        ],
-        stdout=subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = start_sim("meters", "--protocol", "mbus", "--addresses", "1-3", "--link", str(link))
     try:
         assert proc.stdout is not None
         announced = json.loads(proc.stdout.readline())

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from helpers import REPO
+from helpers.cosem import get, ok_steps, profile_get, register_gets
 from helpers.dlms_sim import (
     GREEN_BOOK_KEYS,
     HostClock,
@@ -33,7 +34,7 @@ from helpers.dlms_sim import (
     read_tcp,
     running,
 )
-from helpers.meters import SocatPair, wait_until, write_control
+from helpers.meters import SocatPair, start_sim, wait_until, write_control
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -407,17 +408,6 @@ def plan(sim: Any, transport: str, ttys: tuple[Path, Path], **extra: Any) -> dic
     return {**base, **extra}
 
 
-def get(class_id: int, obis: str, attr: int, **extra: Any) -> dict[str, Any]:
-    return {"op": "get", "class_id": class_id, "obis": obis, "attr": attr, **extra}
-
-
-def ok_steps(report: dict[str, Any]) -> list[dict[str, Any]]:
-    assert report["connect"]["ok"] and report["associate"]["ok"], report
-    assert all(step["ok"] for step in report["steps"]), report["steps"]
-    assert report["release"]["ok"], report
-    return list(report["steps"])
-
-
 HLS_PLAN = {
     "client_sap": 1,
     "auth": "hls-gmac",
@@ -442,21 +432,10 @@ async def test_independent_client_reads_registers_clock_and_profile(
                 ttys,
                 max_pdu_size=128,  # every answer above 128 bytes comes in GET blocks
                 steps=[
-                    get(3, "1.0.1.8.0.255", 2),
-                    get(3, "1.0.1.8.0.255", 3),
-                    get(3, "1.0.2.8.0.255", 2),
-                    get(3, "1.0.2.8.0.255", 3),
-                    get(3, "1.0.32.7.0.255", 2),
-                    get(3, "1.0.32.7.0.255", 3),
+                    *register_gets("1.0.1.8.0.255", "1.0.2.8.0.255", "1.0.32.7.0.255"),
                     get(3, "1.0.31.7.0.255", 3),
                     get(8, "0.0.1.0.0.255", 2, as_time=True),
-                    get(
-                        7,
-                        "1.0.99.1.0.255",
-                        2,
-                        rows=True,
-                        range={"from": "2024-06-01T06:00:00+00:00", "to": NOW},
-                    ),
+                    profile_get("1.0.99.1.0.255", "2024-06-01T06:00:00+00:00", NOW),
                 ],
             ),
         )
@@ -539,13 +518,7 @@ async def test_independent_client_hls_gmac_with_ciphering_and_a_wrong_key(
                     max_pdu_size=256,
                     steps=[
                         get(3, "1.0.1.8.0.255", 2),
-                        get(
-                            7,
-                            "1.0.99.1.0.255",
-                            2,
-                            rows=True,
-                            range={"from": "2024-06-01T06:00:00+00:00", "to": NOW},
-                        ),
+                        profile_get("1.0.99.1.0.255", "2024-06-01T06:00:00+00:00", NOW),
                         {
                             "op": "set",
                             "class_id": 8,
@@ -706,13 +679,7 @@ async def test_the_simulator_reopens_its_tty_after_a_hang_up(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_sim_dlms_command_on_a_pty_and_tcp(tmp_path: Path) -> None:
     link = tmp_path / "dlms.tty"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dcud", "sim", "dlms", "--link", str(link), "--tcp-port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = start_sim("dlms", "--link", str(link), "--tcp-port", "0", stderr=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         announced = json.loads(proc.stdout.readline())

@@ -10,7 +10,6 @@ import datetime as dt
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,9 +19,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from helpers import REPO
 from helpers.commands import Commander
-from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.daemon import daemon_log, run_dcud, start_daemon, write_site
 from paho.mqtt.enums import CallbackAPIVersion
 from peers.dlms_fixture import GREEN_BOOK_AUTHENTICATION_KEY as AK
 from peers.dlms_fixture import GREEN_BOOK_BLOCK_CIPHER_KEY as EK
@@ -108,14 +106,23 @@ def stop(daemon: subprocess.Popen[bytes], config: Path) -> None:
 
 
 def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dcud", *args, "-c", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        check=False,
-    )
+    return run_dcud(*args, "-c", str(config), timeout_s=120)
+
+
+def hdlc_meter(peer: DlmsPeer, name: str) -> str:
+    """dcud.toml: the line ``dlms-1`` on the peer's HDLC pty and the first lines of meter ``name`` on it."""
+    return f"""[[line]]
+name = "dlms-1"
+device = "{peer.device}"
+baud = 9600
+framing = "8N1"
+
+[[meter]]
+name = "{name}"
+protocol = "dlms"
+line = "dlms-1"
+address = "{peer.physical_address}"
+"""
 
 
 @pytest.fixture
@@ -137,18 +144,7 @@ def test_daemon_reads_dlms_meters_over_hdlc_and_tcp(
     site.mkdir()
     (site / "keys.toml").write_text(f'block_cipher_key = "{EK}"\nauthentication_key = "{AK}"\n')
     meters = f"""
-[[line]]
-name = "dlms-1"
-device = "{peer.device}"
-baud = 9600
-framing = "8N1"
-
-[[meter]]
-name = "em-h"
-protocol = "dlms"
-line = "dlms-1"
-address = "{peer.physical_address}"
-interval_s = 10
+{hdlc_meter(peer, "em-h")}interval_s = 10
 timeout_s = 1
 [meter.dlms]
 client = 32
@@ -272,18 +268,7 @@ def test_backfill_and_a_kill_9_in_a_profile_read_lose_and_duplicate_nothing(
         "hdlc", hdlc={"baud": 9600}, clock={"start": NOW}, profile={"start": "2024-05-20T00:00:00Z"}
     )
     meters = f"""
-[[line]]
-name = "dlms-1"
-device = "{peer.device}"
-baud = 9600
-framing = "8N1"
-
-[[meter]]
-name = "em-1"
-protocol = "dlms"
-line = "dlms-1"
-address = "{peer.physical_address}"
-interval_s = 86400
+{hdlc_meter(peer, "em-1")}interval_s = 86400
 timeout_s = 0.5
 retries = 0
 [meter.dlms]
@@ -348,18 +333,7 @@ profile_backfill_s = 3600
 def test_dcud_read_and_dlms_objects_from_the_command_line(dlms_peer: Start, tmp_path: Path) -> None:
     peer = dlms_peer("both", clock={"start": NOW})
     meters = f"""
-[[line]]
-name = "dlms-1"
-device = "{peer.device}"
-baud = 9600
-framing = "8N1"
-
-[[meter]]
-name = "em-h"
-protocol = "dlms"
-line = "dlms-1"
-address = "{peer.physical_address}"
-[meter.dlms]
+{hdlc_meter(peer, "em-h")}[meter.dlms]
 objects = ["1.0.1.8.0.255", "1.0.32.7.0.255"]
 
 [[meter]]

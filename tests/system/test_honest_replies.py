@@ -5,25 +5,11 @@ are named by ``dcud check-config``; ``dcud params`` shows every parameter's supp
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from helpers import REPO
-from helpers.daemon import write_site
+from helpers.daemon import run_dcud, write_site
 
 from dcud.config.wme import CATALOGUE, Support, no_effect
-
-
-def _dcud(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dcud", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=REPO,
-    )
 
 
 def test_no_effect_lists_exactly_the_accepted_names() -> None:
@@ -34,7 +20,7 @@ def test_no_effect_lists_exactly_the_accepted_names() -> None:
 
 def test_check_config_prints_a_line_per_parameter_without_effect(tmp_path: Path) -> None:
     config = write_site(tmp_path / "site", wme="ntp_interval=600\ncom_apn_name=iot.example\ncom.in_rings=2\n")
-    result = _dcud("check-config", "-c", str(config))
+    result = run_dcud("check-config", "-c", str(config))
     assert result.returncode == 0, result.stderr
     wme = config.parent / "wme.conf"
     lines = [line for line in result.stdout.splitlines() if "no effect on this DCU" in line]
@@ -44,12 +30,12 @@ def test_check_config_prints_a_line_per_parameter_without_effect(tmp_path: Path)
     ]
     assert "ModemManager" in lines[1]  # the catalogue's note says why
     clean = write_site(tmp_path / "clean", wme="ntp_interval=600\n")
-    assert "no effect" not in _dcud("check-config", "-c", str(clean)).stdout
+    assert "no effect" not in run_dcud("check-config", "-c", str(clean)).stdout
 
 
 def test_params_shows_the_support_level_in_the_table_and_json(tmp_path: Path) -> None:
     config = write_site(tmp_path / "site", wme="com_apn_name=iot.example\n")
-    table = _dcud("params", "-c", str(config))
+    table = run_dcud("params", "-c", str(config))
     assert table.returncode == 0, table.stderr
     header, *rows = table.stdout.splitlines()
     assert header.split() == ["name", "*", "value", "unit", "support"]
@@ -57,6 +43,8 @@ def test_params_shows_the_support_level_in_the_table_and_json(tmp_path: Path) ->
     assert by_name["com_apn_name"].split()[-1] == "accepted"
     assert by_name["ntp_interval"].split()[-1] == "applied"
     assert by_name["lastimei"].split()[-1] == "read-only"
-    rows_json = {row["name"]: row for row in json.loads(_dcud("params", "-c", str(config), "--json").stdout)}
+    rows_json = {
+        row["name"]: row for row in json.loads(run_dcud("params", "-c", str(config), "--json").stdout)
+    }
     assert rows_json["com_apn_name"]["support"] == "accepted" and rows_json["com_apn_name"]["set"] is True
     assert {row["support"] for row in rows_json.values()} == {"applied", "accepted", "read-only"}

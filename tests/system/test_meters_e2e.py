@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import pytest
 from helpers import REPO
 from helpers.daemon import daemon_log, start_daemon, write_site
-from helpers.meters import write_control
+from helpers.meters import simulator_process, write_control
+from helpers.mqtt import Subscriber
 
 from dcud.sim.peers import Mosquitto
 from dcud.sim.serial_sim import SimMeterSpec, iec_expected_values, mbus_expected_values
@@ -83,58 +82,26 @@ interval_s = 10
 
 @pytest.fixture
 def simulators(tmp_path: Path) -> Iterator[Path]:
-    (tmp_path / "sims.toml").write_text(SIMS)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dcud", "sim", "meters", "--config", str(tmp_path / "sims.toml")],
-        stdout=subprocess.PIPE,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert proc.stdout is not None
-        for _ in range(3):
-            if json.loads(proc.stdout.readline()).get("ready"):
-                break
+    with simulator_process(tmp_path, SIMS):
         yield tmp_path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
-class Watcher:
+class Watcher(Subscriber):
     """Everything the daemon publishes, by topic."""
 
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, Any]] = []
-        self.retained: dict[str, Any] = {}
+    def __init__(self, port: int) -> None:
+        super().__init__(port, [f"{PREFIX}/#"], PREFIX, name="e2e-watcher", skip_non_json=True)
+
+    @property
+    def retained(self) -> dict[str, Any]:
+        """The last payload of each (full) topic."""
+        return dict(self.messages)
 
     def of(self, suffix: str) -> list[Any]:
         return [p for t, p in self.messages if t.endswith(suffix)]
 
-    def events(self, kind: str) -> list[Any]:
+    def events_of(self, kind: str) -> list[Any]:
         return [p for p in self.of("/event") if p.get("type") == kind]
-
-
-async def collect(client: aiomqtt.Client, watcher: Watcher) -> None:
-    async for message in client.messages:
-        payload = message.payload
-        if not isinstance(payload, bytes | bytearray):
-            continue
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            continue
-        topic = message.topic.value
-        watcher.messages.append((topic, doc))
-        watcher.retained[topic] = doc
-
-
-async def until(condition: Any, timeout_s: float, what: str) -> None:
-    for _ in range(int(timeout_s * 10)):
-        if condition():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slow
@@ -147,74 +114,68 @@ async def test_daemon_polls_simulated_meters_into_mqtt(simulators: Path, broker:
         wme="datapush_periodic=1\n",
     )
     daemon = start_daemon(config)
-    watcher = Watcher()
     try:
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="e2e-watcher") as client:
-            await client.subscribe(f"{PREFIX}/#", qos=1)
-            task = asyncio.create_task(collect(client, watcher))
-            try:
-                await until(
-                    lambda: all(watcher.of(f"/meter/{m}/reading") for m in ("heat-1", "water-2", "flat-12")),
-                    60,
-                    "a reading of every meter",
-                )
-                heat = watcher.of("/meter/heat-1/reading")[0]
-                expected = mbus_expected_values(SimMeterSpec("1", kind="heat", base=4321))
-                got = [(v["value"], v["unit"]) for v in heat["values"][: len(expected)]]
-                assert got == [pytest.approx(e) for e in expected]
-                assert heat["meter"] == "heat-1" and heat["seq"] >= 1 and heat["ts"].endswith("Z")
-                flat = watcher.of("/meter/flat-12/reading")[0]
-                spec = SimMeterSpec("12345678", base=20411.5, fast_reaction=True)
-                assert {v["id"]: v["value"] for v in flat["values"]} == iec_expected_values(spec)
-                assert flat["raw"].startswith("\x02") and flat["ident"].startswith("/SIm5")
-                assert watcher.retained[f"{PREFIX}/line/mbus-1/state"]["state"] == "open"
-                assert watcher.retained[f"{PREFIX}/meter/heat-1/state"]["quality"] == "ok"
+        async with Watcher(broker.port) as watcher:
+            await watcher.wait(
+                lambda: all(watcher.of(f"/meter/{m}/reading") for m in ("heat-1", "water-2", "flat-12")),
+                "a reading of every meter",
+                60,
+            )
+            heat = watcher.of("/meter/heat-1/reading")[0]
+            expected = mbus_expected_values(SimMeterSpec("1", kind="heat", base=4321))
+            got = [(v["value"], v["unit"]) for v in heat["values"][: len(expected)]]
+            assert got == [pytest.approx(e) for e in expected]
+            assert heat["meter"] == "heat-1" and heat["seq"] >= 1 and heat["ts"].endswith("Z")
+            flat = watcher.of("/meter/flat-12/reading")[0]
+            spec = SimMeterSpec("12345678", base=20411.5, fast_reaction=True)
+            assert {v["id"]: v["value"] for v in flat["values"]} == iec_expected_values(spec)
+            assert flat["raw"].startswith("\x02") and flat["ident"].startswith("/SIm5")
+            assert watcher.retained[f"{PREFIX}/line/mbus-1/state"]["state"] == "open"
+            assert watcher.retained[f"{PREFIX}/meter/heat-1/state"]["quality"] == "ok"
 
-                # The MQTT read command goes through the daemon's lease on the line.
-                via = await asyncio.to_thread(
-                    subprocess.run,
-                    [
-                        sys.executable,
-                        "-m",
-                        "dcud",
-                        "read",
-                        "-c",
-                        str(config),
-                        "--meter",
-                        "water-2",
-                        "--via-mqtt",
-                    ],
-                    capture_output=True,
-                    cwd=REPO,
-                    timeout=60,
-                    check=False,
-                )
-                assert via.returncode == 0, via.stderr
-                assert json.loads(via.stdout)["trigger"] == "command"
+            # The MQTT read command goes through the daemon's lease on the line.
+            via = await asyncio.to_thread(
+                subprocess.run,
+                [
+                    sys.executable,
+                    "-m",
+                    "dcud",
+                    "read",
+                    "-c",
+                    str(config),
+                    "--meter",
+                    "water-2",
+                    "--via-mqtt",
+                ],
+                capture_output=True,
+                cwd=REPO,
+                timeout=60,
+                check=False,
+            )
+            assert via.returncode == 0, via.stderr
+            assert json.loads(via.stdout)["trigger"] == "command"
 
-                # heat-1 stops answering: failing, meter_silent exactly once over several cycles.
-                write_control(site_dir / "control.json", ["1"])
-                await until(lambda: watcher.events("meter_silent"), 40, "meter_silent")
-                await until(
-                    lambda: watcher.retained[f"{PREFIX}/meter/heat-1/state"]["counters"]["failed"] >= 2,
-                    40,
-                    "a second failed cycle",
-                )
-                assert len(watcher.events("meter_silent")) == 1
-                assert watcher.retained[f"{PREFIX}/meter/heat-1/state"]["quality"] == "failing"
-                readings_while_silent = len(watcher.of("/meter/heat-1/reading"))
-                write_control(site_dir / "control.json", [])
-                await until(lambda: watcher.events("meter_back"), 40, "meter_back")
-                await until(
-                    lambda: len(watcher.of("/meter/heat-1/reading")) > readings_while_silent,
-                    30,
-                    "a new reading",
-                )
-                assert len(watcher.events("meter_silent")) == 1
-                seqs = [r["seq"] for r in watcher.of("/meter/heat-1/reading")]
-                assert len(seqs) == len(set(seqs))
-            finally:
-                task.cancel()
+            # heat-1 stops answering: failing, meter_silent exactly once over several cycles.
+            write_control(site_dir / "control.json", ["1"])
+            await watcher.wait(lambda: watcher.events_of("meter_silent"), "meter_silent", 40)
+            await watcher.wait(
+                lambda: watcher.retained[f"{PREFIX}/meter/heat-1/state"]["counters"]["failed"] >= 2,
+                "a second failed cycle",
+                40,
+            )
+            assert len(watcher.events_of("meter_silent")) == 1
+            assert watcher.retained[f"{PREFIX}/meter/heat-1/state"]["quality"] == "failing"
+            readings_while_silent = len(watcher.of("/meter/heat-1/reading"))
+            write_control(site_dir / "control.json", [])
+            await watcher.wait(lambda: watcher.events_of("meter_back"), "meter_back", 40)
+            await watcher.wait(
+                lambda: len(watcher.of("/meter/heat-1/reading")) > readings_while_silent,
+                "a new reading",
+                30,
+            )
+            assert len(watcher.events_of("meter_silent")) == 1
+            seqs = [r["seq"] for r in watcher.of("/meter/heat-1/reading")]
+            assert len(seqs) == len(set(seqs))
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0, daemon_log(config)
     finally:

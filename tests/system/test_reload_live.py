@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from helpers.bridge import TR_MIN_S
-from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.daemon import daemon_log, start_daemon, stop_daemon, write_site
 from helpers.notify import NotifySocket
 from test_config_port import curl, wait_count
 
@@ -75,13 +75,7 @@ def running_site(tmp_path: Path) -> Iterator[Site]:
         wait_for_tcp(config_port, 20)
         yield Site(config, proc, notify, config_port, tm_port)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_daemon(proc)
         notify.close()
         stop_process(sims)
     assert proc.returncode == 0, daemon_log(config)

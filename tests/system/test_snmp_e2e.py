@@ -19,29 +19,28 @@ import os
 import signal
 import socket
 import subprocess
-import time
 import tty
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import pytest
-from helpers.alarm import AUTH_KEY, MIB_DIRS, PRIV_KEY, USER, is_trap, snmp_params, trap_receiver
+from helpers import alarm
+from helpers.alarm import AUTH_KEY, PRIV_KEY, USER, is_trap, snmp_params, trap_receiver
 from helpers.daemon import daemon_log, start_daemon, write_site
 from helpers.meters import SocatPair, simulators
+from helpers.mqtt import Subscriber
 from helpers.notify import NotifySocket
 from test_drives_can import simulator as drive_simulator
 from test_snmp_agent import COMMUNITY, hostile_datagrams
 
 from dcud.sim.alarm_peers import SnmpTrapd
-from dcud.sim.peers import Mosquitto, find_program, free_port
+from dcud.sim.peers import Mosquitto, free_port
 from dcud.sim.serial_sim import SimConfig, SimLineSpec, SimMeterSpec
 
 pytestmark = pytest.mark.slow
 
 PREFIX = "dcu/dcu-test"
-MIB_PATH = ":".join(str(d) for d in MIB_DIRS)
 V3 = ("-v3", "-u", USER, "-l", "authPriv", "-a", "SHA", "-A", AUTH_KEY, "-x", "AES", "-X", PRIV_KEY)
 
 SITE = """
@@ -88,86 +87,20 @@ state_interval_s = 0.2
 """
 
 
-class Retained:
+class Retained(Subscriber):
     """Every retained state and event dcud publishes, as a background MQTT subscriber sees them."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.states: dict[str, dict[str, Any]] = {}
-        self.events: list[dict[str, Any]] = []
-        self.changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
-
-    async def __aenter__(self) -> Retained:
-        self._task = asyncio.create_task(self._run())
-        async with asyncio.timeout(10):
-            await self._ready.wait()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-    async def _run(self) -> None:
-        async with aiomqtt.Client(
-            "127.0.0.1", self.port, identifier=f"snmp-e2e-{time.monotonic_ns()}"
-        ) as client:
-            await client.subscribe(f"{PREFIX}/#", qos=1)
-            self._ready.set()
-            async for message in client.messages:
-                if not isinstance(message.payload, bytes) or message.payload[:1] != b"{":
-                    continue
-                payload = json.loads(message.payload)
-                topic = message.topic.value.removeprefix(PREFIX + "/")
-                if topic == "event":
-                    self.events.append(payload)
-                else:
-                    self.states[topic.removesuffix("/state")] = payload
-                self.changed.set()
-
-    async def wait(self, what: str, condition: Any, timeout_s: float = 30.0) -> None:
-        """Until ``condition()`` holds (checked on every message), bounded."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                while not condition():
-                    self.changed.clear()
-                    await self.changed.wait()
-        except TimeoutError:
-            raise AssertionError(f"timed out waiting for {what}; states: {sorted(self.states)}") from None
-
-    async def next_change(self, timeout_s: float = 5.0) -> None:
-        self.changed.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self.changed.wait()
+        super().__init__(
+            port, [f"{PREFIX}/#"], PREFIX, name="snmp-e2e", skip_non_json=True, wait_timeout_s=30.0
+        )
 
 
 def net_snmp(
     tool: str, *args: str, timeout_s: float = 2.0, retries: int = 2
 ) -> subprocess.CompletedProcess[str]:
     """A Net-SNMP command with DCUD-MIB loaded; -OQUt: ``name = value``, no units, raw time ticks."""
-    return subprocess.run(
-        [
-            find_program(tool, "snmp"),
-            "-M",
-            MIB_PATH,
-            "-m",
-            "DCUD-MIB:SNMPv2-MIB",
-            "-OQUt",
-            "-t",
-            str(timeout_s),
-            "-r",
-            str(retries),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return alarm.net_snmp(tool, *args, timeout_s=timeout_s, retries=retries, options=("-OQUt",))
 
 
 def parse(output: str) -> dict[str, str]:
@@ -330,8 +263,8 @@ async def test_daemon_agent_serves_what_mqtt_shows_and_survives_hostile_input(
             with daemon(config, notify_socket) as proc:
                 async with Retained(broker.port) as retained:
                     await retained.wait(
-                        "a read meter, an operational drive, the push and port rows",
-                        lambda: (
+                        what="a read meter, an operational drive, the push and port rows",
+                        condition=lambda: (
                             retained.states.get("meter/heat-1", {}).get("quality") == "ok"
                             and retained.states.get("drive/axis-1", {}).get("nmt") == "operational"
                             and {"push/event", "bridge/tm", "line/mbus-1", "status"} <= set(retained.states)
@@ -380,8 +313,8 @@ async def test_daemon_agent_serves_what_mqtt_shows_and_survives_hostile_input(
                     )
                     assert "Unknown user name" in stranger.stderr
                     await retained.wait(
-                        "the refusals counted in <p>/snmp/agent/state",
-                        lambda: retained.states.get("snmp/agent", {}).get("refused") == 2,
+                        what="the refusals counted in <p>/snmp/agent/state",
+                        condition=lambda: retained.states.get("snmp/agent", {}).get("refused") == 2,
                     )
                     agent_state = retained.states["snmp/agent"]
                     assert agent_state["bad_community_names"] == 1 and agent_state["unknown_user_names"] == 1
@@ -397,8 +330,10 @@ async def test_daemon_agent_serves_what_mqtt_shows_and_survives_hostile_input(
                     )
                     assert parse(after.stdout) == {"dcudDevId.0": "dcu-test"}, after.stderr
                     await retained.wait(
-                        "the hostile batch counted",
-                        lambda: retained.states["snmp/agent"].get("datagrams", 0) >= len(hostile_datagrams()),
+                        what="the hostile batch counted",
+                        condition=lambda: (
+                            retained.states["snmp/agent"].get("datagrams", 0) >= len(hostile_datagrams())
+                        ),
                     )
                     assert retained.states["snmp/agent"]["errors"] == 0
                 assert proc.poll() is None
@@ -518,8 +453,8 @@ async def test_daemon_alarms_reach_snmptrapd_as_acknowledged_informs(
                     assert "outbox.sqlite.corrupt-" in corrupt.value("dcudEventText.0")
 
                     await retained.wait(
-                        "an operational drive",
-                        lambda: retained.states.get("drive/axis-1", {}).get("nmt") == "operational",
+                        what="an operational drive",
+                        condition=lambda: retained.states.get("drive/axis-1", {}).get("nmt") == "operational",
                     )
                     await drive.control("fault 1 0x3210")
                     fault = await inform("dcudDriveFault")
@@ -563,7 +498,7 @@ async def test_daemon_alarms_reach_snmptrapd_as_acknowledged_informs(
                             and snmp.get("informs_acked") == sent
                         )
 
-                    await retained.wait("every INFORM acknowledged", acknowledged)
+                    await retained.wait(what="every INFORM acknowledged", condition=acknowledged)
                     acked = retained.states["snmp"]["informs_acked"]
                     assert retained.states["snmp"]["informs_failed"] == 0
 
@@ -578,8 +513,8 @@ async def test_daemon_alarms_reach_snmptrapd_as_acknowledged_informs(
                         )
                         proc.send_signal(signal.SIGHUP)
                         await retained.wait(
-                            "the unacknowledged INFORM counted",
-                            lambda: (
+                            what="the unacknowledged INFORM counted",
+                            condition=lambda: (
                                 retained.states.get("snmp", {}).get("informs_failed", 0) >= 1
                                 and retained.states["snmp"]["informs_pending"] == 0
                             ),
