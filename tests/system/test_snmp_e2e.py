@@ -28,10 +28,10 @@ import pytest
 from helpers import alarm
 from helpers.alarm import AUTH_KEY, PRIV_KEY, USER, is_trap, snmp_params, trap_receiver
 from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.drives import simulator as drive_simulator
 from helpers.meters import SocatPair, simulators
 from helpers.mqtt import Subscriber
 from helpers.notify import NotifySocket
-from test_drives_can import simulator as drive_simulator
 from test_snmp_agent import COMMUNITY, hostile_datagrams
 
 from dcud.sim.alarm_peers import SnmpTrapd
