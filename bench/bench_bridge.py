@@ -628,7 +628,12 @@ def trial(tallies: dict[int, dict[str, Tally]], rng: random.Random) -> None:
             proc = starter(workdir, tty_path, ports[name])
             pids[name] = proc.pid
             stack.callback(stop, proc)
-            wait_port_quiet(ports[name], proc)
+            try:
+                wait_port_quiet(ports[name], proc)
+            except RuntimeError as exc:  # say why (a dcud that exits 78 names the bad key in its log)
+                logs = sorted(workdir.rglob("dcud.log"))
+                tails = "".join(f"\n{log}:\n" + log.read_text(errors="replace")[-2000:] for log in logs)
+                raise RuntimeError(f"{name}: {exc}{tails}") from exc
         time.sleep(1.0)
         socks = {name: connect(port) for name, port in ports.items()}
         for size in SIZES:
