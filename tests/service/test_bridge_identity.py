@@ -14,7 +14,7 @@ from pathlib import Path
 
 from helpers.bridge import PtyDevice, bridge_harness, closed_by_peer, connect, read_exactly
 from helpers.meters import wait_until
-from test_bridge_tls import REFUSED, Pki, _client_ctx, make_pki
+from helpers.pki import REFUSED, Pki, client_ssl_context, make_pki
 
 from dcud.service.bridge import TlsSettings
 
@@ -88,7 +88,9 @@ async def test_refuse_policy_refuses_the_same_address_too(tmp_path: Path) -> Non
 async def _tls(
     port: int, pki: Pki, cert: Path | None, local: tuple[str, int] | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await connect(port, ssl=_client_ctx(pki, cert), server_hostname="localhost", local_addr=local)
+    return await connect(
+        port, ssl=client_ssl_context(pki, cert), server_hostname="localhost", local_addr=local
+    )
 
 
 async def test_with_client_certificates_only_the_same_subject_takes_over(tmp_path: Path) -> None:

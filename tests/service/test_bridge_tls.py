@@ -3,139 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from helpers.bridge import PtyDevice, bridge_harness, connect, read_exactly
 from helpers.meters import wait_until
+from helpers.pki import REFUSED, client_ssl_context, make_pki
 
 from dcud.service.bridge import TlsSettings
 from dcud.service.tls_banks import (
     TlsBankError,
-    bank_path,
     client_context,
     load_bank,
     server_context,
     verify_from_wme,
 )
-
-NOW = datetime.datetime.now(datetime.UTC)
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None = None,
-    *,
-    ca: bool = False,
-    server: bool = False,
-) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    issuer_name, issuer_key = issuer if issuer is not None else (name, key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - datetime.timedelta(days=1))
-        .not_valid_after(NOW + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-@dataclass
-class Pki:
-    """A test CA, the DCU's server bank, client certificates (good, revoked, foreign) and a CRL."""
-
-    state_dir: Path
-    client_good: Path
-    client_revoked: Path
-    client_foreign: Path
-    ca_file: Path
-
-
-def make_pki(tmp_path: Path) -> Pki:
-    state = tmp_path / "state"
-    (state / "certbank").mkdir(parents=True)
-    ca_key = _key()
-    ca = _cert("dcud test CA", ca_key, ca=True)
-    issuer = (ca.subject, ca_key)
-    server_key = _key()
-    server = _cert("dcu-test", server_key, issuer, server=True)
-    bank_path(state, 10).write_bytes(_pem(server) + _pem(ca) + _pem_key(server_key))
-
-    def client(name: str, by: tuple[x509.Name, ec.EllipticCurvePrivateKey]) -> tuple[Path, x509.Certificate]:
-        key = _key()
-        cert = _cert(name, key, by)
-        path = tmp_path / f"{name}.pem"
-        path.write_bytes(_pem(cert) + _pem_key(key))
-        return path, cert
-
-    good, _ = client("hes-good", issuer)
-    revoked, revoked_cert = client("hes-revoked", issuer)
-    other_key = _key()
-    other_ca = _cert("other CA", other_key, ca=True)
-    foreign, _ = client("hes-foreign", (other_ca.subject, other_key))
-    crl = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca.subject)
-        .last_update(NOW - datetime.timedelta(hours=1))
-        .next_update(NOW + datetime.timedelta(days=7))
-        .add_revoked_certificate(
-            x509.RevokedCertificateBuilder()
-            .serial_number(revoked_cert.serial_number)
-            .revocation_date(NOW - datetime.timedelta(minutes=5))
-            .build()
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    bank_path(state, 20).write_bytes(_pem(ca))
-    bank_path(state, 21).write_bytes(_pem(ca) + crl.public_bytes(serialization.Encoding.PEM))
-    ca_file = tmp_path / "ca.pem"
-    ca_file.write_bytes(_pem(ca))
-    return Pki(state, good, revoked, foreign, ca_file)
-
-
-def _client_ctx(pki: Pki, cert: Path | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
-    if cert is not None:
-        ctx.load_cert_chain(str(cert))
-    return ctx
 
 
 async def _echo_once(port: int, ctx: ssl.SSLContext, payload: bytes = b"\x00\xff\x7e tls") -> bytes:
@@ -149,9 +32,6 @@ async def _echo_once(port: int, ctx: ssl.SSLContext, payload: bytes = b"\x00\xff
         writer.close()
 
 
-REFUSED = (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError, OSError)
-
-
 @pytest.mark.parametrize("verify", ["none", "optional", "mandatory"])
 async def test_verify_modes(tmp_path: Path, verify: str) -> None:
     pki = make_pki(tmp_path)
@@ -160,15 +40,15 @@ async def test_verify_modes(tmp_path: Path, verify: str) -> None:
         device = PtyDevice(h.pair.b)
         device.start()
         try:
-            assert await _echo_once(h.port, _client_ctx(pki, pki.client_good)) == b"\x00\xff\x7e tls"
+            assert await _echo_once(h.port, client_ssl_context(pki, pki.client_good)) == b"\x00\xff\x7e tls"
             if verify == "mandatory":
                 with pytest.raises(REFUSED):
-                    await _echo_once(h.port, _client_ctx(pki, None))
+                    await _echo_once(h.port, client_ssl_context(pki, None))
             else:
-                assert await _echo_once(h.port, _client_ctx(pki, None)) == b"\x00\xff\x7e tls"
+                assert await _echo_once(h.port, client_ssl_context(pki, None)) == b"\x00\xff\x7e tls"
             if verify != "none":
                 with pytest.raises(REFUSED):
-                    await _echo_once(h.port, _client_ctx(pki, pki.client_foreign))
+                    await _echo_once(h.port, client_ssl_context(pki, pki.client_foreign))
             records = await h.wait_audits(1 if verify == "mandatory" else 2)
         finally:
             device.stop()
@@ -189,7 +69,7 @@ async def test_mandatory_refuses_a_client_without_certificate_before_the_line(tm
         device = PtyDevice(h.pair.b)
         device.start()
         with pytest.raises(REFUSED):
-            await _echo_once(h.port, _client_ctx(pki, None), b"PROGRAMMING COMMAND")
+            await _echo_once(h.port, client_ssl_context(pki, None), b"PROGRAMMING COMMAND")
         await wait_until(lambda: h.bridge.counters["tls_failures"] == 1, 10)
         assert h.line.counters.leases_granted == 0
         assert device.received == b""
@@ -203,9 +83,9 @@ async def test_crl_refuses_a_revoked_client(tmp_path: Path) -> None:
     async with bridge_harness(tmp_path, bridge={"tls": tls, "state_dir": str(pki.state_dir)}) as h:
         device = PtyDevice(h.pair.b)
         device.start()
-        assert await _echo_once(h.port, _client_ctx(pki, pki.client_good)) == b"\x00\xff\x7e tls"
+        assert await _echo_once(h.port, client_ssl_context(pki, pki.client_good)) == b"\x00\xff\x7e tls"
         with pytest.raises(REFUSED):
-            await _echo_once(h.port, _client_ctx(pki, pki.client_revoked))
+            await _echo_once(h.port, client_ssl_context(pki, pki.client_revoked))
         await h.wait_audits(1)
         device.stop()
         assert h.bridge.counters["tls_failures"] == 1

@@ -7,123 +7,39 @@ requests, firmware staging, masked reads, and kill -9 in the middle of applies.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from helpers.daemon import daemon_log, start_daemon, stop_daemon, write_site
+from helpers.config_port import (
+    CURL,
+    DEVICE,
+    ENCRYPTED,
+    KEY,
+    KEYS,
+    PLAIN_WRITES,
+    curl,
+    dcu,
+    open_response,
+    seal_request,
+    start_ready,
+    wait_count,
+)
+from helpers.daemon import daemon_log, stop_daemon, write_site
 from helpers.notify import NotifySocket
 
 from dcud.config.loader import load_config, remote_parameters_path
-from dcud.service.crypto_envelope import (
-    KIND_RESPONSE,
-    EnvelopeKeys,
-    open_envelope,
-    parse_header,
-    response_context,
-    seal,
-    seal_stream,
-)
+from dcud.service.crypto_envelope import seal_stream
 from dcud.service.remote_config import mask_parameter_text
-from dcud.sim.peers import free_port, wait_for_tcp
+from dcud.sim.peers import free_port
 
 pytestmark = pytest.mark.slow
-
-KEY = "7f" * 32
-KEYS = EnvelopeKeys.from_parameter(KEY)
-DEVICE = "dcu-test"
-"""write_site's device_id: envelopes are sealed for it."""
-CURL = shutil.which("curl")
-PLAIN_WRITES = "plain_writes = true\n"
-"""The installer's opt-in for writes on a plain port (the plain-upload tests need it)."""
-
-
-@dataclass
-class Dcu:
-    proc: subprocess.Popen[bytes]
-    port: int
-    site: Path
-    notify: NotifySocket
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def file_in_force(self) -> str:
-        return Path(load_config(self.site).params.path).read_text()
-
-    def remote_file(self) -> Path:
-        return remote_parameters_path(self.site.parent / "state")
-
-
-def _start(site: Path, notify: NotifySocket, port: int, ready_count: int = 1) -> subprocess.Popen[bytes]:
-    proc = start_daemon(site, notify)
-    try:
-        wait_count(notify, "READY=1", ready_count, 60)
-        wait_for_tcp(port, 20)
-    except (AssertionError, TimeoutError):
-        proc.kill()
-        proc.wait()
-        raise AssertionError(daemon_log(site)) from None
-    return proc
-
-
-@contextlib.contextmanager
-def dcu(tmp_path: Path, wme: str = "", config_port: str = PLAIN_WRITES) -> Iterator[Dcu]:
-    """A running daemon on a free loopback port; plain writes allowed unless ``config_port`` says
-    otherwise (pass ``""`` for the default: refused)."""
-    if CURL is None:
-        pytest.fail("curl is not installed: apt-get install curl")
-    port = free_port()
-    site = write_site(
-        tmp_path / "site",
-        wme=f"# installer's file\nntp_interval=600\nfw_server_port={port}\n{wme}",
-        toml_extra=f'[config_port]\nlisten = "loopback"\n{config_port}',
-    )
-    notify = NotifySocket(tmp_path / "notify.sock")
-    proc = _start(site, notify, port)
-    try:
-        yield Dcu(proc, port, site, notify)
-    finally:
-        code = stop_daemon(proc)
-        notify.close()
-        assert code == 0, daemon_log(site)
-
-
-def curl(*args: str, data: bytes | None = None) -> tuple[int, bytes]:
-    assert CURL is not None
-    out = subprocess.run(
-        [CURL, "-sS", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}", *args],
-        input=data,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    body, _, code = out.stdout.rpartition(b"\n")
-    return int(code or b"0"), body
-
-
-def wait_count(notify: NotifySocket, line: str, count: int, timeout_s: float) -> None:
-    """Wait until ``line`` was received ``count`` times in all."""
-    deadline = time.monotonic() + timeout_s
-    while sum(line in m.splitlines() for m in notify.messages) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{line!r} x{count} not within {timeout_s} s; got {notify.messages}")
-        notify.sock.settimeout(max(0.01, deadline - time.monotonic()))
-        with contextlib.suppress(TimeoutError):
-            notify.messages.append(notify.sock.recv(4096).decode())
-
 
 # -- plain uploads ---------------------------------------------------------------------------------
 
@@ -211,29 +127,15 @@ def test_unknown_routes_and_methods(tmp_path: Path) -> None:
 
 # -- encryption ----------------------------------------------------------------------------------------
 
-ENCRYPTED = f"fw_server_key={KEY}\nfw_server_encrypt=1\n"
-
-
-def _sealed_request(method: str, target: str, plaintext: bytes) -> bytes:
-    return seal(KEYS, plaintext, f"{method} {target}".encode(), device_id=DEVICE)
-
-
-def _open_response(status: int, request: bytes, body: bytes) -> Any:
-    nonce = parse_header(request).nonce
-    opened = open_envelope(
-        KEYS, body, response_context(status, nonce), device_id=DEVICE, expected_kind=KIND_RESPONSE
-    )
-    return opened.plaintext
-
 
 def test_encrypted_upload_tampering_replay_and_plain_refusal(tmp_path: Path) -> None:
     with dcu(tmp_path, wme=ENCRYPTED) as d:
-        envelope = _sealed_request(
+        envelope = seal_request(
             "PUT", "/config", f"{ENCRYPTED}ntp_interval=240\nfw_server_port={d.port}\n".encode()
         )
         code, body = curl("-X", "PUT", "--data-binary", "@-", f"{d.url}/config", data=envelope)
         assert code == 200, body
-        result = json.loads(_open_response(200, envelope, body))
+        result = json.loads(open_response(200, envelope, body))
         assert result["changed"]["ntp_interval"]["new"] == "240"
         after_good = d.file_in_force()
 
@@ -242,14 +144,14 @@ def test_encrypted_upload_tampering_replay_and_plain_refusal(tmp_path: Path) -> 
         assert code == 403 and b"replayed" in body, body
 
         # One bit changed anywhere: refused before decryption.
-        fresh = _sealed_request("PUT", "/config", b"ntp_interval=60\n")
+        fresh = seal_request("PUT", "/config", b"ntp_interval=60\n")
         for index in (10, 40, 60, len(fresh) - 1):
             tampered = bytearray(fresh)
             tampered[index] ^= 0x04
             code, body = curl("-X", "PUT", "--data-binary", "@-", f"{d.url}/config", data=bytes(tampered))
             assert code in (400, 403) and b"ntp_interval" not in body, body
         # An envelope made for another resource.
-        other = _sealed_request("PUT", "/firmware", b"ntp_interval=60\n")
+        other = seal_request("PUT", "/firmware", b"ntp_interval=60\n")
         code, _ = curl("-X", "PUT", "--data-binary", "@-", f"{d.url}/config", data=other)
         assert code == 403
 
@@ -260,17 +162,17 @@ def test_encrypted_upload_tampering_replay_and_plain_refusal(tmp_path: Path) -> 
         assert d.file_in_force() == after_good
 
         # An authenticated read answers with an envelope bound to the request.
-        get = _sealed_request("GET", "/config", b"")
+        get = seal_request("GET", "/config", b"")
         code, body = curl("-X", "GET", "--data-binary", "@-", f"{d.url}/config", data=get)
         assert code == 200
-        text = _open_response(200, get, body).decode()
+        text = open_response(200, get, body).decode()
         assert "ntp_interval=240" in text and KEY not in text
 
         # A bad encrypted upload: 422, sealed, every error inside.
-        bad = _sealed_request("PATCH", "/config", b"ntp_interval=ten\n")
+        bad = seal_request("PATCH", "/config", b"ntp_interval=ten\n")
         code, body = curl("-X", "PATCH", "--data-binary", "@-", f"{d.url}/config", data=bad)
         assert code == 422
-        assert json.loads(_open_response(422, bad, body))["errors"][0]["key"] == "ntp_interval"
+        assert json.loads(open_response(422, bad, body))["errors"][0]["key"] == "ntp_interval"
         assert d.file_in_force() == after_good
 
         # Encrypted firmware, streamed and checked.
@@ -290,7 +192,7 @@ def test_encrypted_upload_tampering_replay_and_plain_refusal(tmp_path: Path) -> 
             data=upload,
         )
         assert code == 200, body
-        assert json.loads(_open_response(200, upload, body))["staged"]["sha256"] == sha
+        assert json.loads(open_response(200, upload, body))["staged"]["sha256"] == sha
         staged = d.site.parent / "state" / "firmware" / f"{sha}.bin"
         assert staged.read_bytes() == firmware
         tampered = bytearray(seal_stream(KEYS, firmware, b"PUT /firmware", device_id=DEVICE))
@@ -310,7 +212,7 @@ def test_encrypted_upload_tampering_replay_and_plain_refusal(tmp_path: Path) -> 
 
 def test_encrypted_body_while_encryption_is_off_is_refused(tmp_path: Path) -> None:
     with dcu(tmp_path) as d:
-        envelope = _sealed_request("PUT", "/config", b"ntp_interval=60\n")
+        envelope = seal_request("PUT", "/config", b"ntp_interval=60\n")
         code, body = curl("-X", "PUT", "--data-binary", "@-", f"{d.url}/config", data=envelope)
         assert code == 400 and b"fw_server_encrypt=0" in body
 
@@ -427,7 +329,7 @@ def test_kill_9_during_applies_leaves_old_or_new_file(tmp_path: Path) -> None:
     try:
         for cycle in range(3):
             ready += 1
-            proc = _start(site, notify, port, ready)
+            proc = start_ready(site, notify, port, ready)
             stop = threading.Event()
 
             def hammer(stop: threading.Event = stop) -> None:
@@ -460,7 +362,7 @@ def test_kill_9_during_applies_leaves_old_or_new_file(tmp_path: Path) -> None:
             if backup.exists():
                 assert backup.read_text() in candidates
         ready += 1
-        proc = _start(site, notify, port, ready)
+        proc = start_ready(site, notify, port, ready)
         code, body = curl(f"http://127.0.0.1:{port}/config")
         assert code == 200 and body.decode() == mask_parameter_text(in_force)
         assert stop_daemon(proc) == 0

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.config_port import DEVICE, ENCRYPTED, KEY, KEYS, PLAIN_WRITES, Dcu, curl, dcu, open_response
 from helpers.daemon import daemon_log
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_config_port import DEVICE, KEY, KEYS, PLAIN_WRITES, Dcu, _open_response, curl, dcu
 
 from dcud.service.crypto_envelope import (
     STREAM_HEADER_BYTES,
@@ -42,7 +42,6 @@ from dcud.service.crypto_envelope import (
 
 pytestmark = pytest.mark.slow
 
-ENCRYPTED = f"fw_server_key={KEY}\nfw_server_encrypt=1\n"
 WRONG_KEYS = EnvelopeKeys.from_parameter("a5" * 32)
 SHA_ZERO = "0" * 64
 EXAMPLES = 120
@@ -169,7 +168,7 @@ def check_unharmed(d: Dcu, before: Baseline, tally: Tally, *, encrypted: bool) -
         request = sealed("GET", "/config", b"")
         code, body = curl("-X", "GET", "--data-binary", "@-", f"{d.url}/config", data=request)
         assert code == 200, body
-        assert b"ntp_interval" in _open_response(200, request, body)
+        assert b"ntp_interval" in open_response(200, request, body)
     else:
         code, body = curl(f"{d.url}/config")
         assert code == 200, body

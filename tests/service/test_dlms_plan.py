@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from helpers.axdr_strategies import DATA
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_dlms_axdr import DATA
 
 from dcud.codec.dlms.axdr import (
     Array,

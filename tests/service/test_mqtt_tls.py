@@ -13,7 +13,7 @@ import aiomqtt
 import pytest
 from helpers.daemon import daemon_log, start_daemon, write_site
 from helpers.notify import NotifySocket
-from test_bridge_tls import Pki, make_pki
+from helpers.pki import Pki, make_pki
 
 from dcud.service.tls_banks import bank_path
 from dcud.sim.peers import find_program, free_port, wait_for_tcp

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from helpers import REPO
 from helpers.alarm import AUTH_KEY, MIB_PATH, PRIV_KEY, USER, net_snmp
+from helpers.snmp import COMMUNITY, bulk_request, hostile_datagrams
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -40,7 +41,6 @@ from dcud.sim.peers import find_program, free_port
 
 ENT = snmp_mib.PLACEHOLDER_ENTERPRISE_OID
 ENT_T = snmp_mib.oid_tuple(ENT)
-COMMUNITY = "noc-read-only"
 
 STATUS: dict[str, Any] = {
     "state": "online",
@@ -570,46 +570,6 @@ async def test_wrong_community_user_key_and_level_are_refused_and_counted(tmp_pa
     assert COMMUNITY not in repr(agent_config(tmp_path))
 
 
-def tlv(tag: int, value: bytes) -> bytes:
-    """BER tag-length-value (definite length)."""
-    size = len(value)
-    if size < 0x80:
-        return bytes([tag, size]) + value
-    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(length)]) + length + value
-
-
-def ber_int(value: int) -> bytes:
-    return tlv(0x02, value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big", signed=True))
-
-
-def ber_oid(oid: tuple[int, ...]) -> bytes:
-    arcs = [oid[0] * 40 + oid[1], *oid[2:]]
-    body = bytearray()
-    for arc in arcs:
-        chunk = [arc & 0x7F]
-        rest = arc >> 7
-        while rest:
-            chunk.append(0x80 | (rest & 0x7F))
-            rest >>= 7
-        body += bytes(reversed(chunk))
-    return tlv(0x06, bytes(body))
-
-
-def bulk_request(
-    community: str,
-    max_repetitions: int,
-    non_repeaters: int = 0,
-    count: int = 1,
-    oid: tuple[int, ...] = (1, 3, 6),
-) -> bytes:
-    """A raw SNMPv2c GetBulkRequest, encoded here so that it can carry what no manager would send
-    (negative or huge numbers, thousands of variables)."""
-    varbinds = tlv(0x30, b"".join(tlv(0x30, ber_oid(oid) + b"\x05\x00") for _ in range(count)))
-    pdu = tlv(0xA5, ber_int(4242) + ber_int(non_repeaters) + ber_int(max_repetitions) + varbinds)
-    return tlv(0x30, ber_int(1) + tlv(0x04, community.encode()) + pdu)
-
-
 def exchange(port: int, datagram: bytes, timeout_s: float = 3.0) -> bytes | None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout_s)
@@ -685,25 +645,6 @@ async def test_a_get_that_cannot_fit_is_too_big_and_odd_bulk_numbers_are_harmles
         assert status == 0 and len(varbinds) == 1  # every variable a non-repeater
         state = ra.agent.state_document()
     assert state["too_big"] == 1 and state["asn_parse_errors"] == 1 and state["errors"] == 0
-
-
-def hostile_datagrams() -> list[bytes]:
-    """A fixed batch: truncations and bit flips of valid requests, wrong tags, absurd lengths."""
-    valid = bulk_request(COMMUNITY, 10, count=3)
-    batch = [valid[:cut] for cut in range(len(valid))]
-    batch += [valid[:i] + bytes([valid[i] ^ 0xFF]) + valid[i + 1 :] for i in range(len(valid))]
-    batch += [
-        b"",
-        b"\x00",
-        b"\x30\x84\xff\xff\xff\xff",  # a SEQUENCE claiming 4 GiB
-        b"\x30\x80" + b"\x30\x80" * 5000,  # indefinite lengths nested deep
-        b"\x30\x03\x02\x01\x63",  # version 99
-        b"\x30\x0b\x02\x01\x03\x30\x06\x02\x01\x01\x02\x01\x00",  # a v3 header cut short
-        bytes(range(256)) * 4,
-        bulk_request(COMMUNITY, 10, oid=(1, 3) + (2**32 - 1,) * 120),  # the longest OID
-        bulk_request(COMMUNITY, 10, count=2000),  # thousands of varbinds
-    ]
-    return batch
 
 
 async def test_hostile_datagrams_never_stop_the_agent(tmp_path: Path) -> None:

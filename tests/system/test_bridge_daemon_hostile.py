@@ -33,7 +33,7 @@ import pytest
 from helpers.bridge import PtyDevice, connect, read_exactly
 from helpers.daemon import daemon_log, start_daemon, write_site
 from helpers.meters import SocatPair, wait_until
-from test_bridge_tls import Pki, _client_ctx, make_pki
+from helpers.pki import Pki, client_ssl_context, make_pki
 
 from dcud.sim.peers import Mosquitto, free_port
 
@@ -68,7 +68,7 @@ class Daemon:
         self, cert: Path | None, local: tuple[str, int] | None = None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await connect(
-            self.port, ssl=_client_ctx(self.pki, cert), server_hostname="localhost", local_addr=local
+            self.port, ssl=client_ssl_context(self.pki, cert), server_hostname="localhost", local_addr=local
         )
 
     async def refused(self, cert: Path | None, local: tuple[str, int] | None) -> str:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 from helpers.bridge import TR_MIN_S
+from helpers.config_port import curl, wait_count
 from helpers.daemon import daemon_log, start_daemon, stop_daemon, write_site
 from helpers.notify import NotifySocket
-from test_config_port import curl, wait_count
 
 from dcud.codec.iec62056 import encode_option_select, encode_request, parse_data_message
 from dcud.sim.demo_site import site_toml, start_simulators, stop_process

@@ -32,7 +32,7 @@ from helpers.drives import simulator as drive_simulator
 from helpers.meters import SocatPair, simulators
 from helpers.mqtt import Subscriber
 from helpers.notify import NotifySocket
-from test_snmp_agent import COMMUNITY, hostile_datagrams
+from helpers.snmp import COMMUNITY, hostile_datagrams
 
 from dcud.sim.alarm_peers import SnmpTrapd
 from dcud.sim.peers import Mosquitto, free_port
