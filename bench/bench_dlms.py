@@ -39,14 +39,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from peers.dlms_fixture import start_dlms_peer  # noqa: E402  (the test peer, as tests/peers/README.md says)
-
 from dcud.config.model import DlmsConfig, LineConfig, MeterConfig  # noqa: E402
 from dcud.service.dlms_meter import DlmsReadouts  # noqa: E402
 from dcud.service.line import LineRegistry  # noqa: E402
 from dcud.service.outbox import Outbox, OutboxLimits  # noqa: E402
 from dcud.sim.peers import start_mosquitto  # noqa: E402
 from dcud.transport.serial import SerialPort  # noqa: E402
+
+from peers.dlms_fixture import start_dlms_peer  # noqa: E402  (the test peer, as tests/peers/README.md says)
 
 BAUD = 9600
 ROWS = 192

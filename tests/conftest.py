@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from dcud.sim.peers import Mosquitto, start_mosquitto
+
 from helpers.commands import Commander
 from helpers.netns import HOW_TO_RUN, netns_problem
 from helpers.notify import NotifySocket
-
-from dcud.sim.peers import Mosquitto, start_mosquitto
 
 pytest_plugins = ["peers.dlms_fixture"]  # the DLMS/COSEM test peer's ``dlms_peer`` (tests/peers/README.md)
 

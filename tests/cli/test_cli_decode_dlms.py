@@ -11,9 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO
-from helpers.dlms_sim import HostClock, record_hdlc_session, running
-from helpers.meters import SocatPair
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +23,10 @@ from dcud.codec.dlms.obis import AttributeRef
 from dcud.codec.iec62056 import encode_identification, encode_option_select, encode_request
 from dcud.sim.dlms_model import LoadModel, MeterSpec, parse_time
 from dcud.sim.dlms_sim import config_from_dict
+
+from helpers import REPO
+from helpers.dlms_sim import HostClock, record_hdlc_session, running
+from helpers.meters import SocatPair
 
 VECTORS = REPO / "tests" / "vectors" / "dlms"
 SIM_CAPTURES = VECTORS / "sim"

@@ -10,12 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import REPO
-from helpers.meters import simulator_process
-from helpers.pty import released
 
 from dcud.cli_meters import capture_bytes
 from dcud.transport.serial import SerialPort
+
+from helpers import REPO
+from helpers.meters import simulator_process
+from helpers.pty import released
 
 VECTORS = REPO / "tests" / "vectors"
 

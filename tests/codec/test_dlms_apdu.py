@@ -6,8 +6,6 @@ import contextlib
 import json
 
 import pytest
-from helpers import TESTS
-from helpers.axdr_strategies import DATA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -61,6 +59,9 @@ from dcud.codec.dlms.apdu import (
 from dcud.codec.dlms.axdr import Unsigned
 from dcud.codec.dlms.obis import AttributeRef, Obis
 from dcud.errors import LocalProtocolError, RemoteProtocolError
+
+from helpers import TESTS
+from helpers.axdr_strategies import DATA
 
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 VECTORS = json.loads((TESTS / "vectors" / "dlms" / "apdus.json").read_text())["apdus"]

@@ -6,7 +6,6 @@ import math
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from helpers.axdr_strategies import DATA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,6 +50,8 @@ from dcud.codec.dlms.axdr import (
     to_json,
 )
 from dcud.errors import LocalProtocolError, RemoteProtocolError
+
+from helpers.axdr_strategies import DATA
 
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -6,14 +6,6 @@ import asyncio
 import random
 
 import pytest
-from helpers.dlms import (
-    CLIENT_TITLE,
-    GREEN_BOOK_KEYS,
-    ScriptedMeter,
-    TestWrapperTransport,
-    drive,
-    wrap,
-)
 
 from dcud.codec.actions import Done, Failed, Send
 from dcud.codec.dlms.apdu import (
@@ -60,6 +52,15 @@ from dcud.codec.dlms.obis import AttributeRef
 from dcud.codec.dlms.security import AuthenticationFailed, DecipheringError, Keys, SecurityPolicy
 from dcud.errors import LocalProtocolError, NegativeResponse, PeerTimeout, RemoteProtocolError
 from dcud.service.session_runner import run_session
+
+from helpers.dlms import (
+    CLIENT_TITLE,
+    GREEN_BOOK_KEYS,
+    ScriptedMeter,
+    TestWrapperTransport,
+    drive,
+    wrap,
+)
 
 ENERGY = AttributeRef.parse("3/1.0.1.8.0.255/2")
 ENERGY_SU = AttributeRef.parse("3/1.0.1.8.0.255/3")

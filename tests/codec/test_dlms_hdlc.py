@@ -6,8 +6,6 @@ import json
 from typing import Any
 
 import pytest
-from helpers import TESTS
-from helpers.dlms import drain_hdlc
 
 from dcud.codec.crc import crc16_x25
 from dcud.codec.dlms.hdlc import (
@@ -30,6 +28,9 @@ from dcud.codec.dlms.hdlc import (
     u_control,
 )
 from dcud.errors import LocalProtocolError, RemoteProtocolError
+
+from helpers import TESTS
+from helpers.dlms import drain_hdlc
 
 VECTORS = TESTS / "vectors" / "dlms" / "hdlc"
 

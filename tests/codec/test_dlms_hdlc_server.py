@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import TESTS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +31,8 @@ from dcud.codec.dlms.hdlc_link import HdlcLink
 from dcud.codec.dlms.hdlc_server import HdlcServerLink
 from dcud.codec.dlms.transport import ApduIn, LinkDown, LinkUp
 from dcud.errors import LocalProtocolError, PeerTimeout
+
+from helpers import TESTS
 
 VECTORS = TESTS / "vectors" / "dlms" / "hdlc"
 CLIENT = HdlcAddress.client(16)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from helpers.dlms import drain_hdlc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,6 +37,8 @@ from dcud.codec.dlms.wrapper import (
     encode_wrapper,
 )
 from dcud.errors import RemoteProtocolError
+
+from helpers.dlms import drain_hdlc
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from helpers.dlms import GREEN_BOOK_KEYS, SERVER_TITLE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +20,8 @@ from dcud.codec.dlms.security import (
     verify_hls_gmac,
 )
 from dcud.errors import LocalProtocolError, RemoteProtocolError
+
+from helpers.dlms import GREEN_BOOK_KEYS, SERVER_TITLE
 
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PLAIN = bytes.fromhex("C0010000080000010000FF0200")

@@ -7,8 +7,6 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from helpers import TESTS
-from helpers.dlms import IdleLink
 
 from dcud.codec.actions import Done, Send
 from dcud.codec.dlms import apdu as A  # noqa: N812
@@ -27,6 +25,9 @@ from dcud.codec.dlms.obis import AttributeRef, Obis
 from dcud.codec.dlms.security import Keys, hls_gmac_response, protect, unprotect, verify_hls_gmac
 from dcud.codec.dlms.transport import ApduIn
 from dcud.errors import RemoteProtocolError
+
+from helpers import TESTS
+from helpers.dlms import IdleLink
 
 VECTORS = TESTS / "vectors" / "dlms"
 APDUS = json.loads((VECTORS / "apdus.json").read_text())["apdus"]

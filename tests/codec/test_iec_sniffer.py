@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import TESTS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcud.codec.iec62056 import DataSet, encode_break, encode_data_message, encode_identification
 from dcud.codec.iec_sniffer import Forward, IecSniffer, SnifferState, SwitchLine
+
+from helpers import TESTS
 
 VECTORS = TESTS / "vectors" / "dcud-iec"
 CAPTURES = sorted(p.stem for p in VECTORS.glob("*.json"))

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import TESTS
 
 from dcud.codec.iec62056 import (
     BccError,
@@ -28,6 +27,8 @@ from dcud.codec.iec62056 import (
 )
 from dcud.codec.iec_session import Done, Drain, IecReadout, Send, SetBaud
 from dcud.errors import NegativeResponse, ProtocolError, RemoteProtocolError
+
+from helpers import TESTS
 
 VECTORS = TESTS / "vectors"
 DSMR = VECTORS / "dsmr_parser"

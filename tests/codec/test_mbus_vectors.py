@@ -14,7 +14,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from helpers import TESTS
 
 from dcud.codec.mbus import (
     FrameKind,
@@ -37,6 +36,8 @@ from dcud.codec.mbus_app import (
     encode_record,
 )
 from dcud.errors import NegativeResponse, RemoteProtocolError
+
+from helpers import TESTS
 
 VECTORS = TESTS / "vectors"
 LIBMBUS = VECTORS / "libmbus"

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
 
 from dcud.config.loader import load_config
 from dcud.errors import ConfigError
+
+from helpers import REPO
 
 GOOD_LINES = """
 [[line]]

@@ -23,9 +23,6 @@ from typing import Any
 import aiomqtt
 import pytest
 import structlog
-from helpers.alarm import EventSubscriber, UdpSink, power_toml, set_power
-from helpers.daemon import daemon_log, run_dcud, start_daemon, write_site
-from helpers.notify import NotifySocket
 
 from dcud import log as dcud_log
 from dcud.config.loader import load_config
@@ -33,6 +30,10 @@ from dcud.config.wme import CATALOGUE, ParameterSet, parse_parameter_text
 from dcud.service.remote_config import changed_parameters, mask_parameter_text
 from dcud.service.snmp import SnmpServiceConfig
 from dcud.sim.peers import Mosquitto, free_port, wait_for_tcp
+
+from helpers.alarm import EventSubscriber, UdpSink, power_toml, set_power
+from helpers.daemon import daemon_log, run_dcud, start_daemon, write_site
+from helpers.notify import NotifySocket
 
 PREFIX = "dcu/dcu-test"
 COMMUNITY = "c0mm-Xy7-secret"

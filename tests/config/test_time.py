@@ -7,7 +7,6 @@ import zoneinfo
 from pathlib import Path
 
 import pytest
-from helpers.daemon import write_site
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +15,8 @@ from dcud.config.loader import load_config
 from dcud.config.timekeeping import LocalClock, TimeSettings
 from dcud.errors import ConfigError
 from dcud.runtime.timefmt import rfc3339
+
+from helpers.daemon import write_site
 
 UTC = dt.UTC
 EU = tzrules.WmeZone(

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import TESTS
 
 from dcud.config.wme import (
     CATALOGUE,
@@ -22,6 +21,8 @@ from dcud.config.wme import (
     parse_parameter_text,
     suggest,
 )
+
+from helpers import TESTS
 
 SEED = Path(os.environ.get("DCUD_SEEDS_DIR", TESTS / "vectors" / "seeds")) / "000_c032507ce4234a0b.txt"
 """The WM-E8S parameter table as given (a copy of ``../shared/seeds``, kept here so that a clone alone,

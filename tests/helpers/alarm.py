@@ -17,6 +17,7 @@ from dcud.service import snmp_mib
 from dcud.service.snmp import SnmpServiceConfig, SnmpTrapService
 from dcud.sim.alarm_peers import SnmpTrapd, SnmpUser, start_snmptrapd
 from dcud.sim.peers import find_program, free_port
+
 from helpers import REPO
 from helpers.mqtt import Subscriber
 

@@ -17,6 +17,7 @@ from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import Service
 from dcud.service.bridge import BridgeConfig, BridgeService, SessionPolicy
 from dcud.service.line import Line, LineRegistry, LineService, LineServiceConfig
+
 from helpers.meters import Events, SocatPair, supervised, wait_until
 
 TR_MIN_S = 0.25

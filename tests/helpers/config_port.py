@@ -24,6 +24,7 @@ from dcud.service.crypto_envelope import (
     seal,
 )
 from dcud.sim.peers import free_port, wait_for_tcp
+
 from helpers.daemon import daemon_log, start_daemon, stop_daemon, write_site
 from helpers.notify import NotifySocket
 

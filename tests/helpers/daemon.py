@@ -17,6 +17,7 @@ from pathlib import Path
 from dcud.config.loader import load_config
 from dcud.errors import ConfigError
 from dcud.sim.peers import free_port
+
 from helpers import REPO
 from helpers.notify import NotifySocket
 

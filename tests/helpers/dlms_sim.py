@@ -23,6 +23,7 @@ from dcud.service.session_runner import run_session
 from dcud.sim.dlms_model import GREEN_BOOK_AUTHENTICATION_KEY, GREEN_BOOK_BLOCK_CIPHER_KEY, parse_time
 from dcud.sim.dlms_sim import DlmsSimConfig, DlmsSimHandle, serve
 from dcud.transport.serial import SerialPort
+
 from helpers import REPO
 from helpers.cosem import COSEM_CLIENT, report_of, write_plan
 

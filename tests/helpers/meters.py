@@ -18,6 +18,7 @@ from typing import Any
 from dcud.runtime.supervisor import Service, Supervisor, SupervisorOptions
 from dcud.sim.peers import find_program
 from dcud.sim.serial_sim import SimConfig, SimHandle, serve
+
 from helpers import REPO
 
 FAST = SupervisorOptions(grace_s=2.0, liveness_s=3.0, restart_initial_s=0.05, restart_max_s=0.2)

@@ -6,6 +6,7 @@ import os
 import tty
 
 from dcud.transport.serial import SerialPort
+
 from helpers.meters import wait_until
 
 

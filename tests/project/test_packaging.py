@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
 from helpers import REPO
 
 BUILD_DEB = REPO / "scripts" / "build_deb.sh"

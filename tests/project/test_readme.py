@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import REPO
 
 from dcud.__main__ import build_parser
 from dcud.config.wme import CATALOGUE, Support
+
+from helpers import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from helpers import REPO
 
 HELPER = REPO / "scripts" / "debian_packages.sh"

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from helpers.notify import RecordingNotifier
 
 from dcud.runtime.bus import EventBus
 from dcud.runtime.clock import SYSTEM_CLOCK, ManualClock
@@ -16,6 +15,8 @@ from dcud.runtime.context import Runtime
 from dcud.runtime.events import EventLog
 from dcud.runtime.supervisor import ServiceContext, Supervisor, SupervisorOptions, Worker
 from dcud.runtime.timefmt import rfc3339, rfc3339_ms
+
+from helpers.notify import RecordingNotifier
 
 FAST = SupervisorOptions(grace_s=0.5, liveness_s=30.0, restart_initial_s=5.0, restart_max_s=5.0)
 

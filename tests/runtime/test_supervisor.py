@@ -6,11 +6,12 @@ import asyncio
 from dataclasses import dataclass, field
 
 import pytest
-from helpers.meters import wait_until
-from helpers.notify import RecordingNotifier
 
 from dcud.errors import ServiceFailed
 from dcud.runtime.supervisor import ServiceContext, Supervisor, SupervisorOptions
+
+from helpers.meters import wait_until
+from helpers.notify import RecordingNotifier
 
 FAST = SupervisorOptions(
     grace_s=0.5, liveness_s=0.3, restart_budget=2, restart_initial_s=0.01, restart_max_s=0.02

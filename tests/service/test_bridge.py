@@ -13,20 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, TESTS
-from helpers.bridge import (
-    TR_MIN_S,
-    PtyDevice,
-    bridge_harness,
-    closed_by_peer,
-    connect,
-    exchange,
-    policy,
-    read_exactly,
-    tty_speed,
-)
-from helpers.daemon import daemon_log, start_daemon, write_site
-from helpers.meters import FakeOutbox, SocatPair, simulators, wait_until
 
 from dcud.codec.iec62056 import compute_bcc, encode_option_select, encode_request, parse_data_message
 from dcud.codec.mbus import decode_frame, encode_req_ud2
@@ -48,6 +34,21 @@ from dcud.service.line import LeasedPort, LineRegistry
 from dcud.service.polling import PollingConfig, PollingService
 from dcud.sim.peers import find_program, free_port
 from dcud.sim.serial_sim import IecSimLine, SimConfig, SimLineRunner, SimLineSpec, SimMeterSpec
+
+from helpers import REPO, TESTS
+from helpers.bridge import (
+    TR_MIN_S,
+    PtyDevice,
+    bridge_harness,
+    closed_by_peer,
+    connect,
+    exchange,
+    policy,
+    read_exactly,
+    tty_speed,
+)
+from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.meters import FakeOutbox, SocatPair, simulators, wait_until
 
 ALL_BYTES = bytes(range(256))
 

@@ -11,6 +11,13 @@ import random
 from pathlib import Path
 from typing import Any
 
+from dcud.codec.iec62056 import encode_option_select, encode_request, parse_data_message
+from dcud.config.model import LineConfig, MeterConfig
+from dcud.service.bridge import INBOUND_HIGH_BYTES, BridgeConfig, BridgeService, TlsSettings
+from dcud.service.line import LineService, LineServiceConfig
+from dcud.service.polling import PollingConfig, PollingService
+from dcud.sim.serial_sim import SimConfig, SimLineSpec, SimMeterSpec
+
 from helpers.bridge import (
     TR_MIN_S,
     Harness,
@@ -23,13 +30,6 @@ from helpers.bridge import (
     read_exactly,
 )
 from helpers.meters import FakeOutbox, SocatPair, simulators, wait_until
-
-from dcud.codec.iec62056 import encode_option_select, encode_request, parse_data_message
-from dcud.config.model import LineConfig, MeterConfig
-from dcud.service.bridge import INBOUND_HIGH_BYTES, BridgeConfig, BridgeService, TlsSettings
-from dcud.service.line import LineService, LineServiceConfig
-from dcud.service.polling import PollingConfig, PollingService
-from dcud.sim.serial_sim import SimConfig, SimLineSpec, SimMeterSpec
 
 
 async def _readout(port: int) -> bytes:

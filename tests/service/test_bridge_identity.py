@@ -12,11 +12,11 @@ import socket
 import ssl
 from pathlib import Path
 
+from dcud.service.bridge import TlsSettings
+
 from helpers.bridge import PtyDevice, bridge_harness, closed_by_peer, connect, read_exactly
 from helpers.meters import wait_until
 from helpers.pki import REFUSED, Pki, client_ssl_context, make_pki
-
-from dcud.service.bridge import TlsSettings
 
 OTHER = ("127.0.0.2", 0)
 BUSY = b"BUSY transparent port in use\r\n"

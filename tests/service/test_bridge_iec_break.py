@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.bridge import bridge_harness, connect, policy, read_exactly, tty_speed
-from helpers.meters import FakeOutbox, simulators, wait_until
 
 from dcud.codec.iec62056 import (
     ACK,
@@ -36,6 +34,9 @@ from dcud.config.model import MeterConfig
 from dcud.service.polling import PollingConfig, PollingService
 from dcud.sim.iec_meter import IecMeter
 from dcud.sim.serial_sim import IecSimLine, SimConfig, SimLineRunner, SimLineSpec, SimMeterSpec
+
+from helpers.bridge import bridge_harness, connect, policy, read_exactly, tty_speed
+from helpers.meters import FakeOutbox, simulators, wait_until
 
 ADDRESS = "12345678"
 PASSWORD = "00000000"

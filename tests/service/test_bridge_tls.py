@@ -7,9 +7,6 @@ import ssl
 from pathlib import Path
 
 import pytest
-from helpers.bridge import PtyDevice, bridge_harness, connect, read_exactly
-from helpers.meters import wait_until
-from helpers.pki import REFUSED, client_ssl_context, make_pki
 
 from dcud.service.bridge import TlsSettings
 from dcud.service.tls_banks import (
@@ -19,6 +16,10 @@ from dcud.service.tls_banks import (
     server_context,
     verify_from_wme,
 )
+
+from helpers.bridge import PtyDevice, bridge_harness, connect, read_exactly
+from helpers.meters import wait_until
+from helpers.pki import REFUSED, client_ssl_context, make_pki
 
 
 async def _echo_once(port: int, ctx: ssl.SSLContext, payload: bytes = b"\x00\xff\x7e tls") -> bytes:

@@ -17,6 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+
+from dcud.config.loader import load_config, remote_parameters_path
+from dcud.service.crypto_envelope import seal_stream
+from dcud.service.remote_config import mask_parameter_text
+from dcud.sim.peers import free_port
+
 from helpers.config_port import (
     CURL,
     DEVICE,
@@ -33,11 +39,6 @@ from helpers.config_port import (
 )
 from helpers.daemon import daemon_log, stop_daemon, write_site
 from helpers.notify import NotifySocket
-
-from dcud.config.loader import load_config, remote_parameters_path
-from dcud.service.crypto_envelope import seal_stream
-from dcud.service.remote_config import mask_parameter_text
-from dcud.sim.peers import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.config_port import DEVICE, ENCRYPTED, KEY, KEYS, PLAIN_WRITES, Dcu, curl, dcu, open_response
-from helpers.daemon import daemon_log
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,6 +37,9 @@ from dcud.service.crypto_envelope import (
     seal,
     seal_stream,
 )
+
+from helpers.config_port import DEVICE, ENCRYPTED, KEY, KEYS, PLAIN_WRITES, Dcu, curl, dcu, open_response
+from helpers.daemon import daemon_log
 
 pytestmark = pytest.mark.slow
 

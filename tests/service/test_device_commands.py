@@ -21,9 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.commands import Commander
-from helpers.daemon import daemon_log, start_daemon, stop_daemon, write_site
-from helpers.notify import NotifySocket
 
 from dcud.config.loader import LoadedConfig, load_config
 from dcud.errors import ConfigError
@@ -39,6 +36,10 @@ from dcud.service.device_commands import (
 )
 from dcud.service.remote_config import EnvelopeSealing
 from dcud.sim.peers import Mosquitto
+
+from helpers.commands import Commander
+from helpers.daemon import daemon_log, start_daemon, stop_daemon, write_site
+from helpers.notify import NotifySocket
 
 KEY = "5a" * 32
 KEYS = EnvelopeKeys.from_parameter(KEY)

@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from helpers.axdr_strategies import DATA
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +32,8 @@ from dcud.config.model import DlmsConfig, MeterConfig
 from dcud.errors import DcudError
 from dcud.service.dlms_plan import ObjectCache, ReadoutPlan
 from dcud.service.dlms_settings import DlmsMeterSettings
+
+from helpers.axdr_strategies import DATA
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.UTC)
 PROFILE = Obis.parse("1.0.99.1.0.255")

@@ -18,9 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers.dlms_fixture import GREEN_BOOK_AUTHENTICATION_KEY as AK
-from peers.dlms_fixture import GREEN_BOOK_BLOCK_CIPHER_KEY as EK
-from peers.dlms_fixture import DlmsPeer
 
 from dcud.codec.dlms.client import AssociationRefused
 from dcud.codec.dlms.security import AuthenticationFailed
@@ -41,6 +38,10 @@ from dcud.service.line import Line, LineRegistry
 from dcud.service.outbox import Outbox, OutboxLimits
 from dcud.service.polling import PollingConfig, PollingService
 from dcud.transport.serial import SerialPort
+
+from peers.dlms_fixture import GREEN_BOOK_AUTHENTICATION_KEY as AK
+from peers.dlms_fixture import GREEN_BOOK_BLOCK_CIPHER_KEY as EK
+from peers.dlms_fixture import DlmsPeer
 
 Start = Callable[..., DlmsPeer]
 NOW = "2024-06-01T12:00:00Z"
@@ -446,10 +447,10 @@ async def test_a_cancelled_readout_disconnects_and_frees_the_line(dlms_peer: Sta
 
 
 async def test_mode_e_readout_against_the_simulator(tmp_path: Path) -> None:
+    from dcud.sim.dlms_sim import config_from_dict
+
     from helpers.dlms_sim import HostClock, running
     from helpers.meters import SocatPair
-
-    from dcud.sim.dlms_sim import config_from_dict
 
     pair = SocatPair(tmp_path / "client-tty", tmp_path / "meter-tty")
     await asyncio.to_thread(pair.start)

@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
-from helpers.dlms import IdleLink
 
 from dcud.codec.dlms.client import DlmsClient, DlmsClientConfig, GetRequest
 from dcud.codec.dlms.cosem import CLOCK_TIME
@@ -28,6 +26,9 @@ from dcud.service.dlms_state import (
     unlock_state_dir,
 )
 from dcud.service.outbox import Outbox, OutboxFull, OutboxLimits, OverflowPolicy
+
+from helpers import REPO
+from helpers.dlms import IdleLink
 
 KEYS = Keys(bytes(range(16)), bytes(range(16, 32)))
 

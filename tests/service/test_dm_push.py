@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.certs import make_cert
-from helpers.tls_capture import capture_server, server_context
 
 from dcud.config.loader import load_config
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
 from dcud.service.dm_push import DmPushConfig, DmPushService
 from dcud.service.tls_banks import bank_path
+
+from helpers.certs import make_cert
+from helpers.tls_capture import capture_server, server_context
 
 
 @dataclass

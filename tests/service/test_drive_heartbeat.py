@@ -15,7 +15,6 @@ from typing import Any
 
 import can
 import pytest
-from helpers.meters import Events, FakeOutbox, supervised, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +32,8 @@ from dcud.runtime.clock import ManualClock
 from dcud.service.drive_commands import DriveRegistry
 from dcud.service.drives import CanDrivesConfig, CanDriveService
 from dcud.transport.can import CanSettings
+
+from helpers.meters import Events, FakeOutbox, supervised, wait_until
 
 # -- the watch ---------------------------------------------------------------------------------------
 

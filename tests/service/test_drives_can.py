@@ -16,10 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.daemon import daemon_log, start_daemon, write_site
-from helpers.drives import simulator
-from helpers.meters import Events, FakeOutbox, SocatPair, supervised, wait_until
-from helpers.notify import NotifySocket
 
 from dcud.config.model import CanConfig, DriveConfig, TpdoConfig
 from dcud.runtime.bus import EventBus
@@ -27,6 +23,11 @@ from dcud.service.commands import CommandRouter
 from dcud.service.drive_commands import register_drive_commands
 from dcud.service.drives import CanDrivesConfig, CanDriveService
 from dcud.sim.peers import Mosquitto
+
+from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.drives import simulator
+from helpers.meters import Events, FakeOutbox, SocatPair, supervised, wait_until
+from helpers.notify import NotifySocket
 
 
 @pytest.fixture

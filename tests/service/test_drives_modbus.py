@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.meters import Events, FakeOutbox, SocatPair, supervised, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +32,8 @@ from dcud.service.line import LineRegistry, LineService, LineServiceConfig
 from dcud.service.meter_read import read_meter
 from dcud.sim.drive_modbus import MODBUS_REGISTERS, ModbusDriveModel, SharedLineModel
 from dcud.sim.serial_sim import IecSimLine, SimLineRunner, SimLineSpec, SimMeterSpec
+
+from helpers.meters import Events, FakeOutbox, SocatPair, supervised, wait_until
 
 # -- codec ------------------------------------------------------------------------------------------
 

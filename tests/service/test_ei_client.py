@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from dcud.config.loader import load_config
+from dcud.service.ei_client import EiClientConfig, EiClientService, build_ei_client
+from dcud.sim.peers import free_port
+
 from helpers.bridge import FAST_POLICY, Harness, PtyDevice, bridge_harness, policy
 from helpers.certs import make_cert
 from helpers.daemon import write_site
 from helpers.meters import wait_until
 from helpers.tls_capture import capture_server, server_context
-
-from dcud.config.loader import load_config
-from dcud.service.ei_client import EiClientConfig, EiClientService, build_ei_client
-from dcud.sim.peers import free_port
 
 
 @dataclass

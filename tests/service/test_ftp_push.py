@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.certs import make_cert
-from helpers.daemon import daemon_log, start_daemon, write_site
 
 from dcud.codec.iec62056 import IecReceiver
 from dcud.config.loader import load_config
@@ -30,6 +28,9 @@ from dcud.service.ftp_push import COLUMNS, FtpUploader, obis_tariff, render_csv,
 from dcud.service.outbox import Outbox, OutboxItem, OutboxLimits
 from dcud.sim.ftp_server import FtpPeer, start_ftp_server
 from dcud.sim.readings import iec_reading, mbus_reading, reading_bytes
+
+from helpers.certs import make_cert
+from helpers.daemon import daemon_log, start_daemon, write_site
 
 NAME_RE = re.compile(r"^WM115_dcu-test_(\d{8}T\d{6}Z)\.(csv|iec)$")
 T0 = dt.datetime(2026, 3, 10, 10, 7, tzinfo=dt.UTC).timestamp()

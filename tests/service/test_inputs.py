@@ -13,10 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.alarm import PREFIX, UdpSink, is_trap, power_toml, set_power, snmp_params, trap_receiver
-from helpers.daemon import daemon_log, start_daemon, write_site
-from helpers.mqtt import Subscriber
-from helpers.notify import NotifySocket
 
 from dcud.config.loader import load_config
 from dcud.errors import ConfigError
@@ -27,6 +23,11 @@ from dcud.service.eventpush import EventPushConfig
 from dcud.service.inputs import InputService, InputServiceConfig, event_text, load_record
 from dcud.service.outputs import OutputsConfig, OutputsService, led_wanted
 from dcud.sim.peers import Mosquitto
+
+from helpers.alarm import PREFIX, UdpSink, is_trap, power_toml, set_power, snmp_params, trap_receiver
+from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.mqtt import Subscriber
+from helpers.notify import NotifySocket
 
 # -- the watcher on an injected clock --------------------------------------------------------------
 

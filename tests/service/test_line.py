@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import structlog.testing
-from helpers.meters import Events, SocatPair, supervised, wait_until
-from helpers.pty import PtyPeer, released
 
 from dcud.config.model import LineConfig
 from dcud.errors import LocalProtocolError, TransportError
@@ -24,6 +22,9 @@ from dcud.service.line import (
     LineServiceConfig,
 )
 from dcud.transport.serial import Framing, Rs485Settings, SerialPort
+
+from helpers.meters import Events, SocatPair, supervised, wait_until
+from helpers.pty import PtyPeer, released
 
 
 @pytest.fixture

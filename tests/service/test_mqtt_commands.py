@@ -13,15 +13,16 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from helpers.commands import Commander, set_mqtt_protocol
-from helpers.daemon import daemon_log, start_daemon, stop_daemon, write_site
-from helpers.notify import NotifySocket
 
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
 from dcud.service.commands import CommandRouter, CommandStats
 from dcud.service.mqtt import MqttService, MqttServiceConfig, ingress_queue_type
 from dcud.sim.peers import Mosquitto
+
+from helpers.commands import Commander, set_mqtt_protocol
+from helpers.daemon import daemon_log, start_daemon, stop_daemon, write_site
+from helpers.notify import NotifySocket
 
 pytestmark = pytest.mark.slow
 DEEP = b"[" * 60000

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from helpers.daemon import start_daemon, write_site
-from helpers.notify import NotifySocket
 
 from dcud.config.model import MqttConfig
 from dcud.runtime.bus import EventBus
@@ -22,6 +20,9 @@ from dcud.service.commands import CommandRouter
 from dcud.service.mqtt import MqttService, MqttServiceConfig
 from dcud.service.outbox import Outbox, OutboxLimits
 from dcud.sim.peers import start_mosquitto
+
+from helpers.daemon import start_daemon, write_site
+from helpers.notify import NotifySocket
 
 pytestmark = pytest.mark.slow
 PREFIX = "dcu/outage"

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from helpers.daemon import daemon_log, start_daemon, write_site
-from helpers.mqtt import Subscriber
-from helpers.notify import NotifySocket
 
 from dcud.service.datapush import parse_push_target
 from dcud.service.mqtt_push import push_topic_prefix, with_uid
 from dcud.service.outbox import Outbox, OutboxItem, OutboxLimits
 from dcud.sim.peers import Mosquitto, start_mosquitto
 from dcud.sim.readings import iec_reading, mbus_reading, reading_bytes
+
+from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.mqtt import Subscriber
+from helpers.notify import NotifySocket
 
 pytestmark = pytest.mark.slow
 T0 = 1_780_000_000.0

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from helpers.daemon import daemon_log, start_daemon, write_site
-from helpers.notify import NotifySocket
-from helpers.pki import Pki, make_pki
 
 from dcud.service.tls_banks import bank_path
 from dcud.sim.peers import find_program, free_port, wait_for_tcp
+
+from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.notify import NotifySocket
+from helpers.pki import Pki, make_pki
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,11 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from helpers.daemon import daemon_log, start_daemon, write_site
-from helpers.notify import NotifySocket
 
 from dcud.sim.peers import Mosquitto
+
+from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.notify import NotifySocket
 
 pytestmark = pytest.mark.slow
 PREFIX = "dcu/dcu-test"

@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 import structlog
-from helpers.daemon import write_site
 
 from dcud.config.loader import load_config
 from dcud.runtime.bus import EventBus
 from dcud.runtime.supervisor import ServiceContext
 from dcud.service import ntp
 from dcud.sim.alarm_peers import Chronyd, start_chronyd
+
+from helpers.daemon import write_site
 
 
 class Events:

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TESTS
 
 from dcud.service.outbox import Outbox, OutboxItem, OutboxLimits
+
+from helpers import REPO, TESTS
 
 HELPER = TESTS / "helpers" / "outbox_writer_proc.py"
 CYCLES = 15

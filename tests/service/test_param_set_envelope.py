@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.daemon import write_site
 
 from dcud.config.loader import LoadedConfig, load_config
 from dcud.service import remote_config as rc
 from dcud.service.commands import CommandRouter
 from dcud.service.crypto_envelope import EnvelopeKeys, seal
 from dcud.service.remote_config import ApplyResult, register_param_commands
+
+from helpers.daemon import write_site
 
 KEY = "3c" * 32
 KEYS = EnvelopeKeys.from_parameter(KEY)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers.meters import Events, FakeOutbox, SocatPair, simulators, supervised, wait_until
 
 from dcud.codec.iec62056 import IecReceiver
 from dcud.codec.mbus import decode_frame
@@ -36,6 +35,8 @@ from dcud.sim.serial_sim import (
     iec_expected_values,
     mbus_expected_values,
 )
+
+from helpers.meters import Events, FakeOutbox, SocatPair, simulators, supervised, wait_until
 
 INTERVAL_S = 2
 

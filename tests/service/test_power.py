@@ -10,6 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from dcud.service import levels, power
+from dcud.service.outbox import Outbox, OutboxLimits
+from dcud.sim.alarm_peers import SnmpTrapd
+from dcud.sim.peers import Mosquitto
+
 from helpers.alarm import (
     COMMUNITY,
     EventSubscriber,
@@ -22,11 +28,6 @@ from helpers.alarm import (
 )
 from helpers.daemon import daemon_log, start_daemon, write_site
 from helpers.notify import NotifySocket
-
-from dcud.service import levels, power
-from dcud.service.outbox import Outbox, OutboxLimits
-from dcud.sim.alarm_peers import SnmpTrapd
-from dcud.sim.peers import Mosquitto
 
 # -- debounce (pure, dcud.service.levels, shared with the digital inputs) --------------------------
 

@@ -21,10 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO
-from helpers.daemon import write_site
-from helpers.meters import wait_until
-from helpers.notify import RecordingNotifier
 
 from dcud.config.loader import LoadedConfig, load_config, remote_parameters_path
 from dcud.config.wme import CATALOGUE
@@ -42,6 +38,11 @@ from dcud.service.remote_config import (
     parse_updates,
     register_param_commands,
 )
+
+from helpers import REPO
+from helpers.daemon import write_site
+from helpers.meters import wait_until
+from helpers.notify import RecordingNotifier
 
 KEY = "0123456789abcdef" * 4
 

@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from dcud.config.loader import load_config
+from dcud.service import snmp_mib
+from dcud.service.snmp import SnmpServiceConfig, TrapSender, next_engine_boots
+from dcud.sim.alarm_peers import SnmpTrapd
+from dcud.sim.peers import find_program
+
 from helpers import REPO
 from helpers.alarm import (
     AUTH_KEY,
@@ -24,12 +31,6 @@ from helpers.alarm import (
 )
 from helpers.daemon import run_dcud, write_site
 from helpers.meters import wait_until
-
-from dcud.config.loader import load_config
-from dcud.service import snmp_mib
-from dcud.service.snmp import SnmpServiceConfig, TrapSender, next_engine_boots
-from dcud.sim.alarm_peers import SnmpTrapd
-from dcud.sim.peers import find_program
 
 EVENT = {
     "type": "line_down",

@@ -17,9 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO
-from helpers.alarm import AUTH_KEY, MIB_PATH, PRIV_KEY, USER, net_snmp
-from helpers.snmp import COMMUNITY, bulk_request, hostile_datagrams
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,6 +35,10 @@ from dcud.service.snmp_agent import (
     view_next,
 )
 from dcud.sim.peers import find_program, free_port
+
+from helpers import REPO
+from helpers.alarm import AUTH_KEY, MIB_PATH, PRIV_KEY, USER, net_snmp
+from helpers.snmp import COMMUNITY, bulk_request, hostile_datagrams
 
 ENT = snmp_mib.PLACEHOLDER_ENTERPRISE_OID
 ENT_T = snmp_mib.oid_tuple(ENT)
@@ -710,9 +711,9 @@ async def test_requests_above_the_rate_are_dropped_and_counted(tmp_path: Path) -
 
 
 def test_the_agent_slice_comes_from_dcud_toml_and_the_trap_user(tmp_path: Path) -> None:
-    from helpers.daemon import write_site
-
     from dcud.config.loader import load_config
+
+    from helpers.daemon import write_site
 
     v3 = (
         f"snmp_user={USER}\nsnmp_auth_algo=2\nsnmp_auth_key={AUTH_KEY}\nsnmp_priv_algo=3\n"

@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 import structlog
-from helpers.alarm import COMMUNITY, DEVICE_ID, is_trap, running_service, snmp_params, trap_receiver
-from helpers.daemon import write_site
 
 from dcud.runtime.bus import EventBus
 from dcud.service import snmp_mib
 from dcud.sim.alarm_peers import SnmpTrapd
+
+from helpers.alarm import COMMUNITY, DEVICE_ID, is_trap, running_service, snmp_params, trap_receiver
+from helpers.daemon import write_site
 
 SUBJECTS = {"drive": "axis-1", "meter": "flat-12", "line": "rs485-1", "input": "door", "name": "fw-2.1.bin"}
 

@@ -8,11 +8,12 @@ import ssl
 from pathlib import Path
 
 import pytest
-from helpers.certs import make_cert
 
 from dcud.config.model import DataPushConfig
 from dcud.service.datapush import PushError, tls_context
 from dcud.service.tls_banks import TlsBankError, file_client_context
+
+from helpers.certs import make_cert
 
 
 def pem_pair(directory: Path, name: str) -> tuple[Path, Path]:

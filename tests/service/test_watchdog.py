@@ -11,10 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO
-from helpers.daemon import daemon_log, start_daemon, write_site
-from helpers.netns import run_in_own_netns
-from helpers.notify import NotifySocket
 
 from dcud.config.loader import load_config
 from dcud.config.timekeeping import LocalClock
@@ -23,6 +19,11 @@ from dcud.runtime.clock import ManualClock
 from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.uplink import UplinkReconnect
 from dcud.service import power, watchdog
+
+from helpers import REPO
+from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.netns import run_in_own_netns
+from helpers.notify import NotifySocket
 
 
 class Events:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from helpers import REPO
 from helpers.cosem import COSEM_CLIENT, get, ok_steps, profile_get, register_gets, report_of, write_plan
 from peers.dlms_fixture import GREEN_BOOK_AUTHENTICATION_KEY, GREEN_BOOK_BLOCK_CIPHER_KEY, DlmsPeer

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.meters import simulators, start_sim, wait_until, write_control
-from helpers.pty import released
 
 from dcud.codec.iec_session import IecReadout, IecReadoutResult
 from dcud.codec.mbus_session import MbusReadout, MbusReadoutResult, MbusScan, MbusScanResult
@@ -33,6 +31,9 @@ from dcud.sim.serial_sim import (
     mbus_expected_values,
 )
 from dcud.transport.serial import SerialPort
+
+from helpers.meters import simulators, start_sim, wait_until, write_control
+from helpers.pty import released
 
 
 @asynccontextmanager

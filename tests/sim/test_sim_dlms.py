@@ -22,19 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO
-from helpers.cosem import get, ok_steps, profile_get, register_gets
-from helpers.dlms_sim import (
-    GREEN_BOOK_KEYS,
-    HostClock,
-    cosem,
-    dcud_reader,
-    hdlc_line,
-    hls_config,
-    read_tcp,
-    running,
-)
-from helpers.meters import SocatPair, start_sim, wait_until, write_control
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,6 +59,20 @@ from dcud.sim.dlms_meter import (
 )
 from dcud.sim.dlms_sim import DlmsSimConfig, config_from_dict, load_config
 from dcud.sim.serial_sim import SimConfigError
+
+from helpers import REPO
+from helpers.cosem import get, ok_steps, profile_get, register_gets
+from helpers.dlms_sim import (
+    GREEN_BOOK_KEYS,
+    HostClock,
+    cosem,
+    dcud_reader,
+    hdlc_line,
+    hls_config,
+    read_tcp,
+    running,
+)
+from helpers.meters import SocatPair, start_sim, wait_until, write_control
 
 NOW = "2024-06-01T12:00:00Z"
 PROFILE_START = "2024-05-30T00:00:00Z"

@@ -30,12 +30,13 @@ from typing import Any
 
 import aiomqtt
 import pytest
+
+from dcud.sim.peers import Mosquitto, free_port
+
 from helpers.bridge import PtyDevice, connect, read_exactly
 from helpers.daemon import daemon_log, start_daemon, write_site
 from helpers.meters import SocatPair, wait_until
 from helpers.pki import Pki, client_ssl_context, make_pki
-
-from dcud.sim.peers import Mosquitto, free_port
 
 pytestmark = pytest.mark.slow
 PREFIX = "dcu/dcu-test"

@@ -19,15 +19,16 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from helpers.commands import Commander
-from helpers.daemon import daemon_log, run_dcud, start_daemon, write_site
 from paho.mqtt.enums import CallbackAPIVersion
-from peers.dlms_fixture import GREEN_BOOK_AUTHENTICATION_KEY as AK
-from peers.dlms_fixture import GREEN_BOOK_BLOCK_CIPHER_KEY as EK
-from peers.dlms_fixture import DlmsPeer
 
 from dcud.sim.alarm_peers import start_chronyd
 from dcud.sim.peers import Mosquitto
+
+from helpers.commands import Commander
+from helpers.daemon import daemon_log, run_dcud, start_daemon, write_site
+from peers.dlms_fixture import GREEN_BOOK_AUTHENTICATION_KEY as AK
+from peers.dlms_fixture import GREEN_BOOK_BLOCK_CIPHER_KEY as EK
+from peers.dlms_fixture import DlmsPeer
 
 pytestmark = pytest.mark.slow
 

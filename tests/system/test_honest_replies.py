@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers.daemon import run_dcud, write_site
-
 from dcud.config.wme import CATALOGUE, Support, no_effect
+
+from helpers.daemon import run_dcud, write_site
 
 
 def test_no_effect_lists_exactly_the_accepted_names() -> None:

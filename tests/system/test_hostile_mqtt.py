@@ -34,15 +34,16 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from helpers import REPO
-from helpers.commands import Commander
-from helpers.daemon import daemon_log, start_daemon, write_site
-from helpers.notify import NotifySocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dcud.service.crypto_envelope import EnvelopeKeys, seal
 from dcud.sim.peers import Mosquitto, start_mosquitto
+
+from helpers import REPO
+from helpers.commands import Commander
+from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.notify import NotifySocket
 
 pytestmark = pytest.mark.slow
 

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from dcud.sim.peers import free_port
+
 from helpers import REPO
 from helpers.daemon import daemon_log, write_site
 from helpers.notify import NotifySocket
 from helpers.pty import PtyPeer
-
-from dcud.sim.peers import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from dcud.sim.peers import Mosquitto
+from dcud.sim.serial_sim import SimMeterSpec, iec_expected_values, mbus_expected_values
+
 from helpers import REPO
 from helpers.daemon import daemon_log, start_daemon, write_site
 from helpers.meters import simulator_process, write_control
 from helpers.mqtt import Subscriber
-
-from dcud.sim.peers import Mosquitto
-from dcud.sim.serial_sim import SimMeterSpec, iec_expected_values, mbus_expected_values
 
 PREFIX = "dcu/dcu-test"
 

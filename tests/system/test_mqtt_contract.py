@@ -22,8 +22,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from helpers import REPO
 from paho.mqtt.enums import CallbackAPIVersion
+
+from helpers import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers.bridge import TR_MIN_S
-from helpers.config_port import curl, wait_count
-from helpers.daemon import daemon_log, start_daemon, stop_daemon, write_site
-from helpers.notify import NotifySocket
 
 from dcud.codec.iec62056 import encode_option_select, encode_request, parse_data_message
 from dcud.sim.demo_site import site_toml, start_simulators, stop_process
 from dcud.sim.peers import free_port, wait_for_tcp
+
+from helpers.bridge import TR_MIN_S
+from helpers.config_port import curl, wait_count
+from helpers.daemon import daemon_log, start_daemon, stop_daemon, write_site
+from helpers.notify import NotifySocket
 
 pytestmark = pytest.mark.slow
 

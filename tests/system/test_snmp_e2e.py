@@ -25,6 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from dcud.sim.alarm_peers import SnmpTrapd
+from dcud.sim.peers import Mosquitto, free_port
+from dcud.sim.serial_sim import SimConfig, SimLineSpec, SimMeterSpec
+
 from helpers import alarm
 from helpers.alarm import AUTH_KEY, PRIV_KEY, USER, is_trap, snmp_params, trap_receiver
 from helpers.daemon import daemon_log, start_daemon, write_site
@@ -33,10 +38,6 @@ from helpers.meters import SocatPair, simulators
 from helpers.mqtt import Subscriber
 from helpers.notify import NotifySocket
 from helpers.snmp import COMMUNITY, hostile_datagrams
-
-from dcud.sim.alarm_peers import SnmpTrapd
-from dcud.sim.peers import Mosquitto, free_port
-from dcud.sim.serial_sim import SimConfig, SimLineSpec, SimMeterSpec
 
 pytestmark = pytest.mark.slow
 

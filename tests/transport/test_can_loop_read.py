@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from helpers.netns import run_in_own_netns
 
 GROUP = "239.74.163.3"

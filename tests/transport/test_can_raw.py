@@ -17,7 +17,6 @@ from typing import Any
 
 import can
 import pytest
-from helpers.meters import wait_until
 
 from dcud.transport.can import (
     CAN_EFF_FLAG,
@@ -30,6 +29,8 @@ from dcud.transport.can import (
     _GuardedBus,
     receive_filters,
 )
+
+from helpers.meters import wait_until
 
 
 def can_frame(can_id: int, data: bytes) -> bytes:

@@ -6,12 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from helpers.meters import wait_until
-from helpers.pty import PtyPeer, released
 
 import dcud.transport.serial as serial_mod
 from dcud.errors import TransportError
 from dcud.transport.serial import SerialPort, char_time_s
+
+from helpers.meters import wait_until
+from helpers.pty import PtyPeer, released
 
 
 @pytest.fixture

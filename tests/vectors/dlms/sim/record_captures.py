@@ -17,13 +17,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # tests/, for the helpers
 
-from helpers.dlms_sim import HostClock, hls_config, record_hdlc_session, record_tcp_session, running  # noqa: E402
-from helpers.meters import SocatPair  # noqa: E402
-
 from dcud.codec.dlms.client import DlmsClientConfig, GetRequest, SetRequest  # noqa: E402
 from dcud.codec.dlms.cosem import clock_value, range_descriptor  # noqa: E402
 from dcud.codec.dlms.obis import AttributeRef  # noqa: E402
 from dcud.sim.dlms_sim import config_from_dict  # noqa: E402
+
+from helpers.dlms_sim import HostClock, hls_config, record_hdlc_session, record_tcp_session, running  # noqa: E402
+from helpers.meters import SocatPair  # noqa: E402
 
 NOW = "2024-06-01T12:00:00Z"
 
