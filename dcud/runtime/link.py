@@ -78,6 +78,7 @@ __all__ = [
     "LinkPolicy",
     "LinkState",
     "Stopped",
+    "cancel_until_done",
     "child_name",
     "describe_error",
     "first_error",
@@ -115,6 +116,24 @@ def _owner_name() -> str:
 def child_name(item: str) -> str:
     """``dcud[<service>:<item>]`` for a helper task of the current task (which awaits or cancels it)."""
     return _task_name(_owner_name(), item)
+
+
+async def cancel_until_done(
+    task: asyncio.Task[Any], step_s: float = 1.0, beat: Callable[[], None] | None = None
+) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling it again every ``step_s`` while it runs on.
+
+    Once is not always enough: Python 3.11's ``asyncio.wait_for`` (aiomqtt's publish and subscribe wait
+    with it) returns its result instead of raising when the cancellation arrives in the loop turn in which
+    its inner future completes. The task has then swallowed the cancellation and would go on serving a
+    connection its owner has given up (a reconnect request that never reconnects). ``beat`` is called
+    after each step (the service's liveness).
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=step_s)
+        if beat is not None:
+            beat()
 
 
 async def until_stopped(
@@ -159,7 +178,7 @@ async def until_stopped(
             await asyncio.wait({worker})
         if not worker.done():
             timed_out = not stopping.is_set()
-            worker.cancel()
+            await cancel_until_done(worker)
     if box:
         ok, value = box[0]
         if ok:
@@ -516,9 +535,10 @@ class _Runner(Generic[C]):
                 if deadline is not None and loop.time() >= deadline:
                     interrupted = _Interrupted("timeout")
                     break
-            for helper in (task, stop, again):
+            for helper in (stop, again):
                 if helper is not None and not helper.done():
                     helper.cancel()
+            await cancel_until_done(task, beat_s, ctx.beat)
         if interrupted is None:
             # The work ended by itself; an empty box means it cancelled itself, which no link does.
             return box[0] if box else _Failed(RuntimeError(f"{item} cancelled itself"))

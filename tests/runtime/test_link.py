@@ -175,9 +175,14 @@ async def test_fatal_errors_propagate_and_retry_errors_do_not() -> None:
 class GateLink(Link[str]):
     """A link whose connect and serve block until the test lets them go; records cancellations."""
 
-    def __init__(self, *, connect_blocks: bool = False, serve_obeys_stop: bool = True) -> None:
+    def __init__(
+        self, *, connect_blocks: bool = False, serve_obeys_stop: bool = True, swallow_cancels: int = 0
+    ) -> None:
         self.connect_blocks = connect_blocks
         self.serve_obeys_stop = serve_obeys_stop
+        # serve swallows this many cancellations, as Python 3.11's asyncio.wait_for does when the
+        # cancellation arrives in the turn its inner future completes (aiomqtt's publish/subscribe)
+        self.swallow_cancels = swallow_cancels
         self.connecting = asyncio.Event()
         self.serving = asyncio.Event()
         self.release = asyncio.Event()
@@ -208,14 +213,18 @@ class GateLink(Link[str]):
     async def serve(self, conn: str) -> str:
         self.serving.set()
         try:
-            if self.serve_obeys_stop and self.stopping is not None:
-                await self.stopping.wait()
-                return "stopping"
-            await self.release.wait()
-            return "released"
-        except asyncio.CancelledError:
-            self.cancelled.append("serve")
-            raise
+            while True:
+                try:
+                    if self.serve_obeys_stop and self.stopping is not None:
+                        await self.stopping.wait()
+                        return "stopping"
+                    await self.release.wait()
+                    return "released"
+                except asyncio.CancelledError:
+                    self.cancelled.append("serve")
+                    if self.swallow_cancels <= 0:
+                        raise
+                    self.swallow_cancels -= 1  # and serve on, like a swallowed cancellation
         finally:
             self.serving.clear()
 
@@ -299,6 +308,57 @@ async def test_reconnect_request_while_up_cancels_serve_and_connects_again() -> 
     assert link.downs[0].phase == "reconnect"
     assert link.downs[0].error == "reconnect requested: uplink unreachable"
     await stop_and_join(ctx, task)
+
+
+async def test_reconnect_request_reconnects_even_when_serve_swallows_the_cancellation() -> None:
+    ctx = ServiceContext("fake", 3.0, lambda: None)  # beats (and cancels again) every second
+    reconnect = UplinkReconnect()
+    link = GateLink(serve_obeys_stop=False, swallow_cancels=1)
+    task = asyncio.create_task(
+        run_link(ctx, link, LinkPolicy(initial_s=0.001, max_s=0.001, stop_grace_s=0.01), reconnect=reconnect)
+    )
+    await asyncio.wait_for(link.serving.wait(), BOUND_S)
+    reconnect.request("uplink unreachable")
+    for _ in range(10_000):  # bounded: 10 s
+        if link.connects == 2 and link.serving.is_set():
+            break
+        await asyncio.sleep(0.001)
+    assert link.connects == 2 and link.cancelled == ["serve", "serve"] and link.closed == 1
+    assert link.downs[0].phase == "reconnect"
+    await stop_and_join(ctx, task)
+
+
+async def test_stop_ends_a_serve_that_swallows_the_cancellation() -> None:
+    ctx = ServiceContext("fake", 3.0, lambda: None)
+    link = GateLink(serve_obeys_stop=False, swallow_cancels=2)
+    task = asyncio.create_task(run_link(ctx, link, LinkPolicy(stop_grace_s=0.01)))
+    await asyncio.wait_for(link.serving.wait(), BOUND_S)
+    await stop_and_join(ctx, task)
+    assert link.cancelled == ["serve", "serve", "serve"] and link.closed == 1
+
+
+async def test_until_stopped_ends_work_that_swallows_the_cancellation() -> None:
+    stopping = asyncio.Event()
+    swallowed: list[str] = []
+
+    async def stubborn() -> str:
+        for _ in range(3):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                swallowed.append("cancel")
+                if len(swallowed) == 2:
+                    raise
+        return "never"
+
+    async def stop_soon() -> None:
+        await asyncio.sleep(0)
+        stopping.set()
+
+    stopper = asyncio.create_task(stop_soon())
+    result = await asyncio.wait_for(until_stopped(stopping, stubborn(), name="stubborn"), BOUND_S)
+    await stopper
+    assert result is STOPPED and swallowed == ["cancel", "cancel"]
 
 
 async def test_the_kernel_beats_while_a_connection_is_up() -> None:
