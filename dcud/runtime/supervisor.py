@@ -30,6 +30,7 @@ import structlog
 from dcud.errors import ServiceFailed
 from dcud.runtime.backoff import Backoff
 from dcud.runtime.clock import SYSTEM_CLOCK, Clock
+from dcud.runtime.link import cancel_until_done
 from dcud.runtime.sdnotify import Notifier, watchdog_interval_s
 
 log = structlog.get_logger("dcud.supervisor")
@@ -314,9 +315,9 @@ class Supervisor:
         _done, pending = await asyncio.wait(tasks, timeout=self.options.grace_s)
         for task in pending:
             log.warning("grace period over, cancelling", task=task.get_name())
-            task.cancel()
         if pending:
-            await asyncio.wait(pending)
+            # again and again until each has ended: a cancellation can be swallowed (cancel_until_done)
+            await asyncio.gather(*(cancel_until_done(task) for task in pending))
 
     def _update_ready(self) -> None:
         waiting = [n for n, e in self._running.items() if not e.ctx.ready]

@@ -124,3 +124,32 @@ async def test_grace_period_then_cancel() -> None:
     sup = Supervisor([stubborn], RecordingNotifier(), FAST)
     await _run_until(sup, sup.all_ready)
     assert stubborn.stopped == []
+
+
+@dataclass
+class Swallower:
+    """Ignores the stop and swallows the first cancellation (as Python 3.11's asyncio.wait_for can)."""
+
+    name: str = "swallower"
+    config: object = 0
+    cancellations: int = 0
+
+    async def run(self, ctx: ServiceContext) -> None:
+        ctx.set_ready()
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancellations += 1
+                if self.cancellations > 1:
+                    raise
+
+
+async def test_grace_period_then_cancel_until_the_service_has_ended() -> None:
+    swallower = Swallower()
+    sup = Supervisor([swallower], RecordingNotifier(), FAST)
+    task = asyncio.create_task(sup.run())
+    await asyncio.wait_for(sup.all_ready.wait(), 5)
+    sup.request_stop()
+    await asyncio.wait_for(task, 5)  # before: waited for the swallower for ever
+    assert swallower.cancellations == 2
