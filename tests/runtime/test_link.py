@@ -27,6 +27,8 @@ from dcud.runtime.link import (
 from dcud.runtime.supervisor import ServiceContext
 from dcud.runtime.uplink import UplinkReconnect
 
+from helpers.meters import wait_until
+
 BOUND_S = 10.0
 """Bound on every wait of these tests (they finish in milliseconds; the bound only catches a hang)."""
 
@@ -300,10 +302,7 @@ async def test_reconnect_request_while_up_cancels_serve_and_connects_again() -> 
     await asyncio.wait_for(link.serving.wait(), BOUND_S)
     assert any(t.get_name() == "dcud[fake:reconnect]" for t in other_tasks())
     reconnect.request("uplink unreachable")
-    for _ in range(10_000):  # bounded
-        if link.connects == 2 and link.serving.is_set():
-            break
-        await asyncio.sleep(0.001)
+    await wait_until(lambda: link.connects == 2 and link.serving.is_set(), BOUND_S, step_s=0.001)
     assert link.connects == 2 and link.cancelled == ["serve"] and link.closed == 1
     assert link.downs[0].phase == "reconnect"
     assert link.downs[0].error == "reconnect requested: uplink unreachable"
@@ -319,10 +318,7 @@ async def test_reconnect_request_reconnects_even_when_serve_swallows_the_cancell
     )
     await asyncio.wait_for(link.serving.wait(), BOUND_S)
     reconnect.request("uplink unreachable")
-    for _ in range(10_000):  # bounded: 10 s
-        if link.connects == 2 and link.serving.is_set():
-            break
-        await asyncio.sleep(0.001)
+    await wait_until(lambda: link.connects == 2 and link.serving.is_set(), BOUND_S, step_s=0.001)
     assert link.connects == 2 and link.cancelled == ["serve", "serve"] and link.closed == 1
     assert link.downs[0].phase == "reconnect"
     await stop_and_join(ctx, task)

@@ -22,6 +22,7 @@ from dcud.service.dm_push import DmPushConfig, DmPushService
 from dcud.service.tls_banks import bank_path
 
 from helpers.certs import make_cert
+from helpers.meters import wait_until
 from helpers.tls_capture import capture_server, server_context
 
 
@@ -94,11 +95,7 @@ async def test_plain_push_framing_and_content(tmp_path: Path) -> None:
         assert await service.push_once(ctx)
         ctx.stopping.set()
         await task
-        for _ in range(100):
-            if len(server.connections) >= 2:
-                break
-            await asyncio.sleep(0.01)
-        assert len(server.connections) >= 2
+        await wait_until(lambda s=server: len(s.connections) >= 2, 1.0, step_s=0.01)
         for seq, chunks in enumerate(server.connections[:2], start=1):
             assert len(chunks) == 1 and chunks[0].endswith(b"\n")  # one JSON line per connection
             doc = json.loads(chunks[0])
@@ -158,10 +155,7 @@ async def test_tls_banks_and_verify_modes(
         assert ok is expect_ok, bus.states["push/dm"]
         assert bus.states["push/dm"]["verified"] is expect_verified
         if expect_ok:
-            for _ in range(200):
-                if server.connections and server.connections[-1]:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_until(lambda s=server: bool(s.connections and s.connections[-1]), 2.0, step_s=0.01)
             assert json.loads(server.connections[-1][0])["device_id"] == "dcu-7"
             subject = dict(x[0] for x in server.peer_certs[-1]["subject"])
             assert subject["commonName"] == "dcu-7"

@@ -26,6 +26,7 @@ from dcud.sim.peers import Mosquitto
 
 from helpers.alarm import PREFIX, UdpSink, is_trap, power_toml, set_power, snmp_params, trap_receiver
 from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.meters import wait_until
 from helpers.mqtt import Subscriber
 from helpers.notify import NotifySocket
 
@@ -315,11 +316,7 @@ def set_level(path: Path, level: int) -> None:
 
 async def until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
     """Wait (bounded) for a condition on the bus or on files that the service under test changes."""
-    for _ in range(int(timeout_s / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout_s} s")
+    await wait_until(predicate, timeout_s, step_s=0.01)
 
 
 async def run_service(service: Any, body: Callable[[ServiceContext], Awaitable[None]]) -> ServiceContext:

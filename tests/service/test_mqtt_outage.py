@@ -22,6 +22,7 @@ from dcud.service.outbox import Outbox, OutboxLimits
 from dcud.sim.peers import start_mosquitto
 
 from helpers.daemon import start_daemon, write_site
+from helpers.meters import wait_until
 from helpers.notify import NotifySocket
 
 pytestmark = pytest.mark.slow
@@ -66,18 +67,12 @@ async def test_outage_then_ordered_catch_up(tmp_path: Path) -> None:
         await collect(port, 50, seen)
         broker.stop()
         await put(50, 400)  # committed while the broker is down
-        for _ in range(100):
-            if not service.connected:
-                break
-            await asyncio.sleep(0.05)
-        assert not service.connected
+        await wait_until(lambda: not service.connected, 5.0)
         assert outbox.stats().backlog["mqtt"] >= 400
         broker = start_mosquitto(tmp_path / "broker", port=port, persistence=True)
         await collect(port, 450, seen)
-        for _ in range(200):  # acks reach the outbox shortly after the PUBACKs
-            if outbox.stats().backlog["mqtt"] == 0:
-                break
-            await asyncio.sleep(0.05)
+        # acks reach the outbox shortly after the PUBACKs
+        await wait_until(lambda: outbox.stats().backlog["mqtt"] == 0, 10.0)
     finally:
         sup.request_stop()
         await asyncio.wait_for(runner, 10)

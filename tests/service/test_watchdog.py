@@ -22,6 +22,7 @@ from dcud.service import power, watchdog
 
 from helpers import REPO
 from helpers.daemon import daemon_log, start_daemon, write_site
+from helpers.meters import wait_until
 from helpers.netns import run_in_own_netns
 from helpers.notify import NotifySocket
 
@@ -277,18 +278,14 @@ async def test_mqtt_uplink_reconnects_when_the_watchdog_asks(tmp_path: Path, bro
     task = asyncio.create_task(service.run(ctx))
 
     async def until(connected: bool) -> None:
-        for _ in range(3000):  # bounded: 15 s
-            if service.connected is connected:
-                return
-            await asyncio.sleep(0.005)
-        raise AssertionError(f"connected stayed {service.connected}")
+        await wait_until(lambda: service.connected is connected, 15.0, step_s=0.005)
 
     async def serving() -> None:  # connected and past the set-up: the reconnect watcher runs
-        for _ in range(3000):
-            if any(t.get_name() == "dcud[mqtt:reconnect]" for t in asyncio.all_tasks()):
-                return
-            await asyncio.sleep(0.005)
-        raise AssertionError("the MQTT service never got to serve")
+        await wait_until(
+            lambda: any(t.get_name() == "dcud[mqtt:reconnect]" for t in asyncio.all_tasks()),
+            15.0,
+            step_s=0.005,
+        )
 
     try:
         await until(True)
