@@ -19,6 +19,7 @@ from dcud.sim.alarm_peers import SnmpTrapd, SnmpUser, start_snmptrapd
 from dcud.sim.peers import find_program, free_port
 
 from helpers import REPO
+from helpers.meters import wait_until
 from helpers.mqtt import Subscriber
 
 MIB_DIRS = (REPO / "tests" / "mibs", REPO / "mibs")
@@ -185,11 +186,8 @@ async def running_service(
     ctx = ServiceContext("snmp", 30.0, lambda: None)
     task = asyncio.create_task(service.run(ctx))
     try:
-        for _ in range(500):
-            if ctx.ready:
-                break
-            await asyncio.sleep(0.01)
-        assert ctx.ready and "snmp" in bus.states
+        await wait_until(lambda: ctx.ready, 5.0, step_s=0.01)
+        assert "snmp" in bus.states
         assert bus.states["snmp"]["engine_id"] == snmp_mib.engine_id_hex(slice_.engine_id)
         yield lambda event: [listener(event) for listener in listeners]  # type: ignore[func-returns-value]
     finally:
