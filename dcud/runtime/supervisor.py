@@ -147,7 +147,7 @@ class Worker:
         while not task.done():
             # ctx.sleep beats; the wait ends early when asked to stop.
             if await ctx.sleep(ctx.liveness_s / 3):
-                task.cancel()
+                await cancel_until_done(task)
                 break
             if task.done():
                 break
